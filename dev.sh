@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# servelab on a fresh machine: each command creates the environment and installs what is missing.
+#   ./dev.sh start [servelab dashboard options]   the product (dashboard + worker) on its embedded default
+#   ./dev.sh test  [pytest options]               the test suite
+#   ./dev.sh setup [test]                         only the environment
+# The environment lives outside the checkout (SERVELAB_VENV, default ~/.local/share/servelab/venv)
+# so that clones share it. vLLM's GPU build is installed where nvidia-smi sees a GPU, else the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${SERVELAB_VENV:-$HOME/.local/share/servelab/venv}
+
+setup() {
+  local extras=eval backend=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then backend=gpu; fi
+  extras="$extras,$backend"
+  [ "${1:-}" = test ] && extras="$extras,test"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  local stamp="$VENV/.servelab-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+  if [ ! -f "$stamp" ]; then
+    echo "servelab: installing .[$extras] into $VENV (first time only)" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    if [ "$backend" = cpu ]; then
+      # PyPI's torchvision/torchaudio builds break `transformers` imports beside the CPU torch.
+      "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    fi
+    touch "$stamp"
+  else
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
+      || "$VENV/bin/python" -m pip install -q --no-deps -e .
+  fi
+  if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "servelab: installing Debian chromium for the browser tests" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "servelab: chromium could not be installed; browser tests will be skipped" >&2
+    fi
+  fi
+}
+
+cmd=${1:-start}
+shift || true
+case "$cmd" in
+  setup) setup "${1:-}" ;;
+  start) setup; exec "$VENV/bin/servelab" dashboard "$@" ;;
+  test) setup test; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: ./dev.sh start|test|setup" >&2; exit 2 ;;
+esac

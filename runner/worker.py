@@ -1,0 +1,210 @@
+"""The queue worker: claims queued runs that fit on free GPUs, executes them side by side, and on
+start reconciles what an earlier worker left behind (interrupted runs, orphan vLLM processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from runner.config import RunSpec, Settings
+from runner.execute import RUN_ENV_MARK, Allocation, RunExecutor, cpu_backend
+from runner.models import ACTIVE, RunStatus, utcnow
+from runner.server import free_port, kill_group
+from runner.store import Store
+from runner.telemetry import GpuReader, load_nvml
+
+
+@dataclass
+class Allocator:
+    """Gives each run a disjoint set of GPUs and its own port. On the CPU backend (no GPUs) runs take
+    one of `cpu_slots` slots instead, since the cores are shared."""
+
+    gpu_ids: list[int]
+    cpu_slots: int = 1
+    held: dict[int, list[int]] = field(default_factory=dict)  # run id → GPUs
+    ports: dict[int, int] = field(default_factory=dict)  # run id → port
+
+    @property
+    def free_gpus(self) -> list[int]:
+        busy = {g for gpus in self.held.values() for g in gpus}
+        return [g for g in self.gpu_ids if g not in busy]
+
+    def take(self, run_id: int, gpus_needed: int, port_wanted: int) -> Allocation | None:
+        """GPUs (lowest free first) and a free port for `run_id`, or None if it does not fit now."""
+        if not self.gpu_ids:
+            if len(self.held) >= self.cpu_slots:
+                return None
+            gpus: list[int] = []
+        else:
+            free = self.free_gpus
+            if gpus_needed > len(free):
+                return None
+            gpus = free[:gpus_needed]
+        port = free_port(port_wanted, taken=set(self.ports.values()))
+        self.held[run_id], self.ports[run_id] = gpus, port
+        return Allocation(gpus, port)
+
+    def release(self, run_id: int) -> None:
+        self.held.pop(run_id, None)
+        self.ports.pop(run_id, None)
+
+
+def this_worker_id() -> str:
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{int(me.create_time())}"
+
+
+def worker_alive(worker_id: str | None) -> bool:
+    """Whether the worker process named by `worker_id` (host:pid:start) still runs on this host."""
+    if not worker_id:
+        return False
+    try:
+        host, pid, started = worker_id.rsplit(":", 2)
+        if host != socket.gethostname():
+            return True  # another host's worker: not ours to judge
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time()) == int(started)
+    except (ValueError, psutil.Error):
+        return False
+
+
+def orphan_servers(live_runs: set[int]) -> list[psutil.Process]:
+    """Processes servelab started (marked in their environment) whose run no live worker holds."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            mark = proc.environ().get(RUN_ENV_MARK)
+        except (psutil.Error, OSError):
+            continue
+        if mark and int(mark) not in live_runs and proc.pid != os.getpid():
+            out.append(proc)
+    return out
+
+
+class Worker:
+    """Executes queued runs until stopped. Several fit side by side when their GPU sets are disjoint."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings | None = None,
+        *,
+        gpu_ids: list[int] | None = None,
+        poll_s: float = 1.0,
+        executor_factory: Callable[..., RunExecutor] = RunExecutor,
+        **executor_kw,
+    ):
+        self.store = store
+        self.settings = settings or Settings.from_env()
+        if gpu_ids is None:
+            gpu_ids = [] if cpu_backend() else list(GpuReader(load_nvml()).handles)
+        self.allocator = Allocator(gpu_ids)
+        self.poll_s = poll_s
+        self.executor_factory = executor_factory
+        self.executor_kw = executor_kw
+        self.worker_id = this_worker_id()
+        self.threads: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    # -- reconcile ------------------------------------------------------------------------------
+    def reconcile(self) -> list[int]:
+        """Mark runs whose worker is gone as interrupted and stop vLLM processes nobody tracks.
+        Returns the ids of the runs marked interrupted."""
+        interrupted, live = [], set()
+        for run in self.store.list_runs(status=ACTIVE):
+            if run.worker_id == self.worker_id or worker_alive(run.worker_id):
+                live.add(run.id)
+                continue
+            self.store.update_run(
+                run.id, status=RunStatus.interrupted, finished_at=utcnow(), phase="interrupted",
+                failure_reason=f"the worker stopped while the run was {run.status.value}; queue it again to rerun",
+            )
+            self.store.add_phase(run.id, "interrupted", detail=f"found by worker {self.worker_id}")
+            interrupted.append(run.id)
+        for proc in orphan_servers(live):
+            try:
+                kill_group(os.getpgid(proc.pid), grace_s=15)
+            except (ProcessLookupError, OSError):
+                continue
+        return interrupted
+
+    # -- scheduling -----------------------------------------------------------------------------
+    def step(self) -> list[int]:
+        """Start every queued run that fits now (oldest first; a run that does not fit does not block
+        smaller ones behind it). Returns the ids started."""
+        self._reap()
+        started = []
+        for run in reversed(self.store.list_runs(status=RunStatus.queued)):
+            spec = RunSpec.model_validate_json(run.spec_json)
+            needed = 0 if not self.allocator.gpu_ids else spec.launch.gpus_needed
+            if self.allocator.gpu_ids and needed > len(self.allocator.gpu_ids):
+                self.store.update_run(
+                    run.id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
+                    failure_reason=f"needs {needed} GPUs but this machine has {len(self.allocator.gpu_ids)}; "
+                    "lower TP×PP×DP",
+                )
+                continue
+            with self._lock:
+                alloc = self.allocator.take(run.id, needed, spec.launch.port)
+            if alloc is None:
+                continue
+            if not self.store.claim_run(run.id, self.worker_id):
+                self.allocator.release(run.id)
+                continue
+            t = threading.Thread(target=self._execute, args=(run.id, alloc), name=f"run-{run.id}", daemon=True)
+            self.threads[run.id] = t
+            t.start()
+            started.append(run.id)
+        return started
+
+    def _execute(self, run_id: int, alloc: Allocation) -> None:
+        try:
+            executor = self.executor_factory(self.store, run_id, alloc, self.settings, **self.executor_kw)
+            executor.execute()
+        except Exception as exc:  # never lose a run silently
+            self.store.update_run(run_id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
+                                  failure_reason=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self.allocator.release(run_id)
+
+    def _reap(self) -> None:
+        for run_id, t in list(self.threads.items()):
+            if not t.is_alive():
+                del self.threads[run_id]
+
+    def busy(self) -> bool:
+        self._reap()
+        return bool(self.threads)
+
+    def run_forever(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Reconcile, then schedule every `poll_s` until `until()` is true (or stop() was called) and
+        nothing runs any more."""
+        self.reconcile()
+        while not self.stopping.is_set():
+            self.step()
+            if until() and not self.busy():
+                return
+            self.stopping.wait(self.poll_s)
+        for t in list(self.threads.values()):
+            t.join()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def wait_for(store: Store, run_ids: list[int], timeout_s: float, poll_s: float = 0.5) -> None:
+    """Block until every run in `run_ids` is in a terminal state (tests and the CLI)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(store.get_run(r).status not in ACTIVE | {RunStatus.queued} for r in run_ids):
+            return
+        time.sleep(poll_s)
+    raise TimeoutError(f"runs {run_ids} not finished after {timeout_s:.0f} s")

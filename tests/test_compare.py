@@ -1,0 +1,234 @@
+"""Gain tables: the seed's "DCP Gain Analysis" (Kimi-K2-Thinking, TP8 vs TP8+DCP8), directions, CIs, formats."""
+
+import csv
+import io
+import math
+
+import pytest
+
+from runner.compare import (
+    CI_COLUMN,
+    METRICS,
+    GainRow,
+    accuracy_delta,
+    format_rows,
+    gain_table,
+    metric_def,
+    t_ppf,
+    to_csv,
+    to_frame,
+    to_markdown,
+    welch_ci95,
+)
+
+# Typed from the seed's two "Serving Benchmark Result" blocks.
+TP8 = {
+    "completed": 998, "failed": 2, "request_rate": float("inf"), "duration": 800.26,
+    "total_input_tokens": 7984000, "total_output_tokens": 388750,
+    "request_throughput": 1.25, "output_throughput": 485.78, "max_output_tokens_per_s": 2100.00,
+    "max_concurrent_requests": 988.00, "total_token_throughput": 10462.57,
+    "mean_ttft_ms": 271196.67, "median_ttft_ms": 227389.87, "p99_ttft_ms": 686294.46,
+    "mean_tpot_ms": 381.29, "median_tpot_ms": 473.04, "p99_tpot_ms": 578.64,
+    "mean_itl_ms": 111.22, "median_itl_ms": 38.04, "p99_itl_ms": 490.93,
+}  # fmt: skip
+DCP8 = {
+    "completed": 994, "failed": 6, "request_rate": float("inf"), "duration": 631.35,
+    "total_input_tokens": 7952000, "total_output_tokens": 438872,
+    "request_throughput": 1.57, "output_throughput": 695.13, "max_output_tokens_per_s": 2618.00,
+    "max_concurrent_requests": 988.00, "total_token_throughput": 13290.35,
+    "mean_ttft_ms": 227780.13, "median_ttft_ms": 227055.20, "p99_ttft_ms": 451255.55,
+    "mean_tpot_ms": 398.60, "median_tpot_ms": 472.81, "p99_tpot_ms": 569.91,
+    "mean_itl_ms": 104.73, "median_itl_ms": 43.97, "p99_itl_ms": 483.37,
+}  # fmt: skip
+SEED_KEYS = ["request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms"]
+
+
+def by_metric(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {r["Metric"]: r for r in rows}
+
+
+def test_reproduces_the_seed_dcp_gain_analysis() -> None:
+    rows = format_rows(gain_table([TP8], [DCP8], SEED_KEYS), "TP8", "TP8+DCP8")
+    assert rows == [
+        {"Metric": "Request Throughput (req/s)", "TP8": "1.25", "TP8+DCP8": "1.57", "Change": "+0.32", "Improvement(%)": "+25.6%"},
+        {"Metric": "Output Token Throughput (tok/s)", "TP8": "485.78", "TP8+DCP8": "695.13", "Change": "+209.35", "Improvement(%)": "+43.1%"},
+        {"Metric": "Mean TTFT (s)", "TP8": "271.2", "TP8+DCP8": "227.8", "Change": "-43.4", "Improvement(%)": "+16.0%"},
+        {"Metric": "Median TTFT (s)", "TP8": "227.4", "TP8+DCP8": "227.1", "Change": "-0.3", "Improvement(%)": "+0.1%"},
+    ]  # fmt: skip
+
+
+def test_seed_markdown_has_the_seed_shape() -> None:
+    md = to_markdown(gain_table([TP8], [DCP8], SEED_KEYS), "TP8", "TP8+DCP8")
+    assert md.splitlines() == [
+        "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) |",
+        "|---|---|---|---|---|",
+        "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% |",
+        "| Output Token Throughput (tok/s) | 485.78 | 695.13 | +209.35 | +43.1% |",
+        "| Mean TTFT (s) | 271.2 | 227.8 | -43.4 | +16.0% |",
+        "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |",
+    ]
+
+
+def test_full_table_order_units_and_directions() -> None:
+    rows = gain_table([TP8], [DCP8])
+    keys = [r.key for r in rows]
+    expected = [k for k in METRICS if k in TP8]
+    assert keys == expected  # registry order; request_rate is configuration, never compared
+    table = by_metric(format_rows(rows, "TP8", "TP8+DCP8"))
+    assert table["Failed Requests"] == {
+        "Metric": "Failed Requests",
+        "TP8": "2",
+        "TP8+DCP8": "6",
+        "Change": "+4",
+        "Improvement(%)": "-200.0%",
+    }
+    assert table["Successful Requests"]["Change"] == "-4"
+    assert table["Total Input Tokens"]["Improvement(%)"] == ""  # neutral
+    assert table["Peak Concurrent Requests"]["TP8"] == "988"
+    assert table["Benchmark Duration (s)"] == {
+        "Metric": "Benchmark Duration (s)",
+        "TP8": "800.3",
+        "TP8+DCP8": "631.4",
+        "Change": "-168.9",
+        "Improvement(%)": "+21.1%",
+    }
+    # Below 10 s latencies stay in ms, with two decimals.
+    assert table["Mean TPOT (ms)"] == {
+        "Metric": "Mean TPOT (ms)",
+        "TP8": "381.29",
+        "TP8+DCP8": "398.60",
+        "Change": "+17.31",
+        "Improvement(%)": "-4.5%",
+    }
+    p99 = next(r for r in rows if r.key == "p99_ttft_ms")
+    assert (p99.unit, p99.better, p99.significant, p99.ci95_low) == ("s", True, None, None)
+    assert math.isclose(p99.a, 686.29446) and math.isclose(p99.change, (451255.55 - 686294.46) / 1000)
+    assert next(r for r in rows if r.key == "mean_tpot_ms").better is False
+    assert next(r for r in rows if r.key == "total_input_tokens").better is None
+
+
+def test_seconds_only_when_both_sides_reach_ten_seconds() -> None:
+    (row,) = gain_table([{"mean_ttft_ms": 9_999.0}], [{"mean_ttft_ms": 20_000.0}])
+    assert (row.label, row.unit, row.a) == ("Mean TTFT (ms)", "ms", 9_999.0)
+
+
+def test_missing_none_and_unknown_keys() -> None:
+    a = [{"request_throughput": 2.0, "mean_ttft_ms": None, "custom_score": 3.0, "only_a": 1.0, "backend": "vllm"}]
+    b = [{"request_throughput": 3.0, "mean_ttft_ms": 5.0, "custom_score": 6.0}]
+    rows = gain_table(a, b)  # type: ignore[arg-type]
+    assert [(r.key, r.label, r.better, r.improvement_pct) for r in rows] == [
+        ("request_throughput", "Request Throughput (req/s)", True, 50.0),
+        ("custom_score", "custom_score", None, None),
+    ]
+    assert format_rows(rows, "a", "b")[1]["a"] == "3.00"
+
+
+def test_extra_percentiles_sit_next_to_p99() -> None:
+    side = [
+        {
+            "p99_itl_ms": 5.0,
+            "p90_itl_ms": 4.0,
+            "p99.9_itl_ms": 6.0,
+            "mean_itl_ms": 1.0,
+            "std_itl_ms": 2.0,
+            "mean_e2el_ms": 9.0,
+        }
+    ]
+    rows = gain_table(side, side)
+    assert [r.key for r in rows] == [
+        "mean_itl_ms",
+        "p90_itl_ms",
+        "p99_itl_ms",
+        "p99.9_itl_ms",
+        "std_itl_ms",
+        "mean_e2el_ms",
+    ]
+    assert metric_def("p99.9_itl_ms").label == "P99.9 ITL"
+    assert [r.better for r in rows] == [False] * 4 + [None, False]  # equal values are not better; std is neutral
+
+
+def test_zero_baseline_has_no_improvement() -> None:
+    (row,) = gain_table([{"failed": 0}], [{"failed": 3}])
+    assert (row.improvement_pct, row.better, row.change) == (None, False, 3.0)
+    assert format_rows([row], "a", "b")[0]["Improvement(%)"] == ""
+
+
+def test_repeats_give_means_and_a_welch_interval() -> None:
+    base = [{"output_throughput": v} for v in (100.0, 102.0, 98.0)]
+    cand = [{"output_throughput": v} for v in (120.0, 125.0, 118.0, 121.0)]
+    (row,) = gain_table(base, cand)
+    assert (row.n_a, row.n_b, row.a, row.significant) == (3, 4, 100.0, True)
+    assert math.isclose(row.b, 121.0) and math.isclose(row.change, 21.0)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref = scipy_stats.ttest_ind([120.0, 125.0, 118.0, 121.0], [100.0, 102.0, 98.0], equal_var=False)
+    low, high = ref.confidence_interval(0.95)
+    assert math.isclose(row.ci95_low, low, rel_tol=1e-9) and math.isclose(row.ci95_high, high, rel_tol=1e-9)
+    cells = format_rows([row], "A", "B")[0]
+    assert cells[CI_COLUMN] == f"[{low:+.2f}, {high:+.2f}]"
+    assert CI_COLUMN in to_markdown([row], "A", "B").splitlines()[0]
+
+
+def test_overlapping_repeats_are_not_significant() -> None:
+    (row,) = gain_table([{"mean_itl_ms": v} for v in (10.0, 14.0)], [{"mean_itl_ms": v} for v in (11.0, 13.5)])
+    assert row.significant is False and row.ci95_low < 0 < row.ci95_high
+
+
+def test_single_repeat_on_one_side_has_no_interval() -> None:
+    (row,) = gain_table([{"completed": 10}, {"completed": 11}], [{"completed": 12}])
+    assert (row.ci95_low, row.ci95_high, row.significant) == (None, None, None)
+    assert row.a == 10.5
+    assert format_rows([row], "a", "b")[0]["a"] == "10.5"  # a fractional mean of counts is not hidden
+    assert CI_COLUMN not in format_rows([row], "a", "b")[0]
+
+
+def test_welch_with_zero_spread_and_t_quantiles() -> None:
+    assert welch_ci95([1.0, 1.0], [3.0, 3.0]) == (2.0, 2.0)
+    assert welch_ci95([1.0], [3.0, 4.0]) is None
+    assert math.isclose(t_ppf(0.975, 1), 12.706204736, rel_tol=1e-8)
+    assert math.isclose(t_ppf(0.975, 10), 2.228138852, rel_tol=1e-8)
+    assert math.isclose(t_ppf(0.975, 3.5), 2.940088637, rel_tol=1e-8)  # fractional Welch df
+    assert math.isclose(t_ppf(0.975, 1e6), 1.959966, rel_tol=1e-5)
+
+
+def test_csv_and_frame_carry_the_same_cells() -> None:
+    rows = gain_table([TP8], [DCP8], SEED_KEYS)
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows, "TP8", "TP8+DCP8"))))
+    assert parsed == format_rows(rows, "TP8", "TP8+DCP8")
+    frame = to_frame(rows, "TP8", "TP8+DCP8")
+    assert list(frame.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)"]
+    assert frame.iloc[2].tolist() == ["Mean TTFT (s)", "271.2", "227.8", "-43.4", "+16.0%"]
+    numeric = to_frame(rows, "TP8", "TP8+DCP8", numeric=True)
+    assert math.isclose(numeric.loc[0, "Improvement(%)"], 25.6) and numeric["CI low"].isna().all()
+
+
+def test_equal_labels_and_pipes_stay_readable() -> None:
+    rows = gain_table([{"completed": 1}], [{"completed": 2}])
+    assert list(format_rows(rows, "run", "run")[0]) == [
+        "Metric",
+        "run (baseline)",
+        "run (candidate)",
+        "Change",
+        "Improvement(%)",
+    ]
+    assert "a\\|b" in to_markdown(rows, "a|b", "c").splitlines()[0]
+
+
+def test_no_negative_zero() -> None:
+    (row,) = gain_table([{"request_throughput": 1.0001}], [{"request_throughput": 1.0}])
+    cells = format_rows([row], "a", "b")[0]
+    assert (cells["Change"], cells["Improvement(%)"]) == ("+0.00", "+0.0%") and row.better is False
+
+
+def test_accuracy_delta_on_the_seed_gsm8k_scores() -> None:
+    d = accuracy_delta(0.9416, 0.0065, 0.9386, 0.0066)  # flexible-extract, TP8 vs TP8+DCP8
+    assert math.isclose(d["delta"], -0.0030, abs_tol=1e-12)
+    assert math.isclose(d["stderr"], math.hypot(0.0065, 0.0066))
+    assert d["flagged"] is False
+    assert accuracy_delta(0.94, 0.006, 0.90, 0.006)["flagged"] is True
+    assert accuracy_delta(0.90, 0.006, 0.94, 0.006)["flagged"] is False  # a gain is never flagged
+    assert accuracy_delta(0.94, None, 0.90, 0.006) == {"delta": pytest.approx(-0.04), "stderr": None, "flagged": None}
+
+
+def test_gain_row_is_a_plain_dataclass() -> None:
+    (row,) = gain_table([{"completed": 1}], [{"completed": 2}])
+    assert isinstance(row, GainRow) and row.kind == "count"
