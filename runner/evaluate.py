@@ -28,8 +28,16 @@ LOG_NAME = "eval.log"
 NOT_INSTALLED = "lm-eval is not installed; pip install 'servelab[eval]'"
 
 
+# What lm-eval's API models (local-completions) import on top of lm-eval itself: its `api` extra.
+API_PACKAGES = ("aiohttp", "tenacity", "requests", "tqdm")
+
+
 def lm_eval_installed() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
+
+
+def missing_api_packages() -> list[str]:
+    return [name for name in API_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def installed_gsm8k_yaml() -> Path:
@@ -78,17 +86,17 @@ def local_task_config(dataset_path: Path) -> dict:
     Questions and few-shot examples come from the same file; lm-eval leaves a question out of its
     own few-shot examples when the two splits are the same.
     """
-    config = yaml.safe_load(installed_gsm8k_yaml().read_text())
-    for key in ("tag", "group", "dataset_name", "training_split", "validation_split"):
-        config.pop(key, None)
-    config.update(
-        task=LOCAL_TASK,
-        dataset_path="json",
-        dataset_kwargs={"data_files": {"test": str(dataset_path)}},
-        test_split="test",
-        fewshot_split="test",
-    )
-    return config
+    installed = yaml.safe_load(installed_gsm8k_yaml().read_text())
+    dropped = {"tag", "group", "task", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
+               "validation_split", "test_split", "fewshot_split"}
+    return {
+        "task": LOCAL_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(dataset_path)}},
+        "test_split": "test",
+        "fewshot_split": "test",
+        **{k: v for k, v in installed.items() if k not in dropped},
+    }
 
 
 def write_local_task(dataset_path: Path, task_dir: Path) -> Path:
@@ -137,10 +145,16 @@ def run_eval(
     """
     if not lm_eval_installed():
         raise RunError(NOT_INSTALLED)
+    if missing := missing_api_packages():
+        raise RunError(
+            f"lm-eval is installed without its API extra (missing {', '.join(missing)}), which local-completions "
+            "needs; pip install 'servelab[eval]' or 'lm-eval[api]'"
+        )
     run_dir = Path(run_dir)
     proc_env = {**env, "TOKENIZERS_PARALLELISM": "false"}
     include_path = None
     if spec.dataset_path:
+        tasks = local_tasks(spec.tasks)
         dataset = Path(spec.dataset_path).expanduser().resolve()
         count = check_dataset(dataset)
         if spec.num_fewshot >= count:
@@ -149,7 +163,7 @@ def run_eval(
                 f"drawn from the other questions; use at most {count - 1} few-shot examples or add questions."
             )
         include_path = write_local_task(dataset, run_dir / TASK_DIR).parent
-        spec = spec.model_copy(update={"tasks": local_tasks(spec.tasks)})
+        spec = spec.model_copy(update={"tasks": tasks})
         proc_env["HF_DATASETS_OFFLINE"] = "1"  # a local file needs no hub; never let lm-eval reach for it
     output_path = run_dir / OUTPUT_DIR
     argv = lm_eval_argv(spec, launch, base_url, output_path, include_path=include_path, prefix=lm_eval_prefix())
@@ -173,7 +187,9 @@ def run_eval(
     if code != 0:
         if not alive():
             raise RunError("vLLM server exited during the evaluation")
-        raise RunError(f"lm-eval failed (exit {code}); last lines of {log_path}:\n" + tail(log_path, 15))
+        lines = tail(log_path, 15)
+        reason = next((line.strip() for line in reversed(lines.splitlines()) if line.strip()), "no output")
+        raise RunError(f"lm-eval failed (exit {code}): {reason}\nlast lines of {log_path}:\n{lines}")
     results = find_results(output_path, since=started - 1)
     if results is None:
         raise RunError(f"lm-eval finished but wrote no results_*.json under {output_path}; see {log_path}.")

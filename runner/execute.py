@@ -226,6 +226,10 @@ class RunExecutor:
             parsed = parse_bench_json(result.read_text())
         except ParseError as exc:
             raise RunError(f"benchmark result {result} unreadable: {exc}") from None
+        if not parsed.metrics.get("completed"):
+            # vllm bench exits 0 even when every request failed
+            raise RunError(f"no benchmark request succeeded ({parsed.metrics.get('failed') or 0:.0f} failed):\n"
+                           + tail(proc.log_path, 8))
         self.store.add_bench_result(self.run_id, parsed.metrics, repeat=repeat,
                                     bench_spec_json=bench.model_dump_json(), raw_path=str(result))
 

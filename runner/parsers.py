@@ -1,10 +1,10 @@
 """Text → values: bench results, startup logs, lm-eval output, Prometheus text.
 
-Pure functions: the caller reads the file or the HTTP body and passes the text in.
-Benchmark metrics use the `vllm bench serve --save-result` JSON key names everywhere
-(see docs/architecture.md); the printed result block is mapped onto the same keys.
-Anything that cannot be understood raises `runner.errors.ParseError` saying what was
-expected and what was found.
+Pure functions: the caller reads the file or HTTP body and passes the text in. Benchmark metrics are keyed by
+the `vllm bench serve --save-result` JSON names everywhere (see docs/architecture.md); the printed result block
+maps onto the same keys. Text that cannot be understood raises `runner.errors.ParseError` naming what was
+expected and what was found. Wordings were checked against vLLM's own source (benchmarks/serve.py,
+v1/core/kv_cache_utils.py, v1/engine/core.py) from 0.11 to 0.32.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ KINDS = ("bench_json", "bench_text", "lm_eval_json", "lm_eval_table", "server_lo
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _NUM = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_PERCENTILE_KEY = re.compile(r"^(?:mean|median|std|p\d+(?:\.\d+)?)_\w+_ms$")
-# Keys that are metrics even when vLLM writes them as null or "inf".
-_NULLABLE_METRICS = {"request_goodput", "max_concurrency", "request_rate", "rtfx"}
 
 
 def _preview(text: str, limit: int = 60) -> str:
@@ -39,37 +36,32 @@ def _describe(data: Any) -> str:
 
 
 def _to_float(raw: str) -> float | None:
-    """`1,048,576` → 1048576.0; `inf` → inf; `None`/`N/A`/`-` → None; otherwise ValueError."""
-    raw = raw.strip().rstrip("x")
+    """`1,048,576` → 1048576.0, `inf` → inf, `None`/`N/A`/`-` → None; else ValueError."""
+    raw = raw.strip()
     if raw.lower() in ("none", "null", "n/a", "-", ""):
         return None
     return float(raw.replace(",", ""))
 
 
-def _to_int(raw: Any) -> int | None:
+def _optional_float(raw: Any) -> float | None:
+    """Like `_to_float` for any value, but None instead of an error (and for NaN, bools)."""
+    if raw is None or isinstance(raw, bool):
+        return None
     try:
-        return int(float(str(raw).replace(",", "")))
+        value = _to_float(str(raw))
     except ValueError:
         return None
+    return None if value is None or math.isnan(value) else value
 
 
-# ---------------------------------------------------------------- benchmark results
+def _to_int(raw: Any) -> int | None:
+    value = _optional_float(raw)
+    return int(value) if value is not None and math.isfinite(value) else None
 
 
-@dataclass(frozen=True)
-class BenchParse:
-    """One `vllm bench serve` result.
-
-    `metrics`: every numeric scalar keyed by its `--save-result` JSON key (None where vLLM
-    wrote null, e.g. `request_goodput` without `--goodput`). `info`: non-numeric scalars
-    (date, backend, model_id, label, ...). `arrays`: per-request lists (ttfts, itls, ...).
-    `raw`: the JSON as loaded, or `{"text": block}` for a printed block.
-    """
-
-    metrics: dict[str, float | None] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, list] = field(default_factory=dict)
-    raw: dict = field(default_factory=dict)
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    matches = list(pattern.finditer(text))
+    return matches[-1] if matches else None
 
 
 def _load_json(text: str | bytes, what: str) -> Any:
@@ -80,56 +72,74 @@ def _load_json(text: str | bytes, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = " (truncated file?)" if exc.pos >= len(text.rstrip()) else ""
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
         raise ParseError(
-            f"Expected {what}, found text that is not valid JSON{hint}: {exc.msg} at line "
-            f"{exc.lineno} column {exc.colno}; starts with {_preview(text)}."
+            f"Expected {what}, found text that is not valid JSON"
+            f"{' (truncated file?)' if cut else ''}: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}; it starts {_preview(text)}."
         ) from None
 
 
+# ---------------------------------------------------------------- benchmark results
+
+
+@dataclass(frozen=True)
+class BenchParse:
+    """One `vllm bench serve` result.
+
+    `metrics`: every numeric scalar by its `--save-result` JSON key (None where vLLM wrote null, e.g.
+    `request_goodput` without `--goodput`). `info`: other scalars (date, backend, model_id, label, `--metadata`
+    values, ...). `arrays`: per-request lists (ttfts, itls, errors, ...). `raw`: the JSON as loaded, or
+    `{"text": block}` for a printed block.
+    """
+
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, list] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+
+# Keys that stay metrics when vLLM writes them as null or "inf".
+_NULLABLE_METRICS = {"request_goodput", "max_concurrency", "request_rate", "rtfx"}
+_STAT_KEY = re.compile(r"^(?:mean|median|std|p\d+(?:\.\d+)?)_\w+_ms$")
+
+
 def _is_bench_dict(data: Any) -> bool:
-    return isinstance(data, Mapping) and "completed" in data and (
-        "duration" in data or "request_throughput" in data
-    )
+    return isinstance(data, Mapping) and "completed" in data and ("duration" in data or "request_throughput" in data)
 
 
 def parse_bench_json(text_or_dict: str | bytes | Mapping[str, Any]) -> BenchParse:
-    """Parse a `vllm bench serve --save-result` JSON file (text) or its loaded dict.
+    """Parse a `vllm bench serve --save-result` JSON file (its text) or the loaded dict.
 
-    Tolerates older files (0.11 lacks `failed`, `latencies`, `start_times`), a null
-    `request_goodput`, `request_rate: "inf"` (→ `float("inf")`) and percentile keys
-    `p<N>_<metric>_ms` for any N. Raises ParseError for invalid JSON or JSON that is
-    not a bench result.
+    Tolerates older files (0.11 has no `failed`, `latencies`, `start_times`), a null `request_goodput`,
+    `request_rate: "inf"` (→ `float("inf")`) and `p<N>_<metric>_ms` for any N. Raises ParseError for invalid
+    JSON or JSON that is not a bench result.
     """
     what = "a `vllm bench serve --save-result` JSON object"
     data = text_or_dict if isinstance(text_or_dict, Mapping) else _load_json(text_or_dict, what)
     if not _is_bench_dict(data):
         raise ParseError(
-            f"Expected {what} with key 'completed' and 'duration' or 'request_throughput'; "
-            f"found {_describe(data)}."
+            f"Expected {what} with key 'completed' and 'duration' or 'request_throughput'; found {_describe(data)}."
         )
     metrics: dict[str, float | None] = {}
     info: dict[str, Any] = {}
     arrays: dict[str, list] = {}
     for key, value in data.items():
-        if isinstance(value, (bool, dict)):
-            info[key] = value
-        elif isinstance(value, (int, float)):
-            metrics[key] = float(value)
-        elif isinstance(value, list):
+        if isinstance(value, list):
             arrays[key] = value
-        elif key in _NULLABLE_METRICS or _PERCENTILE_KEY.match(key):
-            try:
-                metrics[key] = None if value is None else _to_float(str(value))
-            except ValueError:
-                info[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[key] = float(value)
+        elif (key in _NULLABLE_METRICS or _STAT_KEY.match(key)) and (
+            value is None or _optional_float(value) is not None
+        ):
+            metrics[key] = _optional_float(value)
         else:
             info[key] = value
     return BenchParse(metrics=metrics, info=info, arrays=arrays, raw=dict(data))
 
 
-# Printed label (lower case, no colon) → JSON key. Labels from vllm/benchmarks/serve.py;
-# "Total Token throughput" (0.11) and "Total token throughput" (later) meet by lower-casing.
+# Printed label, lower-cased → JSON key (labels from vllm/benchmarks/serve.py). Lower-casing
+# also joins 0.11's "Total Token throughput" with the later "Total token throughput".
 _TEXT_LABELS = {
     "successful requests": "completed",
     "failed requests": "failed",
@@ -157,7 +167,8 @@ _TEXT_LABELS = {
     "draft tokens": "spec_decode_draft_tokens",
     "accepted tokens": "spec_decode_accepted_tokens",
 }
-# "Mean TTFT (ms)" → mean_ttft_ms; "P99.9 E2EL incl. Client Queue (ms)" → p99.9_e2el_including_client_queue_ms
+# "Mean TTFT (ms)" → mean_ttft_ms, "P99.9 E2EL incl. Client Queue (ms)" →
+# p99.9_e2el_including_client_queue_ms: the keys vLLM's process_one_metric writes.
 _STAT_LABEL = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?) ([\w .]+) \(ms\)$")
 _TEXT_LINE = re.compile(r"^\s*([^:]+?)\s*:\s*(\S+)\s*$")
 _BLOCK_HEADER = "Serving Benchmark Result"
@@ -174,46 +185,44 @@ def _text_key(label: str) -> str | None:
 
 
 def _bench_block(text: str) -> str:
-    """The last printed result block: header line through the closing `=====` line."""
+    """The last result block, header through the closing `=====` line (or the whole text)."""
     lines = text.replace("\r", "\n").split("\n")
     starts = [i for i, line in enumerate(lines) if _BLOCK_HEADER in line]
     if not starts:
         return text
-    block = [lines[starts[-1]]]
-    for line in lines[starts[-1] + 1 :]:
+    block = []
+    for line in lines[starts[-1] :]:
         block.append(line)
-        if re.fullmatch(r"\s*={10,}\s*", line):
+        if len(block) > 1 and re.fullmatch(r"\s*={10,}\s*", line):
             break
     return "\n".join(block)
 
 
 def parse_bench_text(text: str) -> BenchParse:
-    """Parse the printed "Serving Benchmark Result" block of `vllm bench serve`.
+    """Parse the "Serving Benchmark Result" block that `vllm bench serve` prints.
 
-    Every line maps to its JSON key (`Successful requests` → `completed`, `P99 TTFT (ms)` →
-    `p99_ttft_ms`, ...). Whitespace-tolerant; unknown lines are ignored. With several
-    blocks in the text the last one is parsed. `request_rate` is absent when the block
-    omits it (vLLM prints it only for a finite rate).
+    Each line maps to its JSON key (`Successful requests` → `completed`, `P99 TTFT (ms)` → `p99_ttft_ms`, `Mean
+    E2EL incl. Client Queue (ms)` → ...). Whitespace-tolerant; unknown lines are ignored; of several blocks the
+    last is parsed. vLLM prints `Request rate configured` only for a finite rate, so `request_rate` is absent
+    for `inf` runs.
     """
     text = _ANSI.sub("", text or "")
     block = _bench_block(text)
     metrics: dict[str, float | None] = {}
     for line in block.split("\n"):
         match = _TEXT_LINE.match(line)
-        key = _text_key(match.group(1)) if match else None
-        if key is None:
+        if not match or (key := _text_key(match.group(1))) is None:
             continue
         try:
             metrics[key] = _to_float(match.group(2))
         except ValueError:
             raise ParseError(
-                f"Benchmark result line {line.strip()!r}: expected a number after the colon, "
-                f"found {match.group(2)!r}."
+                f"Benchmark result line {line.strip()!r}: expected a number after the colon, found {match.group(2)!r}."
             ) from None
     if "completed" not in metrics:
         raise ParseError(
             f"Expected a printed '{_BLOCK_HEADER}' block with a 'Successful requests:' line; "
-            f"found {len(metrics)} recognised lines in text starting {_preview(text)}."
+            f"found {len(metrics)} known lines in text that starts {_preview(text)}."
         )
     return BenchParse(metrics=metrics, raw={"text": block})
 
@@ -223,12 +232,11 @@ def parse_bench_text(text: str) -> BenchParse:
 
 @dataclass(frozen=True)
 class KvCapacity:
-    """KV cache capacity reported by a vLLM server at startup; None where the log is silent.
+    """What a vLLM server says about its KV cache at startup; None where the log is silent.
 
-    `backend` is the device word of the size line ("GPU", "CPU", ...). `kv_cache_gib` is
-    the per-worker KV memory (`Available KV cache memory`, or the CPU worker's
-    `Auto set (X/Y) GiB for KV cache`). `kv_cache_tokens` already includes the context
-    parallel multiplier, as vLLM logs it.
+    `backend` is the device word of the size line ("GPU", "CPU", ...). `kv_cache_tokens` already includes the
+    context-parallel multiplier, as vLLM logs it. `kv_cache_gib` is per worker: `Available KV cache memory`, or
+    on CPU `Auto set (X/Y) GiB for KV cache`.
     """
 
     backend: str | None = None
@@ -243,61 +251,47 @@ class KvCapacity:
 
 
 _KV_SIZE = re.compile(r"\b([A-Z]{3})(?: \+ host)? KV cache size:\s*([\d,]+) tokens")
-_KV_CONCURRENCY = re.compile(
-    rf"Maximum concurrency for ([\d,]+) tokens per request:\s*({_NUM})x"
-)
+_KV_CONCURRENCY = re.compile(rf"Maximum concurrency for ([\d,]+) tokens per request:\s*({_NUM})x")
 _KV_GIB = re.compile(
-    rf"(?:Available KV cache memory:\s*({_NUM})\s*GiB"
-    rf"|(?:Auto|Explicitly) set \(({_NUM})/{_NUM}\) GiB for KV cache)"
+    rf"Available KV cache memory:\s*({_NUM})\s*GiB"
+    rf"|(?:Auto|Explicitly) set \(({_NUM})/{_NUM}\) GiB for KV cache"
 )
-_DCP_ONLY = re.compile(r"KV cache size by the dcp_world_size (\d+)")
+_DCP_ONLY = re.compile(r"KV cache size by the dcp_world_size (\d+)")  # 0.11
 _CP = re.compile(r"by the cp_world_size \d+ \(pcp_world_size (\d+) \* dcp_world_size (\d+)\)")
-_INIT = re.compile(
-    rf"init engine \(profile, create kv cache, warmup model\) took ({_NUM}) s(?:econds)?"
-)
+_INIT = re.compile(rf"init engine \(profile, create kv cache, warmup model\) took ({_NUM}) s")
 _VERSIONS = (
-    re.compile(r"vLLM (?:API )?server version v?([\w.+-]+)"),
-    re.compile(r"LLM engine \(v([^)\s]+)\)"),
-    re.compile(r"█\s+version\s+v?([\w.+-]+)"),
+    re.compile(r"vLLM (?:API )?server version v?([\w.+-]+)"),  # 0.32: "vLLM server version"
+    re.compile(r"LLM engine \(v([^)\s]+)\)"),  # "Initializing a V1 LLM engine (v0.11.0) ..."
+    re.compile(r"█\s+version\s+v?([\w.+-]+)"),  # the 0.3x logo banner
 )
-
-
-def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    match = None
-    for match in pattern.finditer(text):
-        pass
-    return match
 
 
 def parse_startup_log(text: str) -> KvCapacity:
     """Read KV cache capacity, context-parallel multipliers, init time and version from a log.
 
-    Knows every wording from vLLM 0.11 to 0.32: `Multiplying the GPU KV cache size by the
-    dcp_world_size N.` (0.11), `... by the cp_world_size N (pcp_world_size P *
-    dcp_world_size D).` (0.12+), separate `GPU KV cache size` / `Maximum concurrency` lines,
-    and the merged `CPU KV cache size: N tokens, Maximum concurrency for ...` line (0.30+).
-    Lines may carry `(EngineCore_DP0 pid=1) INFO 11-06 15:34:59 [file.py:1]` prefixes or run
-    together on one line. When a value is logged several times (one engine per DP rank,
-    one worker per TP rank, a restart), the last occurrence wins: it is the one in force.
-    A log with none of these lines gives a KvCapacity of Nones.
+    Knows `Multiplying the GPU KV cache size by the dcp_world_size N.` (0.11), `... by the cp_world_size N
+    (pcp_world_size P * dcp_world_size D).` (0.12+), separate `GPU KV cache size: N tokens` / `Maximum
+    concurrency for T tokens per request: Cx` lines, and the merged `CPU KV cache size: N tokens, Maximum
+    concurrency ...` line (0.30+). Lines may carry `(EngineCore_DP0 pid=1) INFO 11-06 15:34:59 [file.py:1]`
+    prefixes or run together. When a value is logged several times (one engine per DP rank, one worker per TP
+    rank, a restart), the last occurrence wins. A log without these lines gives all None.
     """
     text = _ANSI.sub("", text or "")
     values: dict[str, Any] = {}
     if size := _last(_KV_SIZE, text):
-        values["backend"] = size.group(1)
-        values["kv_cache_tokens"] = _to_int(size.group(2))
+        values["backend"], values["kv_cache_tokens"] = size.group(1), _to_int(size.group(2))
     if conc := _last(_KV_CONCURRENCY, text):
         values["max_concurrency_tokens_per_request"] = _to_int(conc.group(1))
-        values["max_concurrency"] = _to_float(conc.group(2))
+        values["max_concurrency"] = _optional_float(conc.group(2))
     if gib := _last(_KV_GIB, text):
-        values["kv_cache_gib"] = _to_float(gib.group(1) or gib.group(2))
+        values["kv_cache_gib"] = _optional_float(gib.group(1) or gib.group(2))
     cp, dcp_only = _last(_CP, text), _last(_DCP_ONLY, text)
     if cp and (not dcp_only or cp.start() > dcp_only.start()):
         values["pcp_multiplier"], values["dcp_multiplier"] = int(cp.group(1)), int(cp.group(2))
     elif dcp_only:
         values["dcp_multiplier"] = int(dcp_only.group(1))
     if init := _last(_INIT, text):
-        values["engine_init_s"] = _to_float(init.group(1))
+        values["engine_init_s"] = _optional_float(init.group(1))
     for pattern in _VERSIONS:
         if version := pattern.search(text):
             values["vllm_version"] = version.group(1).rstrip(".,")
@@ -306,67 +300,58 @@ def parse_startup_log(text: str) -> KvCapacity:
 
 
 _LOG_PREFIX = re.compile(
-    r"^(?:\d{4}-\d\d-\d\d[T ][\d:.,]+Z?\s*(?:\|\s*)?)?"  # docker / journald timestamp
+    r"^(?:\d{4}-\d\d-\d\d[T ][\d:.,]+Z?\s*\|?\s*)?"  # docker / journald timestamp
     r"(?:\([\w.-]+ pid=\d+\)\s*)?"  # (EngineCore_DP0 pid=666657)
     r"(?:(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+"  # INFO 11-06 15:34:59
-    r"(?:\[?[\w./-]+:\d+\]\s*)?)?"  # [kv_cache_utils.py:1229] (0.5: without "[")
+    r"(?:\[?[\w./-]+:\d+\]\s*)?)?"  # [kv_cache_utils.py:1229], before 0.8 without "["
 )
-_EXCEPTION = re.compile(r"^((?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception|Exit|Interrupt)(?::\s*.*)?$")
 _ARGPARSE = re.compile(r"^[\w.-]+(?: [\w-]+)?: error: .+$")
-# Wrapper exceptions that only point at the real cause printed earlier.
+# Wrappers that only point at the real cause printed earlier.
 _WRAPPERS = (
     "see root cause above",
     "engine core initialization failed",
     "encountered an issue. see stack trace",
     "initialization failed due to an exception in a background process",
+    "please check the stack trace above for the root cause",  # "Worker failed with error '...'"
 )
 _PYDANTIC_KINDS = {"Value error": "ValueError", "Assertion failed": "AssertionError"}
 
 
-def _strip_prefix(line: str) -> tuple[str | None, str]:
-    match = _LOG_PREFIX.match(line)
-    return match.group(1), line[match.end() :].strip()
-
-
 def _validation_cause(lines: list[str], start: int) -> str | None:
-    """pydantic prints `N validation error for X` and the real complaint on the next lines."""
+    """pydantic prints `1 validation error for VllmConfig`, the complaint on the lines after."""
     parts: list[str] = []
     for line in lines[start + 1 : start + 6]:
         parts.append(line)
         if "[type=" in line:
             break
     message = " ".join(" ".join(parts).split(" [type=")[0].split())
-    if not message:
-        return None
-    kind, sep, rest = message.partition(", ")
-    return f"{_PYDANTIC_KINDS[kind]}: {rest}" if sep and kind in _PYDANTIC_KINDS else message
+    kind, comma, rest = message.partition(", ")
+    return f"{_PYDANTIC_KINDS[kind]}: {rest}" if comma and kind in _PYDANTIC_KINDS else message
 
 
 def find_failure_reason(log_text: str) -> str | None:
-    """The root-cause line of a failed vLLM startup, without log prefixes; None if none found.
+    """The root-cause line of a failed vLLM startup, log prefixes stripped; None if none.
 
-    Prefers the last exception line (`SomeError: message`) that is not one of vLLM's
-    wrappers ("Engine core initialization failed. See root cause above"); a pydantic
-    `ValidationError` is replaced by the complaint on its next line. Falls back to an
-    argparse `error:` line, then to the last ERROR log line.
+    Takes the last exception line (`SomeError: message`) that is not one of vLLM's wrappers ("Engine core
+    initialization failed. See root cause above"); for a pydantic `ValidationError` (config checks) the
+    complaint below it, as `ValueError: ...`. Falls back to an argparse `error:` line, then to the last ERROR
+    line.
     """
-    raw_lines = _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n")
-    stripped = [_strip_prefix(line) for line in raw_lines]
-    lines = [body for _, body in stripped]
-    candidate: str | None = None
+    levels_and_lines = []
+    for raw in _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n"):
+        prefix = _LOG_PREFIX.match(raw)
+        levels_and_lines.append((prefix.group(1), raw[prefix.end() :].strip()))
+    lines = [line for _, line in levels_and_lines]
+    reason: str | None = None
     for index, line in enumerate(lines):
-        match = _EXCEPTION.match(line)
-        if match and not any(w in line.lower() for w in _WRAPPERS):
-            if match.group(1).endswith("ValidationError") and "validation error" in line:
-                candidate = _validation_cause(lines, index) or line
-            else:
-                candidate = line
+        if _EXCEPTION.match(line) and not any(w in line.lower() for w in _WRAPPERS):
+            is_pydantic = "ValidationError: " in line and " validation error" in line
+            reason = (_validation_cause(lines, index) if is_pydantic else None) or line
         elif _ARGPARSE.match(line):
-            candidate = line
-    if candidate:
-        return candidate
-    errors = [body for level, body in stripped if level in ("ERROR", "CRITICAL") and body]
-    return errors[-1] if errors else None
+            reason = line
+    errors = [line for level, line in levels_and_lines if level in ("ERROR", "CRITICAL") and line]
+    return reason or (errors[-1] if errors else None)
 
 
 # ---------------------------------------------------------------- lm-eval
@@ -387,29 +372,18 @@ class EvalScore:
 
 
 def _version_str(raw: Any) -> str | None:
-    if raw is None or str(raw).strip() in ("", "N/A"):
-        return None
     if isinstance(raw, float) and raw.is_integer():
-        return str(int(raw))
-    return str(raw).strip()
-
-
-def _optional_float(raw: Any) -> float | None:
-    if isinstance(raw, bool):
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
+        raw = int(raw)  # lm-eval writes 3.0 in JSON and 3 in its table
+    text = "" if raw is None else str(raw).strip()
+    return None if text in ("", "N/A") else text
 
 
 def parse_lm_eval_json(text: str | bytes | Mapping[str, Any]) -> list[EvalScore]:
-    """Parse an lm-eval (≥ 0.4) results JSON: one EvalScore per `"<metric>,<filter>"` key.
+    """Parse an lm-eval (0.4+) results JSON: one EvalScore per `"<metric>,<filter>"` key.
 
-    Stderr comes from `"<metric>_stderr,<filter>"` ("N/A" → None), n-shot from `n-shot`
-    (else the task config's `num_fewshot`), samples from `n-samples.<task>.effective`,
-    version from `versions`. Group scores under `groups` (older 0.4.x) are included.
+    Stderr from `"<metric>_stderr,<filter>"` ("N/A" → None), n-shot from `n-shot` (else the task config's
+    `num_fewshot`), samples from `n-samples.<task>.effective`, version from `versions`. Scores under `groups`
+    (older 0.4.x) are included; `alias` is skipped.
     """
     what = "an lm-eval results JSON object with a 'results' mapping"
     data = text if isinstance(text, Mapping) else _load_json(text, what)
@@ -430,7 +404,7 @@ def parse_lm_eval_json(text: str | bytes | Mapping[str, Any]) -> list[EvalScore]
                 metric, comma, filter_name = key.partition(",")
                 value = _optional_float(raw)
                 if not comma or metric.endswith("_stderr") or value is None:
-                    continue
+                    continue  # alias, sample_len, stderr entries, "N/A" values
                 scores.append(
                     EvalScore(
                         task=task,
@@ -438,13 +412,16 @@ def parse_lm_eval_json(text: str | bytes | Mapping[str, Any]) -> list[EvalScore]
                         metric=metric,
                         value=value,
                         stderr=_optional_float(entries.get(f"{metric}_stderr,{filter_name}")),
-                        n_shot=None if n_shot in (None, "") else _to_int(n_shot),
+                        n_shot=_to_int(n_shot),
                         version=_version_str(versions.get(task)),
-                        samples=_to_int(samples.get("effective"))
-                        if isinstance(samples, Mapping)
-                        else None,
+                        samples=_to_int(samples.get("effective")) if isinstance(samples, Mapping) else None,
                     )
                 )
+    if not scores:
+        raise ParseError(
+            f"Expected lm-eval scores ('<metric>,<filter>' keys) under 'results'; found "
+            f"tasks {sorted(data['results'])[:12]} without any."
+        )
     return scores
 
 
@@ -458,9 +435,9 @@ def _cells(line: str) -> list[str]:
 def parse_lm_eval_table(text: str) -> list[EvalScore]:
     """Parse the markdown table(s) lm-eval prints (`|Tasks|Version|Filter|n-shot|Metric|...`).
 
-    A blank task cell continues the task above (lm-eval prints each further filter or metric
-    that way); `" - humanities"` sub-task cells lose their dash. Rows of a `Groups` table
-    already seen in the `Tasks` table are skipped. Raises ParseError when no row parses.
+    A blank task cell continues the task above (lm-eval prints further filters that way); `" - humanities"`
+    sub-task cells lose their dash. Rows of a `Groups` table already in the `Tasks` table are skipped. Raises
+    ParseError when no row parses.
     """
     scores: list[EvalScore] = []
     seen: set[tuple[str, str, str]] = set()
@@ -486,23 +463,14 @@ def parse_lm_eval_table(text: str) -> list[EvalScore]:
         value = _optional_float(row.get("value"))
         key = (task, row.get("filter", ""), row.get("metric", ""))
         if value is None or not task or (in_groups and key in seen):
-            continue  # the separator row, an unscored row, or a group repeated from Tasks
+            continue  # the |---| row, an unscored row, or a group repeated from Tasks
         seen.add(key)
-        scores.append(
-            EvalScore(
-                task=task,
-                filter=key[1],
-                metric=key[2],
-                value=value,
-                stderr=_optional_float(row.get("stderr")),
-                n_shot=n_shot,
-                version=version,
-            )
-        )
+        stderr = _optional_float(row.get("stderr"))
+        scores.append(EvalScore(task, key[1], key[2], value, stderr, n_shot, version))
     if not scores:
         raise ParseError(
             "Expected an lm-eval results table with a '|Tasks|Version|Filter|n-shot|Metric|' "
-            f"header and at least one score row; found none in text starting {_preview(text or '')}."
+            f"header and at least one score row; found none in {_preview(text or '')}."
         )
     return scores
 
@@ -511,28 +479,25 @@ def parse_lm_eval_table(text: str) -> list[EvalScore]:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Parse Prometheus text exposition (vLLM's `/metrics`) into `{sample name: value}`.
+    """Parse Prometheus text (vLLM's `/metrics`) into `{sample name: value}`.
 
-    Values are summed across label sets (one per engine and model). Histogram `_sum` and
-    `_count` samples are kept; `_bucket` and the `_created` timestamps are dropped.
-    Raises ParseError for text that is not Prometheus exposition or holds no samples.
+    Values are summed across label sets (one per engine and model). Histogram `_sum` and `_count` are kept;
+    `_bucket` and the `_created` timestamps are dropped. Raises ParseError for text that is not Prometheus
+    exposition or holds no samples.
     """
+    text = text or ""
     totals: dict[str, float] = {}
     try:
-        for family in text_string_to_metric_families(text or ""):
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.endswith(("_bucket", "_created")):
-                    continue
-                totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+                if not sample.name.endswith(("_bucket", "_created")):
+                    totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise ParseError(
-            f"Expected Prometheus text exposition (e.g. from vLLM /metrics); "
-            f"found text starting {_preview(text or '')}: {exc}."
+            f"Expected Prometheus text exposition (vLLM /metrics); found {_preview(text)}: {exc}."
         ) from None
     if not totals:
-        raise ParseError(
-            f"Expected Prometheus text exposition with samples; found none in {_preview(text or '')}."
-        )
+        raise ParseError(f"Expected Prometheus samples; found none in {_preview(text)}.")
     return totals
 
 
@@ -540,19 +505,27 @@ _PROGRESS = re.compile(r"\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)\b")
 
 
 def parse_bench_progress(text: str) -> tuple[int, int] | None:
-    """`(done, total)` from the last tqdm bar in a chunk of `vllm bench serve` output, or None.
+    """`(done, total)` from the last tqdm bar in a chunk of `vllm bench serve` output.
 
-    tqdm redraws with carriage returns (` 45%|████▌     | 90/200 [00:10<00:12,  8.9it/s]`).
+    tqdm redraws after carriage returns: ` 45%|████▌ | 90/200 [00:10<00:12, 8.9it/s]`. None when the chunk holds
+    no bar.
     """
     match = _last(_PROGRESS, _ANSI.sub("", text or ""))
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _is_lm_eval_dict(data: Mapping[str, Any]) -> bool:
-    results = data.get("results")
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _is_lm_eval_dict(data: Any) -> bool:
+    results = data.get("results") if isinstance(data, Mapping) else None
     return isinstance(results, Mapping) and any(
-        isinstance(entries, Mapping) and any("," in key for key in entries)
-        for entries in results.values()
+        isinstance(entries, Mapping) and any("," in key for key in entries) for entries in results.values()
     )
 
 
@@ -564,11 +537,10 @@ _LOG_MARKERS = re.compile(
 
 
 def detect_kind(text: str) -> str:
-    """Say what a pasted or uploaded text is: one of `KINDS`.
+    """Say what a pasted or uploaded text is, as one of `KINDS`.
 
-    "bench_json", "bench_text" (a printed result block), "lm_eval_json", "lm_eval_table",
-    or "server_log". Raises ParseError for empty text, unrecognised text, and JSON that
-    is neither a bench result nor lm-eval results.
+    "bench_json", "bench_text" (a printed result block), "lm_eval_json", "lm_eval_table" or "server_log". Raises
+    ParseError for empty or unrecognised text and for JSON that is neither a bench result nor lm-eval results.
     """
     accepted = (
         "a `vllm bench serve --save-result` JSON, a printed 'Serving Benchmark Result' "
@@ -577,11 +549,12 @@ def detect_kind(text: str) -> str:
     body = _ANSI.sub("", text or "").strip()
     if not body:
         raise ParseError(f"Found empty text; expected {accepted}.")
-    if body[0] in "{[":
+    # "[" also opens log lines ("[rank0]: Traceback ..."), so only "{" insists on JSON.
+    if body[0] == "{" or (body[0] == "[" and _parses_as_json(body)):
         data = _load_json(body, accepted)
-        if isinstance(data, Mapping) and _is_bench_dict(data):
+        if _is_bench_dict(data):
             return "bench_json"
-        if isinstance(data, Mapping) and _is_lm_eval_dict(data):
+        if _is_lm_eval_dict(data):
             return "lm_eval_json"
         raise ParseError(f"Found JSON with {_describe(data)}; expected {accepted}.")
     if _BLOCK_HEADER in body or re.search(r"^\s*Successful requests:", body, re.MULTILINE):
@@ -590,4 +563,4 @@ def detect_kind(text: str) -> str:
         return "lm_eval_table"
     if _LOG_MARKERS.search(body):
         return "server_log"
-    raise ParseError(f"Found text starting {_preview(body)}; expected {accepted}.")
+    raise ParseError(f"Found text that starts {_preview(body)}; expected {accepted}.")

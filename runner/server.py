@@ -102,10 +102,11 @@ class ManagedProcess:
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes of the group; zombies are left out (an init that does not reap leaves them)."""
     members = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(p.pid) == pgid:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
                 members.append(p)
         except (ProcessLookupError, psutil.Error, OSError):
             continue

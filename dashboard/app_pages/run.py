@@ -1,0 +1,128 @@
+"""Run: one run, live while it runs; KV capacity, final metrics, downloads, the commands that reproduce it."""
+
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import charts, data, run_view
+from dashboard.state import PAGES, duration, query_int, run_title, store, when
+from runner import api
+from runner.errors import ServelabError
+from runner.models import ACTIVE, TERMINAL, RunSource, RunStatus
+from runner.server import tail
+
+db = store()
+runs = db.list_runs()
+if not runs:
+    st.title("Run")
+    st.info("No runs yet: queue one on Launch, or bring existing results in on Import.")
+    st.page_link(PAGES["launch"], label="Launch a run →")
+    st.stop()
+ids = [r.id for r in runs]
+wanted = query_int("run")
+if wanted not in ids:
+    if wanted is not None:
+        st.warning(f"There is no run {wanted}; showing the newest. Runs lists them all.")
+    wanted = ids[0]
+titles = {r.id: run_title(r) for r in runs}
+choice = st.sidebar.selectbox("Run", ids, index=ids.index(wanted), format_func=titles.get)
+if choice != query_int("run"):
+    st.query_params["run"] = str(choice)
+
+run = db.get_run(choice)
+live = run.status in ACTIVE or run.status == RunStatus.queued
+st.title(f"Run #{run.id} — {api.label_of(run)}")
+color, icon = data.STATUS_BADGE[run.status.value]
+st.badge(run.status.value, color=color, icon=icon)
+st.caption(run_view.summary_line(run))
+if live and st.button("Cancel this run", help="A queued run stops at once, a running one at the worker's next tick."):
+    try:
+        api.cancel(db, run.id)
+        st.rerun()
+    except ServelabError as exc:
+        st.error(str(exc))
+
+
+@st.fragment(run_every=2 if live else None)
+def live_panel() -> None:
+    now = db.get_run(choice)
+    if live and now.status in TERMINAL:
+        st.rerun(scope="app")  # finished: show the final page once and stop refreshing
+    st.progress(min(max(now.progress, 0.0), 1.0), text=f"{now.status.value} — {now.phase or 'no phase yet'}")
+    st.caption(f"created {when(now.created_at)} · started {when(now.started_at)} · ready {when(now.ready_at)} · "
+               f"finished {when(now.finished_at)} · took {duration(now.started_at, now.finished_at)}")
+    if now.status == RunStatus.queued:
+        ahead = sum(1 for r in db.list_runs(status=RunStatus.queued) if r.id < now.id)
+        st.info(f"Queued; {ahead} run(s) ahead. The worker (`servelab worker`, started by `servelab dashboard`) "
+                "claims it when the GPUs it needs are free.")
+    phases = data.phases_frame(db, now.id)
+    if not phases.empty:
+        ended = now.status in TERMINAL
+        st.plotly_chart(charts.phase_timeline(phases, None if ended else time.time()), key="phases")
+    samples = data.run_samples(db, now.id)
+    if not samples.empty:
+        gpu_rows = samples["gpu_index"].notna().any()
+        figs = [charts.kv_usage_chart(samples), charts.requests_chart(samples)]
+        figs += [charts.gpu_util_chart(samples), charts.gpu_memory_chart(samples)] if gpu_rows \
+            else [charts.host_chart(samples)]
+        for row in range(0, len(figs), 2):
+            for col, (i, fig) in zip(st.columns(2), enumerate(figs[row:row + 2], start=row)):
+                col.plotly_chart(fig, key=f"telemetry{i}")
+        if not gpu_rows:
+            st.caption("No GPU samples: this run used the CPU backend (or NVML was unavailable).")
+    log = Path(now.run_dir or "") / "server.log"
+    if now.run_dir and log.is_file():
+        st.markdown("**Server log** (last 40 lines)")
+        st.code(tail(log, 40) or "(empty)", language="log", height=320)
+
+
+if run.source == RunSource.imported:
+    st.info(f"Imported results ({run.phase}); there was no server to watch.")
+else:
+    live_panel()
+if run.failure_reason:
+    first, _, rest = run.failure_reason.partition("\n")
+    st.error(f"{'Cancelled' if run.status == RunStatus.cancelled else 'Failed'}: {first}")
+    if rest:
+        st.code(rest, language="log")
+
+kv = run_view.kv_card(run)
+if kv:
+    with st.container(border=True):
+        st.markdown("**KV-cache capacity** (from vLLM's startup log)")
+        for col, (name, value, help_) in zip(st.columns(len(kv)), kv):
+            col.metric(name, value, help=help_)
+
+metrics = db.run_metrics(run.id)
+if metrics:
+    st.subheader("Results")
+    for col, (name, value) in zip(st.columns(6), run_view.headline(metrics)):
+        col.metric(name, value)
+    table = run_view.metrics_table(metrics)
+    with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
+        st.dataframe(table, hide_index=True)
+scores = data.eval_frame(db, [run.id])
+if not scores.empty:
+    st.subheader("Accuracy")
+    st.dataframe(scores.drop(columns=["run_id", "label"]), hide_index=True)
+
+if run.status in TERMINAL:
+    st.subheader("Downloads")
+    files = data.raw_files(run)
+    cols = st.columns(4)
+    downloads = [(name, (lambda p=path: Path(p).read_bytes()), name) for name, path in files.items()]
+    if not db.samples_frame([run.id], max_points=1).empty:
+        downloads.append(("samples.csv (telemetry)", lambda: api.frame_to_csv(db.samples_frame([run.id])),
+                          f"run{run.id}-samples.csv"))
+    downloads.append(("results.csv", lambda: api.frame_to_csv(api.results_frame(db, [run.id])),
+                      f"run{run.id}-results.csv"))
+    for i, (label, payload, file_name) in enumerate(downloads):
+        cols[i % 4].download_button(label, payload, file_name=file_name, key=f"dl{i}", on_click="ignore")
+
+commands = run_view.reproduce(run)
+if commands:
+    st.subheader("Reproduce")
+    for title, (text, lang) in commands.items():
+        st.caption(title)
+        st.code(text, language=lang, wrap_lines=True)

@@ -1,0 +1,266 @@
+"""Pure chart builders: frames in, Plotly figures out. No Streamlit, no store; tested on their own.
+
+Inputs are the frames of `dashboard.data`: `bench_summary` (one row per run, canonical metric names),
+`eval_frame`, `run_samples` / `aligned_samples` (telemetry with `t_s`), `phases_frame`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+PALETTE = qualitative.Plotly
+TEMPLATE = "plotly_white"
+THROUGHPUTS = {
+    "request_throughput": ("Request throughput", "req/s"),
+    "output_throughput": ("Output token throughput", "tok/s"),
+    "total_token_throughput": ("Total token throughput", "tok/s"),
+}
+LATENCIES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
+STATS = {"mean": "Mean", "median": "Median", "p99": "P99"}
+STAGES = {
+    "launched": ("starting vLLM", "#636EFA"),
+    "ready": ("ready", "#00CC96"),
+    "bench_start": ("benchmark", "#EF553B"),
+    "bench_end": ("between steps", "#B6E880"),
+    "eval_start": ("evaluation", "#AB63FA"),
+    "eval_end": ("after evaluation", "#FFA15A"),
+}
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+    """Title on top, then the legend, then the plots (and their subplot titles), never overlapping."""
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top", x=0, xanchor="left"), template=TEMPLATE,
+                      height=height, margin=dict(l=10, r=10, t=100, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.08, x=0, xanchor="left"))
+    return fig
+
+
+def _colors(labels: list[str]) -> dict[str, str]:
+    return {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(dict.fromkeys(labels))}
+
+
+def _has(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and frame[column].notna().any()
+
+
+# -- one run --------------------------------------------------------------------------------------
+def phase_timeline(phases: pd.DataFrame, now: float | None = None) -> go.Figure:
+    """A run's life as consecutive segments (starting, ready, benchmark, evaluation), in seconds since launch.
+
+    The last segment runs to `now` while the run is alive (no `stopped` event yet)."""
+    fig = go.Figure()
+    if phases.empty:
+        return _layout(fig, "Phases", 160)
+    events = phases.sort_values("t").reset_index(drop=True)
+    t0 = events["t"].iloc[0]
+    seen: set[str] = set()
+    for i, ev in events.iterrows():
+        if ev["phase"] == "stopped":
+            break
+        end = events["t"].iloc[i + 1] if i + 1 < len(events) else now
+        if end is None:
+            continue
+        name, color = STAGES.get(ev["phase"], (ev["phase"], "#999999"))
+        fig.add_bar(x=[end - ev["t"]], base=[ev["t"] - t0], y=["phases"], orientation="h", name=name,
+                    marker_color=color, showlegend=name not in seen, legendgroup=name,
+                    hovertemplate=f"{name}: %{{x:.1f}} s<extra>{ev['detail'] or ''}</extra>")
+        seen.add(name)
+    fig.update_layout(barmode="overlay")
+    fig.update_xaxes(title_text="seconds since launch")
+    fig.update_yaxes(showticklabels=False)
+    return _layout(fig, "Phases", 180)
+
+
+def _lines(frame: pd.DataFrame, columns: dict[str, str], title: str, y_title: str, scale: float = 1.0,
+           by: str | None = None) -> go.Figure:
+    """One line per column (or per value of `by` for a single column) against `t_s`."""
+    fig = go.Figure()
+    for col, name in columns.items():
+        if not _has(frame, col):
+            continue
+        data = frame[frame[col].notna()]
+        groups = data.groupby(by, sort=True) if by else [(None, data)]
+        for key, part in groups:
+            label = name if key is None else f"{name} {int(key) if isinstance(key, float) else key}"
+            fig.add_scatter(x=part["t_s"], y=part[col] * scale, mode="lines", name=label)
+    fig.update_xaxes(title_text="seconds")
+    fig.update_yaxes(title_text=y_title, rangemode="tozero")
+    return _layout(fig, title)
+
+
+def _host(samples: pd.DataFrame) -> pd.DataFrame:
+    return samples[samples["gpu_index"].isna()] if "gpu_index" in samples.columns else samples
+
+
+def _gpus(samples: pd.DataFrame) -> pd.DataFrame:
+    return samples[samples["gpu_index"].notna()] if "gpu_index" in samples.columns else samples.iloc[0:0]
+
+
+def kv_usage_chart(samples: pd.DataFrame) -> go.Figure:
+    return _lines(_host(samples), {"kv_cache_usage_perc": "KV cache used"}, "KV-cache usage", "% of KV cache",
+                  scale=100.0)
+
+
+def requests_chart(samples: pd.DataFrame) -> go.Figure:
+    cols = {"num_requests_running": "running", "num_requests_waiting": "waiting"}
+    return _lines(_host(samples), cols, "Requests running / waiting", "requests")
+
+
+def gpu_util_chart(samples: pd.DataFrame) -> go.Figure:
+    return _lines(_gpus(samples), {"util_pct": "GPU"}, "GPU utilisation per GPU", "utilisation (%)", by="gpu_index")
+
+
+def gpu_memory_chart(samples: pd.DataFrame) -> go.Figure:
+    return _lines(_gpus(samples), {"mem_used_mib": "GPU"}, "GPU memory per GPU", "used (GiB)", scale=1 / 1024,
+                  by="gpu_index")
+
+
+def host_chart(samples: pd.DataFrame) -> go.Figure:
+    """The CPU backend's stand-in for the GPU charts: the server's CPU use and resident memory."""
+    host = _host(samples)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    if _has(host, "cpu_pct"):
+        fig.add_scatter(x=host["t_s"], y=host["cpu_pct"], mode="lines", name="CPU (% of one core)")
+    if _has(host, "rss_mib"):
+        fig.add_scatter(x=host["t_s"], y=host["rss_mib"] / 1024, mode="lines", name="resident memory (GiB)",
+                        secondary_y=True)
+    fig.update_xaxes(title_text="seconds")
+    fig.update_yaxes(title_text="CPU (%)", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="memory (GiB)", rangemode="tozero", secondary_y=True)
+    return _layout(fig, "vLLM server process (CPU backend)")
+
+
+# -- several runs ---------------------------------------------------------------------------------
+def _facet_bars(summary: pd.DataFrame, facets: list[tuple[str, str, str]], title: str) -> go.Figure:
+    """One panel per (column, panel title, unit), one bar per run, each panel on its own scale."""
+    facets = [f for f in facets if _has(summary, f[0])]
+    fig = make_subplots(rows=1, cols=max(1, len(facets)), subplot_titles=[f[1] for f in facets])
+    colors = _colors(list(summary["label"]))
+    for i, (col, _, unit) in enumerate(facets, start=1):
+        for _, row in summary.iterrows():
+            value = row[col]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            fig.add_bar(x=[row["label"]], y=[value], name=row["label"], marker_color=colors[row["label"]],
+                        legendgroup=row["label"], showlegend=i == 1, text=[f"{value:,.4g}"], textposition="auto",
+                        row=1, col=i)
+        fig.update_yaxes(title_text=unit, row=1, col=i)
+    fig.update_xaxes(showticklabels=False)
+    return _layout(fig, title, 360)
+
+
+def throughput_bars(summary: pd.DataFrame) -> go.Figure:
+    return _facet_bars(summary, [(k, name, unit) for k, (name, unit) in THROUGHPUTS.items()], "Throughput")
+
+
+def latency_bars(summary: pd.DataFrame) -> go.Figure:
+    """Mean / median / P99 of TTFT, TPOT, ITL (and E2EL when present), grouped by run, in ms."""
+    present = [m for m in LATENCIES if any(_has(summary, f"{s}_{m}_ms") for s in STATS)]
+    fig = make_subplots(rows=1, cols=max(1, len(present)), subplot_titles=[LATENCIES[m] for m in present])
+    colors = _colors(list(summary["label"]))
+    for i, m in enumerate(present, start=1):
+        for _, row in summary.iterrows():
+            stats = [s for s in STATS if f"{s}_{m}_ms" in row and pd.notna(row[f"{s}_{m}_ms"])]
+            fig.add_bar(x=[STATS[s] for s in stats], y=[row[f"{s}_{m}_ms"] for s in stats], name=row["label"],
+                        marker_color=colors[row["label"]], legendgroup=row["label"], showlegend=i == 1,
+                        row=1, col=i)
+        fig.update_yaxes(title_text="ms", row=1, col=i)
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Latency (mean, median, P99)", 380)
+
+
+def kv_capacity_bars(summary: pd.DataFrame) -> go.Figure:
+    """KV-cache capacity per run: tokens (with the DCP multiplier as text) and GiB."""
+    facets = [("kv_cache_tokens", "KV cache (tokens)", "tokens"), ("kv_cache_gib", "KV cache memory (GiB)", "GiB"),
+              ("max_concurrency_x", "Max concurrency at max-model-len", "× requests")]
+    fig = _facet_bars(summary, facets, "KV-cache capacity")
+    if _has(summary, "dcp_multiplier"):
+        mult = dict(zip(summary["label"], summary["dcp_multiplier"]))
+        for trace in fig.data:
+            m = mult.get(trace.name)
+            if trace.xaxis in (None, "x") and m and not math.isnan(m) and m > 1:
+                trace.text = [f"{trace.y[0]:,.0f} (DCP ×{int(m)})"]
+    return fig
+
+
+def accuracy_chart(evals: pd.DataFrame) -> go.Figure:
+    """Scores per run as points with ± stderr error bars, one group per task/filter. Points, not bars, so
+    the axis can zoom to where scores differ."""
+    fig = go.Figure()
+    if evals.empty:
+        return _layout(fig, "Accuracy")
+    for (task, filt, metric), part in evals.groupby(["task", "filter", "metric"], sort=False):
+        fig.add_scatter(x=part["label"], y=part["value"], name=f"{task} {filt} ({metric})", mode="markers+text",
+                        error_y=dict(type="data", array=part["stderr"].fillna(0).tolist(), visible=True),
+                        marker=dict(size=11), text=[f"{v:.4f}" for v in part["value"]], textposition="middle right")
+    metrics = ", ".join(dict.fromkeys(evals["metric"]))
+    fig.update_layout(scattermode="group", scattergap=0.6)
+    err = evals["stderr"].fillna(0)
+    lo, hi = float((evals["value"] - err).min()), float((evals["value"] + err).max())
+    pad = max(hi - lo, 0.01) * 0.25  # Plotly's autorange misses grouped points; zoom to the scores
+    fig.update_yaxes(title_text=f"{metrics} (± stderr)", range=[lo - pad, hi + pad])
+    fig.update_xaxes(title_text="run")
+    return _layout(fig, "Accuracy", 380)
+
+
+OVERLAY = {
+    "kv_cache_usage_perc": ("KV-cache usage (%)", 100.0),
+    "num_requests_running": ("Requests running", 1.0),
+    "num_requests_waiting": ("Requests waiting", 1.0),
+    "gen_tok_s": ("Generated tokens / s", 1.0),
+}
+
+
+def overlay_timeseries(aligned: pd.DataFrame) -> go.Figure:
+    """Telemetry of several runs overlaid, time measured from each run's benchmark start."""
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[v[0] for v in OVERLAY.values()], shared_xaxes=True,
+                        vertical_spacing=0.14)
+    colors = _colors(list(aligned["label"])) if len(aligned) else {}
+    for i, (col, (_, scale)) in enumerate(OVERLAY.items()):
+        r, c = divmod(i, 2)
+        if not _has(aligned, col):
+            continue
+        for label, part in aligned.groupby("label", sort=False):
+            fig.add_scatter(x=part["t_s"], y=part[col] * scale, mode="lines", name=label, legendgroup=label,
+                            line_color=colors[label], showlegend=i == 0, row=r + 1, col=c + 1)
+    fig.update_xaxes(title_text="seconds since benchmark start", row=2)
+    return _layout(fig, "Time series from benchmark start", 520)
+
+
+def pareto_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """Runs with a known GPU count: output tok/s per GPU, median TPOT, and whether each is on the frontier
+    (no other run has both more throughput per GPU and a lower median TPOT)."""
+    need = {"output_throughput", "median_tpot_ms", "gpus"}
+    if not need <= set(summary.columns):
+        return pd.DataFrame(columns=["label", "median_tpot_ms", "tok_s_per_gpu", "pareto"])
+    data = summary.dropna(subset=list(need)).copy()
+    data = data[data["gpus"] > 0]
+    data["tok_s_per_gpu"] = data["output_throughput"] / data["gpus"]
+    data["pareto"] = [
+        not ((data["tok_s_per_gpu"] >= r.tok_s_per_gpu) & (data["median_tpot_ms"] <= r.median_tpot_ms)
+             & ((data["tok_s_per_gpu"] > r.tok_s_per_gpu) | (data["median_tpot_ms"] < r.median_tpot_ms))).any()
+        for r in data.itertuples()
+    ]
+    return data[["label", "median_tpot_ms", "tok_s_per_gpu", "pareto"]]
+
+
+def pareto_chart(summary: pd.DataFrame) -> go.Figure:
+    data = pareto_frame(summary)
+    fig = go.Figure()
+    colors = _colors(list(data["label"]))
+    for r in data.itertuples():
+        fig.add_scatter(x=[r.median_tpot_ms], y=[r.tok_s_per_gpu], mode="markers+text", name=r.label,
+                        text=[r.label], textposition="top center", marker=dict(size=14, color=colors[r.label],
+                        symbol="star" if r.pareto else "circle"))
+    front = data[data["pareto"]].sort_values("median_tpot_ms")
+    if len(front) > 1:
+        fig.add_scatter(x=front["median_tpot_ms"], y=front["tok_s_per_gpu"], mode="lines", name="Pareto frontier",
+                        line=dict(dash="dash", color="#555"))
+    fig.update_xaxes(title_text="median TPOT (ms) — lower is better")
+    fig.update_yaxes(title_text="output tok/s per GPU — higher is better", rangemode="tozero")
+    return _layout(fig, "Throughput per GPU vs median TPOT", 400)

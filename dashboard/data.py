@@ -1,0 +1,185 @@
+"""Frames the pages and charts need, assembled from the store. No Streamlit here."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from runner import api
+from runner.models import Run
+from runner.store import Store
+
+STATUS_BADGE = {  # colour and Material icon of st.badge (emoji fonts are not everywhere)
+    "queued": ("gray", ":material/schedule:"), "starting": ("blue", ":material/rocket_launch:"),
+    "ready": ("blue", ":material/check_circle:"), "benchmarking": ("violet", ":material/speed:"),
+    "evaluating": ("violet", ":material/calculate:"), "succeeded": ("green", ":material/check:"),
+    "failed": ("red", ":material/error:"), "cancelled": ("orange", ":material/block:"),
+    "interrupted": ("orange", ":material/warning:"),
+}  # fmt: skip
+LIVE = frozenset({"queued", "starting", "ready", "benchmarking", "evaluating"})
+
+
+def gpus_of(run: Run) -> int | None:
+    """GPUs a run used (TP×PP×DP), None when its configuration is unknown (e.g. an imported result)."""
+    if run.tensor_parallel_size is None:
+        return None
+    return run.tensor_parallel_size * (run.pipeline_parallel_size or 1) * (run.data_parallel_size or 1)
+
+
+def config_label(tp: float | None, dcp: float | None) -> str:
+    if tp is None or (isinstance(tp, float) and math.isnan(tp)):
+        return "—"
+    text = f"TP{int(tp)}"
+    if dcp is not None and not (isinstance(dcp, float) and math.isnan(dcp)) and int(dcp) > 1:
+        text += f"+DCP{int(dcp)}"
+    return text
+
+
+def unique_labels(runs: list[Run]) -> dict[int, str]:
+    """Run id → label, with `#id` added where two runs share a label, so charts keep them apart."""
+    labels = {r.id: api.label_of(r) for r in runs}
+    counts = pd.Series(list(labels.values())).value_counts()
+    return {i: f"{lab} (#{i})" if counts[lab] > 1 else lab for i, lab in labels.items()}
+
+
+def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
+    """The Runs page table from `Store.runs_frame`: status, label, model, TP/DCP, headline metrics, times."""
+    now = now or datetime.now(UTC)
+
+    def seconds(row: pd.Series) -> float | None:
+        start, end = row["started_at"], row["finished_at"]
+        if start is None or pd.isna(start):
+            return None
+        end = now if end is None or pd.isna(end) else end
+        return max(0.0, (end - start).total_seconds())
+
+    return pd.DataFrame({
+        "ID": frame["id"].astype(int),
+        "Status": [f"{s} · {p}" if s in LIVE and p and p != s else s for s, p in zip(frame["status"], frame["phase"])],
+        "Label": frame["label"],
+        "Model": frame["model"].fillna("—"),
+        "TP/DCP": [config_label(t, d) for t, d in zip(frame["tensor_parallel_size"],
+                                                     frame["decode_context_parallel_size"])],
+        "Output tok/s": frame["output_throughput"],
+        "Req/s": frame["request_throughput"],
+        "Median TTFT (ms)": frame["median_ttft_ms"],
+        "Median TPOT (ms)": frame["median_tpot_ms"],
+        "KV tokens": pd.to_numeric(frame["kv_cache_tokens"]),
+        "Started": pd.to_datetime(frame["started_at"].where(frame["started_at"].notna(), frame["created_at"]),
+                                  utc=True),
+        "Duration (s)": [seconds(r) for _, r in frame.iterrows()],
+        "Progress": frame["progress"],
+        "Open": [f"run?run={i}" for i in frame["id"]],
+    })  # fmt: skip
+
+
+def bench_summary(store: Store, run_ids: list[int]) -> pd.DataFrame:
+    """One row per run: its configuration, KV capacity and the mean of each bench metric over repeats."""
+    runs = [store.get_run(r) for r in run_ids]
+    labels = unique_labels(runs)
+    rows = []
+    for run in runs:
+        metrics = pd.DataFrame(store.run_metrics(run.id))
+        means = metrics.mean(numeric_only=True).to_dict() if len(metrics) else {}
+        rows.append({
+            "run_id": run.id, "label": labels[run.id], "status": run.status.value,
+            "tensor_parallel_size": run.tensor_parallel_size,
+            "decode_context_parallel_size": run.decode_context_parallel_size,
+            "gpus": gpus_of(run), "kv_cache_tokens": run.kv_cache_tokens, "kv_cache_gib": run.kv_cache_gib,
+            "max_concurrency_x": run.max_concurrency, "dcp_multiplier": run.dcp_multiplier,
+            "bench_repeats": len(metrics), **means,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def eval_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
+    runs = [store.get_run(r) for r in run_ids]
+    labels = unique_labels(runs)
+    rows = [
+        {"run_id": run.id, "label": labels[run.id], "task": e.task, "filter": e.filter, "metric": e.metric,
+         "value": e.value, "stderr": e.stderr, "n_shot": e.n_shot, "samples": e.samples}
+        for run in runs for e in store.eval_results(run.id)
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["run_id", "label", "task", "filter", "metric", "value", "stderr", "n_shot",
+                                       "samples"])
+
+
+def phases_frame(store: Store, run_id: int) -> pd.DataFrame:
+    events = store.phases(run_id)
+    return pd.DataFrame([{"t": e.t, "phase": e.phase, "detail": e.detail} for e in events],
+                        columns=["t", "phase", "detail"])
+
+
+def run_samples(store: Store, run_id: int, max_points: int = 900) -> pd.DataFrame:
+    """A run's telemetry with `t_s`, seconds since its first sample."""
+    frame = store.samples_frame([run_id], max_points=max_points)
+    if frame.empty:
+        return frame.assign(t_s=pd.Series(dtype=float))
+    return frame.assign(t_s=frame["t"] - frame["t"].min())
+
+
+def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> pd.DataFrame:
+    """Host/server telemetry of several runs on one clock: seconds since each run's first benchmark
+    started (since its first sample when it has no benchmark), plus generated tokens per second."""
+    runs = [store.get_run(r) for r in run_ids]
+    labels = unique_labels(runs)
+    parts = []
+    for run in runs:
+        frame = store.samples_frame([run.id], max_points=max_points)
+        frame = frame[frame["gpu_index"].isna()]
+        if frame.empty:
+            continue
+        starts = [p.t for p in store.phases(run.id) if p.phase == "bench_start"]
+        t0 = min(starts) if starts else frame["t"].min()
+        frame = frame.sort_values("t").assign(label=labels[run.id], t_s=frame["t"] - t0)
+        dt = frame["t"].diff()
+        frame["gen_tok_s"] = (frame["generation_tokens"].diff() / dt).where(dt > 0)
+        parts.append(frame)
+    if not parts:
+        return pd.DataFrame(columns=["run_id", "label", "t_s", "kv_cache_usage_perc", "num_requests_running",
+                                     "num_requests_waiting", "gen_tok_s"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def raw_files(run: Run) -> dict[str, str]:
+    """Downloadable files of a run folder: name → path (bench JSON, logs, lm-eval output, imports)."""
+    from pathlib import Path
+
+    if not run.run_dir or not Path(run.run_dir).is_dir():
+        return {}
+    return {p.name: str(p) for p in sorted(Path(run.run_dir).rglob("*")) if p.is_file()}
+
+
+def reproduce_env(run: Run) -> dict[str, str]:
+    """The environment a run's server got, without servelab's own bookkeeping variable."""
+    from runner.execute import RUN_ENV_MARK
+
+    env = json.loads(run.env_json) if run.env_json else {}
+    return {k: v for k, v in env.items() if k != RUN_ENV_MARK}
+
+
+def accuracy_table(evals: pd.DataFrame, reference_run: int) -> pd.DataFrame:
+    """Each score beside the reference run's score of the same task/filter/metric: delta, its stderr, and
+    `flagged` when the drop is larger than twice that stderr."""
+    from runner.compare import accuracy_delta
+
+    ref = evals[evals["run_id"] == reference_run].set_index(["task", "filter", "metric"])
+    ref = ref[~ref.index.duplicated()]
+    rows = []
+    for r in evals.itertuples():
+        row = {"run": r.label, "task": r.task, "filter": r.filter, "metric": r.metric, "value": r.value,
+               "stderr": r.stderr, "delta": None, "delta_stderr": None, "flagged": None}
+        key = (r.task, r.filter, r.metric)
+        if r.run_id != reference_run and key in ref.index:
+            base = ref.loc[key]
+            d = accuracy_delta(base["value"], _num(base["stderr"]), r.value, _num(r.stderr))
+            row.update(delta=d["delta"], delta_stderr=d["stderr"], flagged=d["flagged"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _num(v: object) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)

@@ -1,0 +1,44 @@
+"""servelab dashboard: navigation, and a password gate when SERVELAB_PASSWORD is set."""
+
+from __future__ import annotations
+
+import hmac
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+# Use the runner and dashboard beside this file, whichever checkout an editable install points at.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from dashboard.state import PAGES, keep_form_state  # noqa: E402
+from runner.config import Settings  # noqa: E402
+
+st.set_page_config(page_title="servelab", page_icon=":material/science:", layout="wide")
+
+
+def _sign_in() -> None:
+    st.title("servelab")
+    given = st.text_input("Password", type="password", help="The dashboard's password (SERVELAB_PASSWORD).")
+    if given:
+        if hmac.compare_digest(given.encode(), (Settings.from_env().password or "").encode()):
+            st.session_state["authenticated"] = True
+            st.rerun()
+        st.error("Wrong password; ask whoever started the dashboard for SERVELAB_PASSWORD.")
+
+
+if Settings.from_env().password and not st.session_state.get("authenticated"):
+    st.navigation([st.Page(_sign_in, title="Sign in")], position="hidden").run()
+    st.stop()
+
+keep_form_state()
+pages = [
+    st.Page(PAGES["launch"], title="Launch", icon=":material/rocket_launch:", url_path="launch", default=True),
+    st.Page(PAGES["runs"], title="Runs", icon=":material/table_rows:", url_path="runs"),
+    st.Page(PAGES["run"], title="Run", icon=":material/monitoring:", url_path="run"),
+    st.Page(PAGES["compare"], title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page(PAGES["import"], title="Import", icon=":material/upload_file:", url_path="import"),
+]
+st.navigation(pages).run()

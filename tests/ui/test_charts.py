@@ -1,0 +1,133 @@
+"""Chart builders without Streamlit: frames in, Plotly figures out (traces, axis titles, special cases)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dashboard import charts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def summary() -> pd.DataFrame:
+    """The seed's two runs as `data.bench_summary` gives them, with their configurations."""
+    return pd.DataFrame([
+        {"run_id": 1, "label": "TP8", "gpus": 8, "kv_cache_tokens": 715_136, "kv_cache_gib": 46.8,
+         "dcp_multiplier": 1, "max_concurrency_x": None, "request_throughput": 1.25, "output_throughput": 485.78,
+         "total_token_throughput": 10462.57, "mean_ttft_ms": 271196.67, "median_ttft_ms": 227389.87,
+         "p99_ttft_ms": 686294.46, "mean_tpot_ms": 381.29, "median_tpot_ms": 473.04, "p99_tpot_ms": 578.64,
+         "mean_itl_ms": 111.22, "median_itl_ms": 38.04, "p99_itl_ms": 490.93},
+        {"run_id": 2, "label": "TP8+DCP8", "gpus": 8, "kv_cache_tokens": 5_721_088, "kv_cache_gib": 46.8,
+         "dcp_multiplier": 8, "max_concurrency_x": None, "request_throughput": 1.57, "output_throughput": 695.13,
+         "total_token_throughput": 13290.35, "mean_ttft_ms": 227780.13, "median_ttft_ms": 227055.20,
+         "p99_ttft_ms": 451255.55, "mean_tpot_ms": 398.60, "median_tpot_ms": 472.81, "p99_tpot_ms": 569.91,
+         "mean_itl_ms": 104.73, "median_itl_ms": 43.97, "p99_itl_ms": 483.37},
+    ])  # fmt: skip
+
+
+def axis_titles(fig, axis: str = "yaxis") -> list[str]:
+    layout = fig.to_plotly_json()["layout"]
+    return [v["title"]["text"] for k, v in sorted(layout.items()) if k.startswith(axis) and "title" in v]
+
+
+def test_throughput_bars_one_panel_per_metric_one_bar_per_run(summary) -> None:
+    fig = charts.throughput_bars(summary)
+    assert fig.layout.title.text == "Throughput"
+    assert [a.text for a in fig.layout.annotations] == ["Request throughput", "Output token throughput",
+                                                        "Total token throughput"]
+    assert len(fig.data) == 6 and [t.name for t in fig.data[:2]] == ["TP8", "TP8+DCP8"]
+    assert [t.y[0] for t in fig.data if t.xaxis == "x2"] == [485.78, 695.13]
+    assert axis_titles(fig) == ["req/s", "tok/s", "tok/s"]
+    assert sum(t.showlegend for t in fig.data) == 2  # one legend entry per run
+
+
+def test_latency_bars_group_mean_median_p99_and_add_e2el_only_when_present(summary) -> None:
+    fig = charts.latency_bars(summary)
+    assert [a.text for a in fig.layout.annotations] == ["TTFT", "TPOT", "ITL"]
+    assert list(fig.data[0].x) == ["Mean", "Median", "P99"] and list(fig.data[0].y) == [271196.67, 227389.87, 686294.46]
+    assert fig.layout.barmode == "group" and axis_titles(fig) == ["ms", "ms", "ms"]
+    with_e2el = summary.assign(mean_e2el_ms=[1.0, 2.0], median_e2el_ms=[1.0, 2.0], p99_e2el_ms=[1.0, 2.0])
+    assert [a.text for a in charts.latency_bars(with_e2el).layout.annotations][-1] == "E2EL"
+
+
+def test_kv_capacity_bars_show_the_dcp_multiplier(summary) -> None:
+    fig = charts.kv_capacity_bars(summary)
+    tokens = [t for t in fig.data if t.xaxis == "x"]
+    assert [t.y[0] for t in tokens] == [715_136, 5_721_088]
+    assert tokens[1].text[0] == "5,721,088 (DCP ×8)"
+    assert [a.text for a in fig.layout.annotations] == ["KV cache (tokens)", "KV cache memory (GiB)"]
+
+
+def test_accuracy_points_carry_stderr_error_bars() -> None:
+    evals = pd.DataFrame([
+        {"run_id": 3, "label": "TP8", "task": "gsm8k", "filter": "flexible-extract", "metric": "exact_match",
+         "value": 0.9416, "stderr": 0.0065},
+        {"run_id": 4, "label": "TP8+DCP8", "task": "gsm8k", "filter": "flexible-extract", "metric": "exact_match",
+         "value": 0.9386, "stderr": 0.0066},
+    ])  # fmt: skip
+    fig = charts.accuracy_chart(evals)
+    (trace,) = fig.data
+    assert list(trace.error_y.array) == [0.0065, 0.0066] and list(trace.x) == ["TP8", "TP8+DCP8"]
+    assert axis_titles(fig) == ["exact_match (± stderr)"]
+    low, high = fig.layout.yaxis.range
+    assert low < 0.9386 - 0.0066 and high > 0.9416 + 0.0065 and low > 0.9  # zoomed to where scores differ
+
+
+def test_overlay_aligns_runs_from_benchmark_start() -> None:
+    aligned = pd.DataFrame({"label": ["a", "a", "b", "b"], "t_s": [-5.0, 10.0, 0.0, 10.0],
+                            "kv_cache_usage_perc": [0.1, 0.5, 0.2, 0.4], "num_requests_running": [0, 4, 0, 2],
+                            "num_requests_waiting": [0, 1, 0, 0], "gen_tok_s": [None, 30.0, None, 20.0]})
+    fig = charts.overlay_timeseries(aligned)
+    assert [a.text for a in fig.layout.annotations] == ["KV-cache usage (%)", "Requests running", "Requests waiting",
+                                                        "Generated tokens / s"]
+    assert len(fig.data) == 8 and list(fig.data[0].y) == [10.0, 50.0]
+    assert fig.layout.xaxis3.title.text == "seconds since benchmark start"
+
+
+def test_pareto_marks_the_frontier_of_throughput_per_gpu_and_tpot(summary) -> None:
+    worse = {"run_id": 3, "label": "TP4", "gpus": 4, "output_throughput": 100.0, "median_tpot_ms": 500.0}
+    unknown = {"run_id": 4, "label": "imported", "gpus": None, "output_throughput": 900.0, "median_tpot_ms": 1.0}
+    frame = charts.pareto_frame(pd.concat([summary, pd.DataFrame([worse, unknown])], ignore_index=True))
+    assert list(frame["label"]) == ["TP8", "TP8+DCP8", "TP4"]  # a run without a GPU count is left out
+    assert list(frame["pareto"]) == [False, True, False]
+    fig = charts.pareto_chart(summary)
+    assert fig.layout.xaxis.title.text.startswith("median TPOT (ms)")
+    assert fig.layout.yaxis.title.text.startswith("output tok/s per GPU")
+    assert [t.marker.symbol for t in fig.data] == ["circle", "star"]
+
+
+def test_phase_timeline_segments_in_seconds_since_launch() -> None:
+    phases = pd.DataFrame({"t": [100.0, 145.0, 146.0, 160.0, 161.0], "detail": [None] * 5,
+                           "phase": ["launched", "ready", "bench_start", "bench_end", "stopped"]})
+    fig = charts.phase_timeline(phases)
+    assert [t.name for t in fig.data] == ["starting vLLM", "ready", "benchmark", "between steps"]
+    assert [t.base[0] for t in fig.data] == [0.0, 45.0, 46.0, 60.0] and [t.x[0] for t in fig.data] == [45.0, 1.0, 14.0, 1.0]
+    live = charts.phase_timeline(phases.iloc[:3], now=200.0)
+    assert live.data[-1].x[0] == 54.0  # the running benchmark reaches now
+    assert fig.layout.xaxis.title.text == "seconds since launch"
+
+
+def test_telemetry_charts_per_gpu_and_in_percent() -> None:
+    samples = pd.DataFrame([
+        {"t_s": 0.0, "gpu_index": None, "kv_cache_usage_perc": 0.25, "num_requests_running": 3.0,
+         "num_requests_waiting": 1.0},
+        {"t_s": 0.0, "gpu_index": 0.0, "util_pct": 90.0, "mem_used_mib": 2048.0},
+        {"t_s": 0.0, "gpu_index": 1.0, "util_pct": 80.0, "mem_used_mib": 1024.0},
+    ])  # fmt: skip
+    assert list(charts.kv_usage_chart(samples).data[0].y) == [25.0]
+    assert [t.name for t in charts.requests_chart(samples).data] == ["running", "waiting"]
+    util = charts.gpu_util_chart(samples)
+    assert [t.name for t in util.data] == ["GPU 0", "GPU 1"] and axis_titles(util) == ["utilisation (%)"]
+    mem = charts.gpu_memory_chart(samples)
+    assert [list(t.y) for t in mem.data] == [[2.0], [1.0]] and axis_titles(mem) == ["used (GiB)"]
+
+
+def test_charts_import_no_streamlit() -> None:
+    code = "import sys, dashboard.charts, dashboard.data, dashboard.tables; assert 'streamlit' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

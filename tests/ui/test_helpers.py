@@ -1,0 +1,109 @@
+"""The dashboard's pure helpers: form conversions, presets, launch-form reading, gain colours, queries."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dashboard import launch_form as lf
+from dashboard import presets, tables
+from dashboard import spec_form as form
+from runner import api, queries
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec
+from runner.errors import SpecError, StoreError
+
+
+@pytest.mark.parametrize(("model", "name", "kind"), [
+    (LaunchSpec, "model", "text"), (LaunchSpec, "tensor_parallel_size", "int"), (LaunchSpec, "max_model_len", "text"),
+    (LaunchSpec, "trust_remote_code", "bool"), (LaunchSpec, "extra_args", "list"), (LaunchSpec, "env", "dict"),
+    (BenchSpec, "dataset_name", "choice"), (BenchSpec, "request_rate", "text"), (EvalSpec, "temperature", "text"),
+])  # fmt: skip
+def test_field_kinds(model, name, kind) -> None:
+    assert form.field_kind(model.model_fields[name]) == kind
+
+
+def test_every_spec_survives_the_form_round_trip() -> None:
+    for spec in [*presets.presets().values(),
+                 RunSpec(launch=LaunchSpec(model="m", env={"A": "x y"}, extra_args=["--x", "a b"]), bench=[])]:
+        state: dict = {}
+        lf.apply(spec, state)
+        checked = lf.read(state, gpu_count=8, offered_tp=list(range(1, 9)))
+        assert checked.spec is not None, checked.problems
+        assert checked.spec.launch == spec.launch
+        if spec.bench:
+            assert checked.spec.bench == spec.bench
+        assert checked.spec.eval == spec.eval
+
+
+def test_widget_values() -> None:
+    rate = BenchSpec.model_fields["request_rate"]
+    assert form.to_widget(math.inf, "text") == "inf" and form.to_widget(100.0, "text") == "100"
+    assert form.from_widget(" inf ", "text", rate) == "inf"
+    assert form.from_widget("", "text", LaunchSpec.model_fields["max_model_len"]) is None
+    env = LaunchSpec.model_fields["env"]
+    assert form.from_widget("A=1 B='x y'", "dict", env) == {"A": "1", "B": "x y"}
+    with pytest.raises(ValueError, match="NAME=value"):
+        form.from_widget("A", "dict", env)
+    with pytest.raises(ValueError, match="quotes"):
+        form.from_widget("--x 'open", "list", LaunchSpec.model_fields["extra_args"])
+
+
+def test_presets_are_the_seeds_launches_and_the_cpu_demo(data_dir: Path) -> None:
+    p = presets.presets()
+    dcp8 = p[presets.TP8_DCP8]
+    assert (dcp8.launch.model, dcp8.launch.tensor_parallel_size, dcp8.launch.decode_context_parallel_size) == (
+        "moonshotai/Kimi-K2-Thinking", 8, 8)
+    b = dcp8.bench[0]
+    assert (b.random_input_len, b.random_output_len, b.request_rate, b.num_prompts) == (8000, 4000, 100, 1000)
+    assert dcp8.eval.num_fewshot == 5 and p[presets.TP8].launch.decode_context_parallel_size == 1
+    demo = p[presets.CPU_DEMO]
+    assert demo.launch.model == str(data_dir.resolve() / "models" / "demo")
+    assert demo.launch.enforce_eager and demo.launch.max_model_len == 2048
+    assert (demo.bench[0].random_input_len, demo.bench[0].random_output_len, demo.bench[0].num_prompts) == (128, 32, 20)
+    assert math.isinf(demo.bench[0].request_rate)
+    assert presets.default_preset(None) == presets.CPU_DEMO and presets.default_preset(8) == presets.TP8
+    for spec in (p[presets.TP8], dcp8):
+        assert spec.problems(8) == []
+
+
+def test_commands_are_the_exact_lines() -> None:
+    spec = presets.presets()[presets.TP8]
+    cmds = lf.commands(spec)
+    assert list(cmds) == ["vllm serve", "vllm bench serve", "lm_eval"]
+    assert cmds["vllm bench serve"].startswith("vllm bench serve --model moonshotai/Kimi-K2-Thinking "
+                                               "--base-url http://127.0.0.1:8000 --dataset-name random")
+    assert "--model_args model=moonshotai/Kimi-K2-Thinking,base_url=http://127.0.0.1:8000/v1/completions" in cmds["lm_eval"]
+
+
+def test_gain_colours_follow_the_direction_of_better(seeded) -> None:
+    rows, a, b = api.compare_runs(seeded, 1, 2)
+    styler = tables.gain_styler(rows, a, b)
+    styles = styler._compute().ctx  # {(row, col): [(prop, value)]}
+    metric = {r.label: i for i, r in enumerate(rows)}
+    change = list(styler.data.columns).index("Change")
+
+    def colour(label: str) -> str:
+        cell = styles.get((metric[label], change), [])
+        return cell[0][1] if cell else ""
+
+    assert "46, 160, 67" in colour("Output Token Throughput (tok/s)")  # higher is better: green
+    assert "46, 160, 67" in colour("Mean TTFT (s)")  # lower latency is better: green although negative
+    assert "248, 81, 73" in colour("Failed Requests")  # more failures: red
+    assert "248, 81, 73" in colour("Mean TPOT (ms)")
+    assert colour("Total Input Tokens") == ""  # no direction: plain
+    assert [r.key for r in tables.pick_rows(rows, True)] == tables.HEADLINE
+
+
+def test_describe_imported_runs(seeded) -> None:
+    queries.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
+    run = seeded.get_run(2)
+    assert (run.model, run.tensor_parallel_size, run.decode_context_parallel_size) == ("moonshotai/Kimi-K2-Thinking", 8, 8)
+    with pytest.raises(SpecError, match="DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8."):
+        queries.describe_imported(seeded, [1], None, 8, 3)
+    with pytest.raises(SpecError, match="needs the TP size"):
+        queries.describe_imported(seeded, [1], None, None, 2)
+    launched = seeded.create_run(label="here")
+    with pytest.raises(StoreError, match="was launched here"):
+        queries.describe_imported(seeded, [launched.id], None, 2, 1)

@@ -1,0 +1,56 @@
+"""Import page through AppTest: uploads and pasted text become runs; a bad file creates nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SEED = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "seed"
+
+
+def import_button(at):
+    return next(b for b in at.button if b.label.startswith("Import"))
+
+
+def test_pasted_bench_block_with_its_configuration(open_page, store) -> None:
+    at = open_page("import_results")
+    at.text_area(key="import.text").set_value((SEED / "tp8_dcp8.txt").read_text())
+    at.text_input(key="import.label").set_value("TP8+DCP8")
+    at.selectbox(key="import.tp").set_value(8).run()
+    at.selectbox(key="import.dcp").set_value(8).run()
+    preview = at.dataframe[0].value
+    assert preview.iloc[0]["detected"] == "benchmark result (printed block)"
+    assert preview.iloc[0]["content"] == "994 requests, 695.13 output tok/s"
+    import_button(at).click().run()
+    assert not at.exception
+    assert at.success[0].value == "Imported 1 run(s): #1."
+    run = store.get_run(1)
+    assert (run.label, run.tensor_parallel_size, run.decode_context_parallel_size) == ("TP8+DCP8", 8, 8)
+    assert store.run_metrics(1)[0]["output_throughput"] == 695.13
+    assert at.text_area(key="import.text").value == ""  # ready for the next one
+
+
+def test_uploaded_files_each_become_a_run(open_page, store) -> None:
+    at = open_page("import_results")
+    files = [(n, (SEED / n).read_bytes(), "text/plain") for n in ("tp8.txt", "gsm8k_tp8.txt", "startup_tp8_dcp8.log")]
+    at.file_uploader[0].set_value(files).run()
+    assert list(at.dataframe[0].value["detected"]) == ["benchmark result (printed block)", "lm-eval results (table)",
+                                                       "vLLM server log (KV capacity)"]
+    import_button(at).click().run()
+    assert at.success[0].value == "Imported 3 run(s): #1, #2, #3."
+    assert [r.label for r in sorted(store.list_runs(), key=lambda r: r.id)] == ["tp8", "gsm8k_tp8", "startup_tp8_dcp8"]
+    assert store.get_run(3).kv_cache_tokens == 5_721_088
+    assert [e.value for e in store.eval_results(2)] == [0.9416, 0.9409]
+
+
+def test_a_bad_file_is_named_and_nothing_is_created(open_page, store) -> None:
+    at = open_page("import_results")
+    at.file_uploader[0].set_value([("tp8.txt", (SEED / "tp8.txt").read_bytes(), "text/plain"),
+                                   ("notes.json", b'{"hello": "world"}', "application/json")]).run()
+    assert any(e.value.startswith("notes.json: Found JSON with") for e in at.error)
+    assert import_button(at).disabled
+    assert store.list_runs() == []
+
+
+def test_nothing_to_import_disables_the_button(open_page, store) -> None:
+    at = open_page("import_results")
+    assert import_button(at).disabled and import_button(at).label == "Import 0 file(s)"

@@ -1,0 +1,162 @@
+"""Launch page through Streamlit's AppTest: generated form, presets, paste box, validation, commands, queueing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.config import BenchSpec, LaunchSpec
+from runner.models import RunStatus
+
+
+
+@pytest.fixture
+def launch_page(open_page):
+    return open_page
+
+
+def labels(at) -> set[str]:
+    widgets = [*at.text_input, *at.number_input, *at.selectbox, *at.checkbox, *at.text_area]
+    return {w.label for w in widgets}
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_form_is_generated_from_the_specs_with_vllm_flag_names(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    assert not at.exception
+    shown = labels(at)
+    for model in (LaunchSpec, BenchSpec):
+        for name in model.model_fields:
+            assert name.replace("_", "-") in shown, name
+    tp = at.selectbox(key="launch.tensor_parallel_size")
+    assert tp.options == ["1", "2"]  # CPU backend: 1–2
+    assert "Tensor-parallel size" in tp.help
+    assert any("no GPU — CPU backend with the demo model" in i.value for i in at.info)
+
+
+def test_cpu_demo_preset_is_ready_on_first_visit(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    assert at.selectbox(key="form.preset").value.startswith("CPU demo")
+    demo = str((data_dir / "models" / "demo").resolve())
+    assert at.text_input(key="launch.model").value == demo
+    assert at.checkbox(key="launch.enforce_eager").value is True
+    codes = [c.value for c in at.code]
+    assert codes[0] == f"vllm serve {demo} --host 127.0.0.1 --port 8000 --tensor-parallel-size 1 --max-model-len 2048 --enforce-eager"
+    assert "--random-input-len 128 --random-output-len 32 --num-prompts 20 --request-rate inf" in codes[1]
+    assert not errors(at)
+    assert any("written to this path when you queue" in i.value for i in at.info)
+    queue = next(b for b in at.button if b.label == "Queue run")
+    assert not queue.disabled
+
+
+def test_seed_presets_fill_launch_bench_and_eval(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    at.selectbox(key="form.preset").select_index(2).run()  # TP8+DCP8 high throughput
+    assert at.text_input(key="launch.model").value == "moonshotai/Kimi-K2-Thinking"
+    assert at.selectbox(key="launch.tensor_parallel_size").value == 8
+    assert at.selectbox(key="launch.decode_context_parallel_size").value == 8
+    assert at.number_input(key="bench.random_input_len").value == 8000
+    assert at.number_input(key="bench.random_output_len").value == 4000
+    assert at.text_input(key="bench.request_rate").value == "100"
+    assert at.number_input(key="bench.num_prompts").value == 1000
+    assert at.checkbox(key="eval.enabled").value is True
+    assert at.number_input(key="eval.num_fewshot").value == 5
+    codes = [c.value for c in at.code]
+    assert codes[0] == ("vllm serve moonshotai/Kimi-K2-Thinking --host 127.0.0.1 --port 8000 --tensor-parallel-size 8 "
+                        "--decode-context-parallel-size 8 --reasoning-parser kimi_k2 --tool-call-parser kimi_k2 "
+                        "--trust-remote-code --enable-auto-tool-choice")
+    assert "--random-input-len 8000 --random-output-len 4000 --num-prompts 1000 --request-rate 100" in codes[1]
+    assert codes[2].startswith("lm_eval --model local-completions") and "--tasks gsm8k --num_fewshot 5" in codes[2]
+    # meant for 8 GPUs: said, not blocked (the CPU backend has no GPU count to check against)
+    assert any("TP 8 is more than this machine offers" in i.value for i in at.info)
+
+    at.selectbox(key="form.preset").select_index(1).run()  # TP8 low latency
+    assert at.selectbox(key="launch.decode_context_parallel_size").value == 1
+    assert "--decode-context-parallel-size" not in at.code[0].value
+
+
+def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    at.text_area(key="form.paste").set_value("vllm serve moonshotai/Kimi-K2-Thinking -tp 8 -dcp 3 --max-num-seqs 64 "
+                                             "--enable-auto-tool-choice")
+    next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
+    assert at.text_input(key="launch.model").value == "moonshotai/Kimi-K2-Thinking"
+    assert at.text_input(key="launch.max_num_seqs").value == "64"
+    assert at.text_input(key="launch.extra_args").value == "--enable-auto-tool-choice"
+    dcp = at.selectbox(key="launch.decode_context_parallel_size")
+    assert dcp.value == 3 and "3 — does not divide TP 8" in dcp.options
+    assert "DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8." in errors(at)
+    assert next(b for b in at.button if b.label == "Queue run").disabled
+    assert not at.code  # no commands for a launch that cannot run
+
+    dcp.set_value(4).run()
+    assert not errors(at)
+    assert "--decode-context-parallel-size 4" in at.code[0].value
+
+
+def test_paste_errors_and_field_errors_name_the_value_and_the_fix(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    at.text_area(key="form.paste").set_value("python -m vllm serve x")
+    next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
+    assert any("must start with `vllm serve`" in e for e in errors(at))
+
+    at = launch_page()
+    at.text_input(key="launch.max_model_len").set_value("lots").run()
+    assert any("max_model_len" in e and "'lots'" in e for e in errors(at))
+    at.text_input(key="launch.max_model_len").set_value("2048").run()
+    at.text_input(key="launch.env").set_value("JUSTANAME").run()
+    assert any("`env`" in e and "NAME=value" in e for e in errors(at))
+
+
+def test_dcp_offers_the_divisors_of_tp(launch_page, data_dir: Path) -> None:
+    at = launch_page()
+    assert at.selectbox(key="launch.decode_context_parallel_size").options == ["1"]
+    at.selectbox(key="launch.tensor_parallel_size").set_value(2).run()
+    assert at.selectbox(key="launch.decode_context_parallel_size").options == ["1", "2"]
+
+
+def test_queue_run_creates_a_queued_run(launch_page, seeded, demo_model: Path) -> None:
+    at = launch_page()
+    at.text_input(key="run.label").set_value("demo A")
+    at.number_input(key="launch.port").set_value(8710)
+    next(b for b in at.button if b.label == "Queue run").click().run()
+    assert not at.exception
+    assert any(s.value.startswith("Queued run #5") for s in at.success)
+    run = seeded.get_run(5)
+    assert run.status == RunStatus.queued and run.label == "demo A" and run.model == str(demo_model.resolve())
+    assert '"port":8710' in run.spec_json
+
+
+def test_queue_sweep_over_tp_dcp_and_another_field(launch_page, seeded, demo_model: Path) -> None:
+    at = launch_page()
+    at.text_input(key="sweep.name").set_value("grid")
+    at.multiselect(key="sweep.tp").set_value([1, 2])
+    at.multiselect(key="sweep.dcp").set_value([1, 2]).run()
+    assert any("2 of 4 combinations cannot run" in e for e in errors(at))
+    cells = at.dataframe[-1].value
+    assert list(cells["run"]) == ["TP1", "TP1+DCP2", "TP2", "TP2+DCP2"]
+    assert "DCP size 2 does not divide TP size 1" in cells["problems"].iloc[1]
+    assert "needs TP greater than the model's 4 KV heads" in cells["problems"].iloc[3]  # the demo model is GQA
+    assert next(b for b in at.button if b.label.startswith("Queue sweep")).disabled
+
+    at.multiselect(key="sweep.dcp").set_value([1])
+    at.selectbox(key="sweep.field0").set_value("max_num_seqs")
+    at.text_input(key="sweep.values0").set_value("8, 16").run()
+    sweep_button = next(b for b in at.button if b.label.startswith("Queue sweep"))
+    assert sweep_button.label == "Queue sweep (4 runs)" and not sweep_button.disabled
+    sweep_button.click().run()
+    assert any("queued 4 runs" in s.value for s in at.success)
+    runs = [r for r in seeded.list_runs() if r.sweep_id is not None]
+    assert sorted(r.sweep_cell for r in runs) == sorted(
+        f"tensor_parallel_size={t},decode_context_parallel_size=1,max_num_seqs={n}" for t in (1, 2) for n in ("8", "16"))
+
+
+@pytest.mark.parametrize("preset", [0, 1, 2])
+def test_every_preset_renders_without_exceptions(launch_page, data_dir: Path, preset: int) -> None:
+    at = launch_page()
+    at.selectbox(key="form.preset").select_index(preset).run()
+    assert not at.exception

@@ -1,0 +1,117 @@
+"""Run page through AppTest: an imported run, a live launched run with telemetry, a failed run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from runner.config import BenchSpec, LaunchSpec, RunSpec
+from runner.models import RunSource, RunStatus, utcnow
+from runner.store import Store
+
+LOG = """(EngineCore pid=1) INFO [kv_cache_utils.py:1229] GPU KV cache size: 5,721,088 tokens
+(APIServer pid=2) INFO <script>alert('not html')</script> Application startup complete."""
+
+
+def live_run(store: Store, tmp: Path, status: RunStatus = RunStatus.benchmarking) -> int:
+    """A launched TP2+DCP2 run in the middle of its benchmark, with phases, samples for 2 GPUs and a log."""
+    spec = RunSpec(label="live", launch=LaunchSpec(model="org/model", tensor_parallel_size=2,
+                                                   decode_context_parallel_size=2, port=8123),
+                   bench=[BenchSpec(num_prompts=50, request_rate=10)])
+    run_dir = tmp / "runs" / "live"
+    run_dir.mkdir(parents=True)
+    (run_dir / "server.log").write_text(LOG)
+    run = store.create_run(label="live", model="org/model", tensor_parallel_size=2, decode_context_parallel_size=2,
+                           spec_json=spec.model_dump_json(), status=status, progress=0.4,
+                           phase="benchmark 1/1: 20/50 requests", started_at=utcnow(), port=8123,
+                           serve_argv_json=json.dumps(["vllm", "serve", "org/model", "--port", "8123",
+                                                       "--tensor-parallel-size", "2",
+                                                       "--decode-context-parallel-size", "2"]),
+                           env_json=json.dumps({"CUDA_VISIBLE_DEVICES": "0,1", "SERVELAB_RUN_ID": "9"}),
+                           gpu_ids_json="[0, 1]", run_dir=str(run_dir), kv_cache_tokens=5_721_088,
+                           kv_cache_gib=46.8, max_concurrency=1396.7, dcp_multiplier=2)
+    t0 = time.time() - 30
+    for dt, phase in ((0, "launched"), (12, "ready"), (14, "bench_start")):
+        store.add_phase(run.id, phase, t=t0 + dt)
+    rows = []
+    for i in range(20):
+        t = t0 + i
+        rows.append({"run_id": run.id, "t": t, "kv_cache_usage_perc": i / 40, "num_requests_running": i,
+                     "num_requests_waiting": 20 - i, "cpu_pct": 50.0, "rss_mib": 900.0})
+        for g in (0, 1):
+            rows.append({"run_id": run.id, "t": t, "gpu_index": g, "util_pct": 80.0 + g, "mem_used_mib": 70_000.0})
+    store.add_samples(rows)
+    return run.id
+
+
+def test_imported_run_shows_metrics_and_downloads(open_page, seeded) -> None:
+    at = open_page("run", run=1)
+    assert at.title[0].value == "Run #1 — TP8"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Output tok/s"] == "485.78" and metrics["Requests/s"] == "1.25"
+    assert metrics["Median TTFT (ms)"] == "227,389.9"
+    assert "Imported results" in at.info[0].value
+    assert [d.label for d in at.download_button] == ["imported-tp8.txt", "results.csv"]
+    assert not at.get("plotly_chart")
+
+
+def test_live_run_shows_progress_phases_telemetry_log_kv_card_and_commands(open_page, seeded, data_dir) -> None:
+    run_id = live_run(seeded, data_dir)
+    at = open_page("run", run=run_id)
+    assert at.title[0].value == f"Run #{run_id} — live"
+    assert any(b.label == "Cancel this run" for b in at.button)
+    progress = at.get("progress")[0]
+    assert progress.value == 40 and "20/50 requests" in progress.proto.text
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5  # phases, KV usage, running/waiting, GPU util, GPU memory
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in charts]
+    assert titles == ["Phases", "KV-cache usage", "Requests running / waiting", "GPU utilisation per GPU",
+                      "GPU memory per GPU"]
+    log = next(c for c in at.code if c.language == "log")
+    assert "<script>alert('not html')</script>" in log.value  # shown as text in a code block, never as HTML
+    kv = {m.label: m.value for m in at.metric}
+    assert kv["KV cache"] == "5,721,088 tokens" and kv["KV memory"] == "46.80 GiB"
+    assert kv["Max concurrency"] == "1,396.70×" and kv["DCP multiplier"] == "×2"
+    commands = [c.value for c in at.code if c.language == "bash"]
+    assert commands[0] == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model --port 8123 --tensor-parallel-size 2 "
+                           "--decode-context-parallel-size 2")
+    assert commands[1].startswith("vllm bench serve --model org/model --base-url http://127.0.0.1:8123")
+    run_file = next(c for c in at.code if c.language == "yaml").value
+    assert "decode_context_parallel_size: 2" in run_file and "num_prompts: 50" in run_file
+    assert not at.download_button  # downloads come when the run has ended
+
+
+def test_cpu_run_shows_process_chart_instead_of_gpu_charts(open_page, seeded, data_dir) -> None:
+    run = seeded.create_run(label="cpu", status=RunStatus.succeeded, source=RunSource.launched, progress=1.0,
+                            started_at=utcnow(), finished_at=utcnow(), gpu_ids_json="[]")
+    seeded.add_samples([{"run_id": run.id, "t": 100.0 + i, "cpu_pct": 150.0, "rss_mib": 2048.0,
+                         "kv_cache_usage_perc": 0.1} for i in range(5)])
+    at = open_page("run", run=run.id)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert "vLLM server process (CPU backend)" in titles and "GPU utilisation per GPU" not in titles
+    assert any(d.label == "samples.csv (telemetry)" for d in at.download_button)
+
+
+def test_failed_run_shows_the_reason(open_page, seeded) -> None:
+    run = seeded.create_run(label="bad", status=RunStatus.failed, finished_at=utcnow(),
+                            failure_reason="vLLM exited: CUDA out of memory\nlast log line 1\nlast log line 2")
+    at = open_page("run", run=run.id)
+    assert any(e.value == "Failed: vLLM exited: CUDA out of memory" for e in at.error)
+    assert any("last log line 2" in c.value for c in at.code)
+
+
+def test_a_stored_spec_that_cannot_be_read_back_does_not_break_the_page(open_page, seeded) -> None:
+    # e.g. `"request_rate": null`, which pydantic writes for an infinite rate unless told otherwise
+    run = seeded.create_run(label="old", status=RunStatus.failed, finished_at=utcnow(),
+                            spec_json='{"launch": {"model": "x"}, "bench": [{"request_rate": null}]}')
+    at = open_page("run", run=run.id)
+    stored = next(c for c in at.code if c.language == "json").value
+    assert "request_rate" in stored and "Input should be a valid number" in stored
+
+
+def test_unknown_run_falls_back_to_the_newest(open_page, seeded) -> None:
+    at = open_page("run", run=999)
+    assert "There is no run 999" in at.warning[0].value
+    assert at.title[0].value == "Run #4 — gsm8k_tp8_dcp8"
+    assert list(at.dataframe[0].value["value"]) == [0.9386, 0.9371]  # its accuracy table
