@@ -44,6 +44,10 @@ def _colors(labels: list[str]) -> dict[str, str]:
     return {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(dict.fromkeys(labels))}
 
 
+def _short(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.4g}"
+
+
 def _has(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and frame[column].notna().any()
 
@@ -147,7 +151,7 @@ def _facet_bars(summary: pd.DataFrame, facets: list[tuple[str, str, str]], title
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             fig.add_bar(x=[row["label"]], y=[value], name=row["label"], marker_color=colors[row["label"]],
-                        legendgroup=row["label"], showlegend=i == 1, text=[f"{value:,.4g}"], textposition="auto",
+                        legendgroup=row["label"], showlegend=i == 1, text=[_short(value)], textposition="auto",
                         row=1, col=i)
         fig.update_yaxes(title_text=unit, row=1, col=i)
     fig.update_xaxes(showticklabels=False)
@@ -177,7 +181,7 @@ def latency_bars(summary: pd.DataFrame) -> go.Figure:
 def kv_capacity_bars(summary: pd.DataFrame) -> go.Figure:
     """KV-cache capacity per run: tokens (with the DCP multiplier as text) and GiB."""
     facets = [("kv_cache_tokens", "KV cache (tokens)", "tokens"), ("kv_cache_gib", "KV cache memory (GiB)", "GiB"),
-              ("max_concurrency_x", "Max concurrency at max-model-len", "× requests")]
+              ("max_concurrency_x", "Max concurrency (×)", "requests of max-model-len")]
     fig = _facet_bars(summary, facets, "KV-cache capacity")
     if _has(summary, "dcp_multiplier"):
         mult = dict(zip(summary["label"], summary["dcp_multiplier"]))
@@ -229,6 +233,7 @@ def overlay_timeseries(aligned: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=part["t_s"], y=part[col] * scale, mode="lines", name=label, legendgroup=label,
                             line_color=colors[label], showlegend=i == 0, row=r + 1, col=c + 1)
     fig.update_xaxes(title_text="seconds since benchmark start", row=2)
+    fig.update_yaxes(rangemode="tozero")
     return _layout(fig, "Time series from benchmark start", 520)
 
 

@@ -38,6 +38,14 @@ def config_label(tp: float | None, dcp: float | None) -> str:
     return text
 
 
+def short_model(model: object) -> str:
+    """A local model path by its last two folders (the Run page shows it whole); hub ids as they are."""
+    if not isinstance(model, str) or not model:  # None, or NaN from a frame
+        return "—"
+    parts = model.rstrip("/").split("/")
+    return "…/" + "/".join(parts[-2:]) if model.startswith("/") and len(parts) > 3 else model
+
+
 def unique_labels(runs: list[Run]) -> dict[int, str]:
     """Run id → label, with `#id` added where two runs share a label, so charts keep them apart."""
     labels = {r.id: api.label_of(r) for r in runs}
@@ -60,7 +68,7 @@ def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
         "ID": frame["id"].astype(int),
         "Status": [f"{s} · {p}" if s in LIVE and p and p != s else s for s, p in zip(frame["status"], frame["phase"])],
         "Label": frame["label"],
-        "Model": frame["model"].fillna("—"),
+        "Model": [short_model(m) for m in frame["model"]],
         "TP/DCP": [config_label(t, d) for t, d in zip(frame["tensor_parallel_size"],
                                                      frame["decode_context_parallel_size"])],
         "Output tok/s": frame["output_throughput"],

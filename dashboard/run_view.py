@@ -47,7 +47,7 @@ def kv_card(run: Run) -> list[tuple[str, str, str]]:
     """(name, value, help) of the KV capacity vLLM reported; empty when it reported none."""
     if run.kv_cache_tokens is None and run.kv_cache_gib is None:
         return []
-    card = [("KV cache", f"{run.kv_cache_tokens:,} tokens" if run.kv_cache_tokens else "—",
+    card = [("KV cache (tokens)", f"{run.kv_cache_tokens:,}" if run.kv_cache_tokens else "—",
              "Tokens the KV cache holds, across the DCP group (vLLM's 'KV cache size').")]
     card.append(("KV memory", f"{run.kv_cache_gib:.2f} GiB" if run.kv_cache_gib else "—",
                  "KV-cache memory per worker ('Available KV cache memory')."))

@@ -219,11 +219,17 @@ def cancel(run_id: int):
 
 
 @app.command("demo-model")
-def demo_model(path: Path = typer.Argument(Path("data/models/demo"), help="Folder to write the model into.")):
-    """Write a tiny random-weight Llama and tokenizer that vLLM's CPU backend serves."""
-    from runner.demo_model import write_demo_model
+def demo_model(
+    path: Path = typer.Argument(Path("data/models/demo"), help="Folder to write the model into."),
+    kind: str = typer.Option("llama", help="llama: tiny random-weight Llama (serves on CPU and GPU); "
+                             "mla: DeepSeek-V2-shaped config + tokenizer for --load-format dummy."),
+):
+    """Write a tiny model (config, tokenizer, weights) that vLLM serves without any download."""
+    from runner.demo_model import write_demo_model, write_mla_model
 
-    typer.echo(write_demo_model(path))
+    if kind not in {"llama", "mla"}:
+        _fail(ServelabError(f"unknown kind {kind!r}; choose llama or mla"))
+    typer.echo(write_mla_model(path) if kind == "mla" else write_demo_model(path))
 
 
 @app.command()

@@ -30,7 +30,8 @@ def _underscore_keys(data: Any) -> Any:
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf request rates survive a JSON round trip as "Infinity" (pydantic's default writes null)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
 
     @model_validator(mode="before")
     @classmethod

@@ -162,3 +162,63 @@ def write_demo_model(path: Path, *, num_kv_heads: int = 2, seed: int = 0) -> Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def mla_config(vocab_size: int, bos: int, eos: int) -> dict:
+    """A 4-layer DeepSeek-V2-shaped config: MLA attention (kv_lora_rank 512, rope head 64, the
+    shapes GPU MLA kernels take) and a small MoE, for `--load-format dummy` (no weights needed)."""
+    return {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "vocab_size": vocab_size,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "routed_scaling_factor": 1.0,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "kv_lora_rank": 512,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+    }
+
+
+def write_mla_model(path: Path, *, seed: int = 0) -> Path:
+    """Write config.json and a tokenizer of a DeepSeek-V2-shaped MLA model into ``path``.
+
+    It has no weights: serve it with ``--load-format dummy``. Idempotent like ``write_demo_model``.
+    """
+    import json
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(seed)
+    tokenizer.save_pretrained(path)
+    config = mla_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -6,6 +6,7 @@ succeeded, failed (with vLLM's own reason), or cancelled.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -22,9 +23,10 @@ from runner.models import RunStatus, utcnow
 from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
 from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, tail
 from runner.store import Store
-from runner.telemetry import Sampler
+from runner.telemetry import Sampler, gpu_memory_used_mib
 
 RUN_ENV_MARK = "SERVELAB_RUN_ID"  # marks every process of a run, so a restarted worker finds orphans
+STORE_ENV_MARK = "SERVELAB_STORE"  # …of which store: run ids of two databases collide
 # Share of the progress bar each stage takes.
 _STARTUP_SHARE, _EVAL_SHARE = 0.1, 0.1
 
@@ -79,6 +81,17 @@ def server_env(launch: LaunchSpec, gpu_ids: list[int], cpu: bool) -> dict[str, s
     return env
 
 
+def store_mark(store: Store) -> str:
+    """A short stable identity of the store, carried by the run's processes."""
+    return hashlib.sha256(str(store.url).encode()).hexdigest()[:16]
+
+
+def _gpu_note(title: str, used: dict[int, float]) -> str:
+    if not used:
+        return ""
+    return f"{title}: " + ", ".join(f"GPU {i} {mib:.0f} MiB" for i, mib in sorted(used.items()))
+
+
 @dataclass
 class Allocation:
     gpu_ids: list[int] = field(default_factory=list)
@@ -110,9 +123,11 @@ class RunExecutor:
         self.spec = RunSpec.model_validate_json(run.spec_json)
         self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
         self.cpu = cpu_backend()
-        self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id)}
+        self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id),
+                    STORE_ENV_MARK: store_mark(store)}
         self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
         self.server: VllmServer | None = None
+        self._gpu_idle: dict[int, float] = {}
         self.sampler: Sampler | None = None
         self._last_cancel_check = 0.0
         self._cancelled = False
@@ -173,9 +188,10 @@ class RunExecutor:
                   host=socket.gethostname(), gpu_ids_json=json.dumps(self.alloc.gpu_ids), run_dir=str(self.run_dir))
         if self.cancelled():
             raise Cancelled("cancelled before launch")
+        self._gpu_idle = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
         pid = self.server.start()
         self.store.update_run(self.run_id, server_pid=pid)
-        self._mark("launched", " ".join(argv))
+        self._mark("launched", _gpu_note("GPU memory used before launch", self._gpu_idle))
         self.sampler = Sampler(
             self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
             metrics_url=self.server.base_url + "/metrics", server_pid=pid,
@@ -254,6 +270,7 @@ class RunExecutor:
     def _teardown(self) -> None:
         if self.server is not None and self.server.proc is not None:
             seconds = self.server.stop()
-            self._mark("stopped", f"port free after {seconds:.1f} s")
+            after = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
+            self._mark("stopped", f"port free after {seconds:.1f} s" + _gpu_note("; GPU memory used after stop", after))
         if self.sampler is not None:
             self.sampler.stop()

@@ -36,10 +36,11 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def free_port(start: int, taken: set[int] = frozenset(), host: str = "127.0.0.1") -> int:
     """The first free port at or above `start` that is not in `taken`."""
-    for port in range(start, min(start + 1000, 65536)):
+    end = min(start + 1000, 65536)
+    for port in range(start, end):
         if port not in taken and port_is_free(port, host):
             return port
-    raise RunError(f"No free port in {start}–{start + 999}; stop other servers or choose another port.")
+    raise RunError(f"No free port in {start}–{end - 1}; stop other servers or choose another port.")
 
 
 def tail(path: Path, lines: int = 30, max_bytes: int = 64_000) -> str:
@@ -52,7 +53,7 @@ def tail(path: Path, lines: int = 30, max_bytes: int = 64_000) -> str:
             data = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(data.replace("\r", "\n").splitlines()[-lines:])
+    return "\n".join(data.replace("\r\n", "\n").replace("\r", "\n").splitlines()[-lines:])
 
 
 class ManagedProcess:

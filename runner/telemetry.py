@@ -116,6 +116,16 @@ class GpuReader:
             self._field(self.nvml.nvmlShutdown)
 
 
+def gpu_memory_used_mib(indices: list[int], nvml: ModuleType | None | bool = True) -> dict[int, float]:
+    """Memory used on each of `indices` now (empty without NVML): the idle level before a launch
+    and the check that a stopped run gave its memory back."""
+    reader = GpuReader(load_nvml() if nvml is True else (nvml or None), indices)
+    try:
+        return {row["gpu_index"]: row["mem_used_mib"] for row in reader.read(set()) if row.get("mem_used_mib") is not None}
+    finally:
+        reader.close()
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -187,7 +197,7 @@ class Sampler:
             if time.monotonic() - last_flush >= self.flush_every_s:
                 self._flush()
                 last_flush = time.monotonic()
-            next_tick += self.interval_s
+            next_tick = max(next_tick + self.interval_s, time.monotonic())  # no burst after a slow tick
             self._stop.wait(max(0.0, next_tick - time.monotonic()))
 
     def _flush(self) -> None:
@@ -215,18 +225,22 @@ class Sampler:
     def _process_stats(self, tree: list[psutil.Process]) -> dict[str, Any]:
         if not tree:
             return {}
-        cpu = rss = 0.0
+        cpu, rss, measured = 0.0, 0.0, False
         alive = {}
         for p in tree:
+            seen = p.pid in self._cpu_seen
             proc = self._cpu_seen.get(p.pid, p)  # cpu_percent needs the same object across ticks
             try:
-                cpu += proc.cpu_percent(None)
+                pct = proc.cpu_percent(None)  # the first call of a process always says 0.0
                 rss += proc.memory_info().rss
                 alive[p.pid] = proc
             except psutil.Error:
                 continue
+            if seen:
+                cpu += pct
+                measured = True
         self._cpu_seen = alive
-        return {"cpu_pct": cpu, "rss_mib": rss / MIB}
+        return {"cpu_pct": cpu if measured else None, "rss_mib": rss / MIB}
 
     def _scrape(self) -> dict[str, Any]:
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from runner.config import RunSpec, Settings
-from runner.execute import RUN_ENV_MARK, Allocation, RunExecutor, cpu_backend
+from runner.execute import RUN_ENV_MARK, STORE_ENV_MARK, Allocation, RunExecutor, cpu_backend, store_mark
 from runner.models import ACTIVE, RunStatus, utcnow
 from runner.server import free_port, kill_group
 from runner.store import Store
@@ -74,15 +74,19 @@ def worker_alive(worker_id: str | None) -> bool:
         return False
 
 
-def orphan_servers(live_runs: set[int]) -> list[psutil.Process]:
-    """Processes servelab started (marked in their environment) whose run no live worker holds."""
-    out = []
+def orphan_servers(live_runs: set[int], store: Store) -> list[psutil.Process]:
+    """Processes servelab started for runs of `store` (marked in their environment) whose run no
+    live worker holds. Processes of other stores on the same host are never touched."""
+    out, mine = [], store_mark(store)
     for proc in psutil.process_iter(["pid"]):
         try:
-            mark = proc.environ().get(RUN_ENV_MARK)
-        except (psutil.Error, OSError):
+            env = proc.environ()
+            if env.get(STORE_ENV_MARK) != mine or RUN_ENV_MARK not in env:
+                continue
+            run_id = int(env[RUN_ENV_MARK])
+        except (psutil.Error, OSError, ValueError):
             continue
-        if mark and int(mark) not in live_runs and proc.pid != os.getpid():
+        if run_id not in live_runs and proc.pid != os.getpid():
             out.append(proc)
     return out
 
@@ -128,7 +132,7 @@ class Worker:
             )
             self.store.add_phase(run.id, "interrupted", detail=f"found by worker {self.worker_id}")
             interrupted.append(run.id)
-        for proc in orphan_servers(live):
+        for proc in orphan_servers(live, self.store):
             try:
                 kill_group(os.getpgid(proc.pid), grace_s=15)
             except (ProcessLookupError, OSError):
@@ -142,7 +146,12 @@ class Worker:
         self._reap()
         started = []
         for run in reversed(self.store.list_runs(status=RunStatus.queued)):
-            spec = RunSpec.model_validate_json(run.spec_json)
+            try:
+                spec = RunSpec.model_validate_json(run.spec_json or "")
+            except ValueError as exc:  # a row written by another version, or by hand
+                self.store.update_run(run.id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
+                                      failure_reason=f"its stored spec is unreadable: {exc}")
+                continue
             needed = 0 if not self.allocator.gpu_ids else spec.launch.gpus_needed
             if self.allocator.gpu_ids and needed > len(self.allocator.gpu_ids):
                 self.store.update_run(

@@ -165,3 +165,9 @@ def test_sweep_cells_launch_fields_make_runs_bench_fields_share_a_server():
 def test_sweep_unknown_matrix_key():
     with pytest.raises(SpecError, match="neither a launch nor a bench field"):
         SweepSpec.parse({"launch": {"model": "m"}, "matrix": {"tp_size": [1]}})
+
+
+def test_run_spec_json_round_trip_keeps_infinite_rate():
+    spec = RunSpec.parse({"launch": {"model": "m"}, "bench": {"request-rate": "inf"}})
+    again = RunSpec.model_validate_json(spec.model_dump_json())
+    assert math.isinf(again.bench[0].request_rate) and again == spec

@@ -33,8 +33,6 @@ if choice != query_int("run"):
 run = db.get_run(choice)
 live = run.status in ACTIVE or run.status == RunStatus.queued
 st.title(f"Run #{run.id} — {api.label_of(run)}")
-color, icon = data.STATUS_BADGE[run.status.value]
-st.badge(run.status.value, color=color, icon=icon)
 st.caption(run_view.summary_line(run))
 if live and st.button("Cancel this run", help="A queued run stops at once, a running one at the worker's next tick."):
     try:
@@ -44,18 +42,36 @@ if live and st.button("Cancel this run", help="A queued run stops at once, a run
         st.error(str(exc))
 
 
+def badge(status: RunStatus) -> None:
+    color, icon = data.STATUS_BADGE[status.value]
+    st.badge(status.value, color=color, icon=icon)
+
+
+def kv_card(r) -> None:
+    if kv := run_view.kv_card(r):
+        with st.container(border=True):
+            st.markdown("**KV-cache capacity** (from vLLM's startup log)")
+            for col, (name, value, help_) in zip(st.columns(len(kv)), kv):
+                col.metric(name, value, help=help_)
+
+
 @st.fragment(run_every=2 if live else None)
 def live_panel() -> None:
     now = db.get_run(choice)
     if live and now.status in TERMINAL:
         st.rerun(scope="app")  # finished: show the final page once and stop refreshing
-    st.progress(min(max(now.progress, 0.0), 1.0), text=f"{now.status.value} — {now.phase or 'no phase yet'}")
+    if live:
+        badge(now.status)
+    phase = now.status.value if now.phase in ("", now.status.value) else f"{now.status.value} — {now.phase}"
+    st.progress(min(max(now.progress, 0.0), 1.0), text=phase)
     st.caption(f"created {when(now.created_at)} · started {when(now.started_at)} · ready {when(now.ready_at)} · "
                f"finished {when(now.finished_at)} · took {duration(now.started_at, now.finished_at)}")
     if now.status == RunStatus.queued:
         ahead = sum(1 for r in db.list_runs(status=RunStatus.queued) if r.id < now.id)
         st.info(f"Queued; {ahead} run(s) ahead. The worker (`servelab worker`, started by `servelab dashboard`) "
                 "claims it when the GPUs it needs are free.")
+    if live:
+        kv_card(now)
     phases = data.phases_frame(db, now.id)
     if not phases.empty:
         ended = now.status in TERMINAL
@@ -63,7 +79,10 @@ def live_panel() -> None:
     samples = data.run_samples(db, now.id)
     if not samples.empty:
         gpu_rows = samples["gpu_index"].notna().any()
-        figs = [charts.kv_usage_chart(samples), charts.requests_chart(samples)]
+        scraped = samples[["kv_cache_usage_perc", "num_requests_running"]].notna().any().any()
+        figs = [charts.kv_usage_chart(samples), charts.requests_chart(samples)] if scraped else []
+        if not scraped:
+            st.caption("vLLM's /metrics has not been sampled yet (it answers once the server is ready).")
         figs += [charts.gpu_util_chart(samples), charts.gpu_memory_chart(samples)] if gpu_rows \
             else [charts.host_chart(samples)]
         for row in range(0, len(figs), 2):
@@ -77,35 +96,37 @@ def live_panel() -> None:
         st.code(tail(log, 40) or "(empty)", language="log", height=320)
 
 
+def outcome() -> None:
+    """What the run produced: why it failed, its KV capacity, its metrics and scores."""
+    if run.failure_reason:
+        first, _, rest = run.failure_reason.partition("\n")
+        st.error(f"{'Cancelled' if run.status == RunStatus.cancelled else 'Failed'}: {first}")
+        if rest:
+            st.code(rest, language="log")
+    kv_card(run)
+    if metrics := db.run_metrics(run.id):
+        st.subheader("Results")
+        for col, (name, value) in zip(st.columns(6), run_view.headline(metrics)):
+            col.metric(name, value)
+        with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
+            st.dataframe(run_view.metrics_table(metrics), hide_index=True)
+    scores = data.eval_frame(db, [run.id])
+    if not scores.empty:
+        st.subheader("Accuracy")
+        st.dataframe(scores.drop(columns=["run_id", "label"]), hide_index=True)
+
+
 if run.source == RunSource.imported:
+    badge(run.status)
     st.info(f"Imported results ({run.phase}); there was no server to watch.")
-else:
+    outcome()
+elif live:
     live_panel()
-if run.failure_reason:
-    first, _, rest = run.failure_reason.partition("\n")
-    st.error(f"{'Cancelled' if run.status == RunStatus.cancelled else 'Failed'}: {first}")
-    if rest:
-        st.code(rest, language="log")
-
-kv = run_view.kv_card(run)
-if kv:
-    with st.container(border=True):
-        st.markdown("**KV-cache capacity** (from vLLM's startup log)")
-        for col, (name, value, help_) in zip(st.columns(len(kv)), kv):
-            col.metric(name, value, help=help_)
-
-metrics = db.run_metrics(run.id)
-if metrics:
-    st.subheader("Results")
-    for col, (name, value) in zip(st.columns(6), run_view.headline(metrics)):
-        col.metric(name, value)
-    table = run_view.metrics_table(metrics)
-    with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
-        st.dataframe(table, hide_index=True)
-scores = data.eval_frame(db, [run.id])
-if not scores.empty:
-    st.subheader("Accuracy")
-    st.dataframe(scores.drop(columns=["run_id", "label"]), hide_index=True)
+else:
+    badge(run.status)
+    outcome()
+    st.subheader("Timeline and telemetry")
+    live_panel()
 
 if run.status in TERMINAL:
     st.subheader("Downloads")

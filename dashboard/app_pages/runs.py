@@ -65,7 +65,8 @@ def table() -> None:
     view = data.runs_view(frame)
     view["Started"] = view["Started"].dt.tz_convert(tz()).dt.tz_localize(None)
     cfg = st.column_config
-    event = st.dataframe(view, key=f"runs.table.{ss.get('runs.gen', 0)}", on_select="rerun", selection_mode="multi-row", hide_index=True,
+    event = st.dataframe(view, key=f"runs.table.{ss.get('runs.gen', 0)}", on_select="rerun",
+                         selection_mode="multi-row", hide_index=True,
                          column_config={
                              "Output tok/s": cfg.NumberColumn(format="%.2f"), "Req/s": cfg.NumberColumn(format="%.2f"),
                              "Median TTFT (ms)": cfg.NumberColumn(format="%.1f"),
@@ -75,6 +76,7 @@ def table() -> None:
                              "Duration (s)": cfg.NumberColumn(format="%.0f"),
                              "Progress": cfg.ProgressColumn(min_value=0, max_value=1, format="percent"),
                              "Open": cfg.LinkColumn(display_text="open"),
+                             "Model": cfg.TextColumn(width="medium"), "Label": cfg.TextColumn(width="medium"),
                          })  # fmt: skip
     shown = api.runs_table(db)
     st.download_button("Download this table (CSV)", api.frame_to_csv(shown[shown["id"].isin(view["ID"])]),

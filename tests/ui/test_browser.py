@@ -66,7 +66,8 @@ def dashboard(tmp_path: Path):
     while (others := foreign_run_processes()) and time.monotonic() < deadline:
         time.sleep(5)
     if others:
-        pytest.skip(f"servelab run processes of another store are alive ({others}); our worker's reconcile would stop them")
+        pytest.skip(f"servelab run processes of another store are alive ({others}); "
+                    "the worker's reconcile on start would stop them")
     db = tmp_path / "servelab.db"
     store = api.open_store(str(db))
     seed = REPO / "tests" / "fixtures" / "seed" / "tp8.txt"
@@ -132,7 +133,7 @@ def shoot(page, name: str) -> Path:
 
 
 def pick(page, label: str, option: str) -> None:
-    page.get_by_label(label).first.click()  # a Streamlit selectbox opens its list on click
+    page.get_by_role("combobox", name=label, exact=True).click()  # Streamlit's selectbox: a combobox and a listbox
     page.get_by_role("option", name=option).first.click()
     settle(page)
 
@@ -181,7 +182,8 @@ def test_demo_run_from_launch_to_compare_in_chromium(dashboard) -> None:
                     break
                 if status == RunStatus.queued and time.monotonic() > deadline - RUN_TIMEOUT_S + 90:
                     pytest.fail("the worker did not claim the run within 90 s; " + run_report(store, run_id)
-                                + "\ndashboard.log (Streamlit and worker):\n" + tail(dashboard["tmp"] / "dashboard.log", 40))
+                                + "\ndashboard.log (Streamlit and worker):\n"
+                                + tail(dashboard["tmp"] / "dashboard.log", 40))
                 if not live_shot and status in ACTIVE and time.monotonic() > deadline - RUN_TIMEOUT_S + 25:
                     shoot(page, "2-run-live")  # starting: progress, phases, log tail, first telemetry
                     live_shot = True
@@ -215,8 +217,10 @@ def test_demo_run_from_launch_to_compare_in_chromium(dashboard) -> None:
             page.goto(url + "/import")
             expect(page.get_by_role("heading", name="Import results")).to_be_visible(timeout=30_000)
             page.locator("input[type='file']").set_input_files(str(REPO / "tests/fixtures/seed/tp8_dcp8.txt"))
-            expect(page.get_by_text("benchmark result (printed block)")).to_be_visible(timeout=30_000)
-            page.get_by_role("button", name="Import 1 file(s)").click()
+            importer = page.get_by_role("button", name="Import 1 file(s)")
+            expect(importer).to_be_enabled(timeout=30_000)  # the file was understood (preview table above it)
+            settle(page)
+            importer.click()
             expect(page.get_by_text("Imported 1 run(s)")).to_be_visible(timeout=30_000)
             settle(page)
             shoot(page, "6-import")

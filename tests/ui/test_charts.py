@@ -107,7 +107,8 @@ def test_phase_timeline_segments_in_seconds_since_launch() -> None:
                            "phase": ["launched", "ready", "bench_start", "bench_end", "stopped"]})
     fig = charts.phase_timeline(phases)
     assert [t.name for t in fig.data] == ["starting vLLM", "ready", "benchmark", "between steps"]
-    assert [t.base[0] for t in fig.data] == [0.0, 45.0, 46.0, 60.0] and [t.x[0] for t in fig.data] == [45.0, 1.0, 14.0, 1.0]
+    assert [t.base[0] for t in fig.data] == [0.0, 45.0, 46.0, 60.0]
+    assert [t.x[0] for t in fig.data] == [45.0, 1.0, 14.0, 1.0]
     live = charts.phase_timeline(phases.iloc[:3], now=200.0)
     assert live.data[-1].x[0] == 54.0  # the running benchmark reaches now
     assert fig.layout.xaxis.title.text == "seconds since launch"

@@ -74,7 +74,8 @@ def test_commands_are_the_exact_lines() -> None:
     assert list(cmds) == ["vllm serve", "vllm bench serve", "lm_eval"]
     assert cmds["vllm bench serve"].startswith("vllm bench serve --model moonshotai/Kimi-K2-Thinking "
                                                "--base-url http://127.0.0.1:8000 --dataset-name random")
-    assert "--model_args model=moonshotai/Kimi-K2-Thinking,base_url=http://127.0.0.1:8000/v1/completions" in cmds["lm_eval"]
+    base = "--model_args model=moonshotai/Kimi-K2-Thinking,base_url=http://127.0.0.1:8000/v1/completions"
+    assert base in cmds["lm_eval"]
 
 
 def test_gain_colours_follow_the_direction_of_better(seeded) -> None:
@@ -99,7 +100,8 @@ def test_gain_colours_follow_the_direction_of_better(seeded) -> None:
 def test_describe_imported_runs(seeded) -> None:
     queries.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
     run = seeded.get_run(2)
-    assert (run.model, run.tensor_parallel_size, run.decode_context_parallel_size) == ("moonshotai/Kimi-K2-Thinking", 8, 8)
+    assert (run.model, run.tensor_parallel_size, run.decode_context_parallel_size) == (
+        "moonshotai/Kimi-K2-Thinking", 8, 8)
     with pytest.raises(SpecError, match="DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8."):
         queries.describe_imported(seeded, [1], None, 8, 3)
     with pytest.raises(SpecError, match="needs the TP size"):

@@ -54,3 +54,13 @@ def test_a_bad_file_is_named_and_nothing_is_created(open_page, store) -> None:
 def test_nothing_to_import_disables_the_button(open_page, store) -> None:
     at = open_page("import_results")
     assert import_button(at).disabled and import_button(at).label == "Import 0 file(s)"
+
+
+def test_dcp_choices_follow_the_tp_size(open_page, store) -> None:
+    at = open_page("import_results")
+    at.selectbox(key="import.tp").set_value(8).run()
+    at.selectbox(key="import.dcp").set_value(8).run()
+    at.selectbox(key="import.tp").set_value(4).run()
+    assert not at.exception
+    assert at.selectbox(key="import.dcp").options == ["1", "2", "4"]
+    assert at.selectbox(key="import.dcp").value in (1, 2, 4)

@@ -10,12 +10,6 @@ from runner.config import BenchSpec, LaunchSpec
 from runner.models import RunStatus
 
 
-
-@pytest.fixture
-def launch_page(open_page):
-    return open_page
-
-
 def labels(at) -> set[str]:
     widgets = [*at.text_input, *at.number_input, *at.selectbox, *at.checkbox, *at.text_area]
     return {w.label for w in widgets}
@@ -25,8 +19,8 @@ def errors(at) -> list[str]:
     return [e.value for e in at.error]
 
 
-def test_form_is_generated_from_the_specs_with_vllm_flag_names(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_form_is_generated_from_the_specs_with_vllm_flag_names(open_page, data_dir: Path) -> None:
+    at = open_page()
     assert not at.exception
     shown = labels(at)
     for model in (LaunchSpec, BenchSpec):
@@ -38,14 +32,15 @@ def test_form_is_generated_from_the_specs_with_vllm_flag_names(launch_page, data
     assert any("no GPU — CPU backend with the demo model" in i.value for i in at.info)
 
 
-def test_cpu_demo_preset_is_ready_on_first_visit(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_cpu_demo_preset_is_ready_on_first_visit(open_page, data_dir: Path) -> None:
+    at = open_page()
     assert at.selectbox(key="form.preset").value.startswith("CPU demo")
     demo = str((data_dir / "models" / "demo").resolve())
     assert at.text_input(key="launch.model").value == demo
     assert at.checkbox(key="launch.enforce_eager").value is True
     codes = [c.value for c in at.code]
-    assert codes[0] == f"vllm serve {demo} --host 127.0.0.1 --port 8000 --tensor-parallel-size 1 --max-model-len 2048 --enforce-eager"
+    assert codes[0] == (f"vllm serve {demo} --host 127.0.0.1 --port 8000 --tensor-parallel-size 1 "
+                        "--max-model-len 2048 --enforce-eager")
     assert "--random-input-len 128 --random-output-len 32 --num-prompts 20 --request-rate inf" in codes[1]
     assert not errors(at)
     assert any("written to this path when you queue" in i.value for i in at.info)
@@ -53,8 +48,8 @@ def test_cpu_demo_preset_is_ready_on_first_visit(launch_page, data_dir: Path) ->
     assert not queue.disabled
 
 
-def test_seed_presets_fill_launch_bench_and_eval(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_seed_presets_fill_launch_bench_and_eval(open_page, data_dir: Path) -> None:
+    at = open_page()
     at.selectbox(key="form.preset").select_index(2).run()  # TP8+DCP8 high throughput
     assert at.text_input(key="launch.model").value == "moonshotai/Kimi-K2-Thinking"
     assert at.selectbox(key="launch.tensor_parallel_size").value == 8
@@ -79,8 +74,8 @@ def test_seed_presets_fill_launch_bench_and_eval(launch_page, data_dir: Path) ->
     assert "--decode-context-parallel-size" not in at.code[0].value
 
 
-def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(open_page, data_dir: Path) -> None:
+    at = open_page()
     at.text_area(key="form.paste").set_value("vllm serve moonshotai/Kimi-K2-Thinking -tp 8 -dcp 3 --max-num-seqs 64 "
                                              "--enable-auto-tool-choice")
     next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
@@ -98,13 +93,13 @@ def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(
     assert "--decode-context-parallel-size 4" in at.code[0].value
 
 
-def test_paste_errors_and_field_errors_name_the_value_and_the_fix(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_paste_errors_and_field_errors_name_the_value_and_the_fix(open_page, data_dir: Path) -> None:
+    at = open_page()
     at.text_area(key="form.paste").set_value("python -m vllm serve x")
     next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
     assert any("must start with `vllm serve`" in e for e in errors(at))
 
-    at = launch_page()
+    at = open_page()
     at.text_input(key="launch.max_model_len").set_value("lots").run()
     assert any("max_model_len" in e and "'lots'" in e for e in errors(at))
     at.text_input(key="launch.max_model_len").set_value("2048").run()
@@ -112,15 +107,15 @@ def test_paste_errors_and_field_errors_name_the_value_and_the_fix(launch_page, d
     assert any("`env`" in e and "NAME=value" in e for e in errors(at))
 
 
-def test_dcp_offers_the_divisors_of_tp(launch_page, data_dir: Path) -> None:
-    at = launch_page()
+def test_dcp_offers_the_divisors_of_tp(open_page, data_dir: Path) -> None:
+    at = open_page()
     assert at.selectbox(key="launch.decode_context_parallel_size").options == ["1"]
     at.selectbox(key="launch.tensor_parallel_size").set_value(2).run()
     assert at.selectbox(key="launch.decode_context_parallel_size").options == ["1", "2"]
 
 
-def test_queue_run_creates_a_queued_run(launch_page, seeded, demo_model: Path) -> None:
-    at = launch_page()
+def test_queue_run_creates_a_queued_run(open_page, seeded, demo_model: Path) -> None:
+    at = open_page()
     at.text_input(key="run.label").set_value("demo A")
     at.number_input(key="launch.port").set_value(8710)
     next(b for b in at.button if b.label == "Queue run").click().run()
@@ -131,8 +126,8 @@ def test_queue_run_creates_a_queued_run(launch_page, seeded, demo_model: Path) -
     assert '"port":8710' in run.spec_json
 
 
-def test_queue_sweep_over_tp_dcp_and_another_field(launch_page, seeded, demo_model: Path) -> None:
-    at = launch_page()
+def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model: Path) -> None:
+    at = open_page()
     at.text_input(key="sweep.name").set_value("grid")
     at.multiselect(key="sweep.tp").set_value([1, 2])
     at.multiselect(key="sweep.dcp").set_value([1, 2]).run()
@@ -152,11 +147,22 @@ def test_queue_sweep_over_tp_dcp_and_another_field(launch_page, seeded, demo_mod
     assert any("queued 4 runs" in s.value for s in at.success)
     runs = [r for r in seeded.list_runs() if r.sweep_id is not None]
     assert sorted(r.sweep_cell for r in runs) == sorted(
-        f"tensor_parallel_size={t},decode_context_parallel_size=1,max_num_seqs={n}" for t in (1, 2) for n in ("8", "16"))
+        f"tensor_parallel_size={t},decode_context_parallel_size=1,max_num_seqs={n}"
+        for t in (1, 2) for n in ("8", "16"))
 
 
 @pytest.mark.parametrize("preset", [0, 1, 2])
-def test_every_preset_renders_without_exceptions(launch_page, data_dir: Path, preset: int) -> None:
-    at = launch_page()
+def test_every_preset_renders_without_exceptions(open_page, data_dir: Path, preset: int) -> None:
+    at = open_page()
     at.selectbox(key="form.preset").select_index(preset).run()
     assert not at.exception
+
+
+def test_form_values_survive_a_visit_to_another_page(open_page, data_dir: Path) -> None:
+    at = open_page()
+    at.text_input(key="run.label").set_value("kept")
+    at.text_input(key="launch.max_num_seqs").set_value("7").run()
+    at.switch_page("app_pages/runs.py").run()
+    at.switch_page("app_pages/launch.py").run()
+    assert at.text_input(key="run.label").value == "kept"
+    assert at.text_input(key="launch.max_num_seqs").value == "7"

@@ -71,7 +71,7 @@ def test_live_run_shows_progress_phases_telemetry_log_kv_card_and_commands(open_
     log = next(c for c in at.code if c.language == "log")
     assert "<script>alert('not html')</script>" in log.value  # shown as text in a code block, never as HTML
     kv = {m.label: m.value for m in at.metric}
-    assert kv["KV cache"] == "5,721,088 tokens" and kv["KV memory"] == "46.80 GiB"
+    assert kv["KV cache (tokens)"] == "5,721,088" and kv["KV memory"] == "46.80 GiB"
     assert kv["Max concurrency"] == "1,396.70×" and kv["DCP multiplier"] == "×2"
     commands = [c.value for c in at.code if c.language == "bash"]
     assert commands[0] == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model --port 8123 --tensor-parallel-size 2 "

@@ -97,3 +97,9 @@ def test_cancel_a_queued_run(open_page, seeded, demo_model: Path) -> None:
 def test_empty_store_points_to_launch_and_import(open_page, store) -> None:
     at = open_page("runs")
     assert "No runs yet" in at.info[0].value
+
+
+def test_local_model_paths_are_shortened_in_the_table(open_page, seeded, demo_model: Path) -> None:
+    api.queue_run(seeded, RunSpec(launch=LaunchSpec(model=str(demo_model)), bench=[BenchSpec(num_prompts=2)]))
+    at = open_page("runs")
+    assert at.dataframe[0].value["Model"].tolist() == ["—", "—", "—", "—", "…/models/demo"]

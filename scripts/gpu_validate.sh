@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On the H200 host, after gpu_install.sh has put vLLM 0.24 on PYTHONPATH: servelab's runner against
+# real CUDA vLLM. Two runs through the CLI, their comparison and exports, everything under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/servelab-gpu-out}
+mkdir -p "$OUT" /root/sl
+export SERVELAB_DATA=/root/sl/data SERVELAB_DB=/root/sl/data/servelab.db SERVELAB_STARTUP_TIMEOUT=500
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+sl() { python3 -m runner.cli "$@"; }
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$OUT/versions.txt"
+sl demo-model /root/sl/models/tiny && sl demo-model /root/sl/models/mla --kind mla
+# raw /metrics text while a server is up, for parser fixtures
+( for i in $(seq 1 400); do curl -s -m 1 localhost:8000/metrics > /root/sl/m.txt 2>/dev/null \
+    && grep -q 'num_requests_running{[^}]*} [1-9]' /root/sl/m.txt && cp /root/sl/m.txt "$OUT/metrics_busy.txt"; sleep 1; done ) &
+scraper=$!
+for spec in tiny mla; do
+  t0=$SECONDS
+  python3 -m runner.cli run "scripts/gpu/$spec.yaml" > "/root/sl/$spec.out" 2>&1
+  echo "$spec: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "/root/sl/$spec.out" | tail -n 3
+done
+kill $scraper 2>/dev/null
+sl runs
+sl compare 1 2 --format markdown | tee "$OUT/compare.md"
+sl export runs --out /root/sl/export/runs.csv && sl export samples --out /root/sl/export/samples.csv \
+  && sl export results --out /root/sl/export/results.csv
+sl show 1 > /root/sl/export/show1.json; sl show 2 > /root/sl/export/show2.json
+nvidia-smi --query-gpu=memory.used --format=csv | tee "$OUT/nvidia-smi-after.csv"
+tar czf "$OUT/servelab-gpu.tgz" -C /root/sl data export
+ls -la "$OUT"

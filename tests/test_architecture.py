@@ -1,0 +1,49 @@
+"""The shape of the project: dependencies point dashboard → runner, no shell, documented specs, two commands."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.config import BenchSpec, EvalSpec, LaunchSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_runner_does_not_load_streamlit() -> None:
+    code = (
+        "import sys, runner, runner.cli, runner.api, runner.worker, runner.execute\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'streamlit'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_shell_true() -> None:
+    sources = [p for folder in ("runner", "dashboard") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(sources) > 10
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in sources
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"shell\s*=\s*True", line)
+    ]
+    assert hits == []
+
+
+@pytest.mark.parametrize("spec", [LaunchSpec, BenchSpec, EvalSpec], ids=lambda s: s.__name__)
+def test_every_spec_field_has_a_description(spec) -> None:
+    assert [name for name, f in spec.model_fields.items() if not (f.description or "").strip()] == []
+
+
+def test_the_readme_two_commands_and_ci_runs_the_tests() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command in ("./dev.sh start", "./dev.sh test"):
+        assert re.search(rf"^{re.escape(command)}\b", readme, re.M), f"README lacks `{command}`"
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert any(re.search(r"(^|\s)\./dev\.sh test\b", line) for line in ci)
