@@ -160,14 +160,20 @@ def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
         typer.echo("", err=True)
 
 
+_SET_HELP = "Override a field: FIELD=VALUE with vLLM's flag names, e.g. --set tensor-parallel-size=2 --set bench.num-prompts=50."
+
+
 @app.command()
-def run(spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, eval: sections.")):
+def run(
+    spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, eval: sections."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+):
     """Launch, benchmark (and evaluate) one run; exits non-zero when it fails."""
     from runner.models import RunStatus
 
     try:
         store = _store()
-        queued = api.queue_run(store, load_run_spec(spec_file), _gpu_count())
+        queued = api.queue_run(store, load_run_spec(spec_file, overrides), _gpu_count())
         _drive(store, [queued.id])
         final = store.get_run(queued.id)
     except ServelabError as exc:
@@ -178,13 +184,16 @@ def run(spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, benc
 
 
 @app.command()
-def sweep(spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, matrix: sections.")):
+def sweep(
+    spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, matrix: sections."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+):
     """Run every cell of a sweep (re-running resumes: finished cells are kept)."""
     from runner.models import RunStatus
 
     try:
         store = _store()
-        sweep_id, queued = api.queue_sweep(store, load_sweep_spec(spec_file), _gpu_count())
+        sweep_id, queued = api.queue_sweep(store, load_sweep_spec(spec_file, overrides), _gpu_count())
         _drive(store, [r.id for r in queued])
         runs = store.list_runs(sweep_id=sweep_id)
     except ServelabError as exc:

@@ -106,7 +106,8 @@ def bench_argv(
         argv += ["--goodput", *bench.goodput]
     if launch.trust_remote_code:
         argv.append("--trust-remote-code")
-    argv += ["--save-result", "--result-dir", str(result_dir), "--result-filename", result_filename]
+    # --save-detailed keeps the per-request arrays (ttfts, itls, input/output lengths, errors)
+    argv += ["--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", result_filename]
     return argv + list(bench.extra_args)
 
 

@@ -473,9 +473,38 @@ def load_yaml_or_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_run_spec(path: Path) -> RunSpec:
-    return RunSpec.parse(load_yaml_or_json(path))
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `FIELD=VALUE` overrides (the CLI's `--set`) to a spec file's data.
+
+    FIELD is a launch, bench or eval field named as vLLM's flag (`tensor-parallel-size`), optionally
+    prefixed by its section (`bench.num-prompts`); VALUE is read as YAML (`8`, `inf`, `true`, `[1, 2]`).
+    """
+    import yaml
+
+    out = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    sections = {"launch": LaunchSpec, "bench": BenchSpec, "eval": EvalSpec}
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"`--set {item}` needs the form FIELD=VALUE, e.g. --set tensor-parallel-size=2.")
+        section, _, name = key.strip().rpartition(".")
+        name = name.replace("-", "_")
+        if not section:
+            section = next((sec for sec, model in sections.items() if name in model.model_fields), "")
+        if section not in sections or name not in sections[section].model_fields:
+            raise SpecError(f"`--set {key}`: no such launch, bench or eval field; `servelab fields` lists them.")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if section == "bench":
+            benches = out.get("bench") or [{}]
+            out["bench"] = [{**_underscore_keys(b), name: value} for b in ([benches] if isinstance(benches, dict) else benches)]
+        else:
+            out[section] = {**_underscore_keys(out.get(section) or {}), name: value}
+    return out
 
 
-def load_sweep_spec(path: Path) -> SweepSpec:
-    return SweepSpec.parse(load_yaml_or_json(path))
+def load_run_spec(path: Path, overrides: list[str] | None = None) -> RunSpec:
+    return RunSpec.parse(apply_overrides(load_yaml_or_json(path), overrides or []))
+
+
+def load_sweep_spec(path: Path, overrides: list[str] | None = None) -> SweepSpec:
+    return SweepSpec.parse(apply_overrides(load_yaml_or_json(path), overrides or []))

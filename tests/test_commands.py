@@ -60,7 +60,7 @@ def test_seed_benchmark_command():
         "--dataset-name", "random", "--random-input-len", "8000", "--random-output-len", "4000",
         "--num-prompts", "1000", "--request-rate", "100", "--burstiness", "1", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-        "--trust-remote-code", "--save-result", "--result-dir", "/runs/7", "--result-filename", "bench-0.json",
+        "--trust-remote-code", "--save-result", "--save-detailed", "--result-dir", "/runs/7", "--result-filename", "bench-0.json",
     ]
 
 
@@ -73,7 +73,7 @@ def test_bench_argv_options():
         "--dataset-name", "sharegpt", "--dataset-path", "/d.json", "--num-prompts", "200", "--request-rate", "inf",
         "--max-concurrency", "32", "--burstiness", "1", "--seed", "0", "--ignore-eos",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-        "--goodput", "ttft:500", "tpot:50", "--save-result", "--result-dir", "d", "--result-filename", "f.json",
+        "--goodput", "ttft:500", "tpot:50", "--save-result", "--save-detailed", "--result-dir", "d", "--result-filename", "f.json",
         "--temperature", "0",
     ]
 

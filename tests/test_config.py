@@ -171,3 +171,19 @@ def test_run_spec_json_round_trip_keeps_infinite_rate():
     spec = RunSpec.parse({"launch": {"model": "m"}, "bench": {"request-rate": "inf"}})
     again = RunSpec.model_validate_json(spec.model_dump_json())
     assert math.isinf(again.bench[0].request_rate) and again == spec
+
+
+def test_cli_style_overrides(tmp_path):
+    from runner.config import apply_overrides
+
+    data = {"launch": {"model": "m", "tensor-parallel-size": 1}, "bench": [{"num-prompts": 5}, {"num-prompts": 6}]}
+    out = RunSpec.parse(apply_overrides(data, ["tensor-parallel-size=8", "bench.request-rate=inf", "eval.limit=3",
+                                               "served-model-name=tiny"]))
+    assert out.launch.tensor_parallel_size == 8 and out.launch.served_model_name == "tiny"
+    assert [b.num_prompts for b in out.bench] == [5, 6] and all(math.isinf(b.request_rate) for b in out.bench)
+    assert out.eval.limit == 3
+    assert data["launch"]["tensor-parallel-size"] == 1  # the caller's data is not changed
+    with pytest.raises(SpecError, match="no such launch, bench or eval field"):
+        apply_overrides(data, ["tp=8"])
+    with pytest.raises(SpecError, match="FIELD=VALUE"):
+        apply_overrides(data, ["tensor-parallel-size"])
