@@ -80,34 +80,45 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
 
 
 def import_files(store: Store, files: list[tuple[str, bytes | str]], label: str | None = None,
-                 settings: Settings | None = None) -> list[int]:
-    """Import (name, content) pairs, one run each. Every file is parsed before anything is written,
-    so a bad file creates nothing. Returns the new run ids."""
+                 settings: Settings | None = None, into: int | None = None) -> list[int]:
+    """Import (name, content) pairs: one new run each, or all into the existing run `into` (say, a
+    bench block and the GSM8K table of the same configuration). Every file is parsed before anything
+    is written, so a bad file creates nothing. Returns the ids of the runs written."""
     items = [parse_import(name, data) for name, data in files]
     settings = settings or Settings.from_env()
+    target = store.get_run(into) if into is not None else None
+    if target is not None and target.status in ACTIVE:
+        raise StoreError(f"run {into} is {target.status.value}; import into it once it has ended")
     ids = []
     for item in items:
         fields: dict[str, Any] = {}
         if item.bench is not None:
             fields["model"] = item.bench.info.get("model_id")
-            fields["vllm_version"] = item.bench.info.get("vllm_version")
         if item.kv is not None:
             fields.update(kv_cache_tokens=item.kv.kv_cache_tokens, kv_cache_gib=item.kv.kv_cache_gib,
                           max_concurrency=item.kv.max_concurrency, dcp_multiplier=item.kv.dcp_multiplier,
                           vllm_version=item.kv.vllm_version)
-        run = store.create_run(label=label or Path(item.name).stem, source=RunSource.imported,
-                               status=RunStatus.succeeded, finished_at=utcnow(), progress=1.0,
-                               phase=f"imported {item.kind}", **{k: v for k, v in fields.items() if v is not None})
-        run_dir = settings.data_dir / "runs" / str(run.id)
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if target is None:
+            run = store.create_run(label=label or Path(item.name).stem, source=RunSource.imported,
+                                   status=RunStatus.succeeded, finished_at=utcnow(), progress=1.0,
+                                   phase=f"imported {item.kind}", **fields)
+        else:
+            current = store.get_run(target.id)  # fill only what the run does not know yet
+            run = store.update_run(target.id, **{k: v for k, v in fields.items() if getattr(current, k) is None})
+        run_dir = Path(run.run_dir) if run.run_dir else settings.data_dir / "runs" / str(run.id)
         run_dir.mkdir(parents=True, exist_ok=True)
         raw = run_dir / ("imported-" + _safe_name(item.name))
         raw.write_text(item.text)
-        store.update_run(run.id, run_dir=str(run_dir))
+        if not run.run_dir:
+            store.update_run(run.id, run_dir=str(run_dir))
         if item.bench is not None:
-            store.add_bench_result(run.id, item.bench.metrics, raw_path=str(raw))
+            store.add_bench_result(run.id, item.bench.metrics, repeat=len(store.bench_results(run.id)),
+                                   raw_path=str(raw))
         if item.scores is not None:
             store.add_eval_results(run.id, [{**asdict(s), "raw_path": str(raw)} for s in item.scores])
-        ids.append(run.id)
+        if run.id not in ids:
+            ids.append(run.id)
     return ids
 
 
@@ -192,6 +203,49 @@ def compare_runs(store: Store, baseline: int, candidate: int) -> tuple[list[cmp.
     if a_label == b_label:
         a_label, b_label = f"{a_label} (#{a.id})", f"{b_label} (#{b.id})"
     return cmp.gain_table(ma, mb), a_label, b_label
+
+
+def compare_accuracy(store: Store, baseline: int, candidate: int) -> list[dict[str, Any]]:
+    """Accuracy of `candidate` against `baseline` per task, filter and metric: both values with their
+    stderr, the delta, the combined stderr, and whether the drop exceeds twice that (flagged)."""
+    a = {(e.task, e.filter, e.metric): e for e in store.eval_results(baseline)}
+    rows = []
+    for e in store.eval_results(candidate):
+        base = a.get((e.task, e.filter, e.metric))
+        if base is None:
+            continue
+        delta = cmp.accuracy_delta(base.value, base.stderr, e.value, e.stderr)
+        rows.append({"task": e.task, "filter": e.filter, "metric": e.metric, "n_shot": e.n_shot,
+                     "a": base.value, "a_stderr": base.stderr, "b": e.value, "b_stderr": e.stderr, **delta})
+    return rows
+
+
+def render_accuracy(rows: list[dict[str, Any]], a_label: str, b_label: str) -> str:
+    """The accuracy comparison as a Markdown table (value ± stderr, delta, flag)."""
+    def pm(v: float, se: float | None) -> str:
+        return f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}"
+
+    lines = [f"| Task | Filter | Metric | {a_label} | {b_label} | Change | Drop > 2σ |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flag = "n/a" if r["flagged"] is None else ("yes" if r["flagged"] else "no")
+        lines.append(f"| {r['task']} | {r['filter']} | {r['metric']} | {pm(r['a'], r['a_stderr'])} | "
+                     f"{pm(r['b'], r['b_stderr'])} | {r['delta']:+.4f} | {flag} |")
+    return "\n".join(lines)
+
+
+def eval_table(store: Store, run_id: int) -> str:
+    """A run's accuracy in lm-eval's own printed form, as in the seed."""
+    lines = ["|Tasks|Version| Filter |n-shot| Metric | |Value | |Stderr|",
+             "|-----|------:|--------|-----:|--------|---|-----:|---|-----:|"]
+    last_task = None
+    for e in store.eval_results(run_id):
+        task = e.task if e.task != last_task else ""
+        last_task = e.task
+        stderr = f"{e.stderr:.4f}" if e.stderr is not None else "N/A"
+        shots = "" if e.n_shot is None else str(e.n_shot)
+        version = " " if not task else "-"
+        lines.append(f"|{task or ' '}|{version}|{e.filter}|{shots}|{e.metric}|↑ |{e.value:.4f}|± |{stderr}|")
+    return "\n".join(lines)
 
 
 def render_gain_table(rows: list[cmp.GainRow], a_label: str, b_label: str, fmt: str = "table") -> str:

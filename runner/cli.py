@@ -37,8 +37,9 @@ def main(db: Optional[str] = typer.Option(None, "--db", help="Database path or S
 def import_(
     files: list[Path] = typer.Argument(..., help="Bench JSON, bench text block, lm-eval JSON/table or server log."),
     label: Optional[str] = typer.Option(None, help="Label of the imported runs (default: file name)."),
+    into: Optional[int] = typer.Option(None, "--into", help="Add the results to this existing run instead."),
 ):
-    """Import existing results; prints one created run id per line."""
+    """Import existing results; prints one run id per line (each created run, or the --into run)."""
     try:
         contents = []
         for f in files:
@@ -46,7 +47,7 @@ def import_(
                 contents.append((f.name, f.read_bytes()))
             except OSError as exc:
                 raise ServelabError(f"cannot read {f}: {exc.strerror}") from None
-        ids = api.import_files(_store(), contents, label=label)
+        ids = api.import_files(_store(), contents, label=label, into=into)
     except ServelabError as exc:
         _fail(exc)
     for run_id in ids:
@@ -95,9 +96,15 @@ def compare(
 ):
     """Gain table of each candidate against the baseline (Metric, A, B, Change, Improvement(%))."""
     try:
+        store = _store()
         for cand in candidates:
-            rows, a, b = api.compare_runs(_store(), baseline, cand)
-            typer.echo(api.render_gain_table(rows, a, b, fmt))
+            accuracy = api.compare_accuracy(store, baseline, cand)
+            if store.run_metrics(baseline) and store.run_metrics(cand) or not accuracy:
+                rows, a, b = api.compare_runs(store, baseline, cand)
+                typer.echo(api.render_gain_table(rows, a, b, fmt))
+            if accuracy and fmt != "csv":
+                a, b = api.label_of(store.get_run(baseline)), api.label_of(store.get_run(cand))
+                typer.echo("\n" + api.render_accuracy(accuracy, a, b))
     except ServelabError as exc:
         _fail(exc)
 

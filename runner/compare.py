@@ -156,7 +156,7 @@ def _row(d: MetricDef, va: list[float], vb: list[float]) -> GainRow:
     better: bool | None = None
     if d.better is not None and math.isfinite(a) and math.isfinite(b):
         better = b > a if d.better == "higher" else b < a
-        if a != 0:
+        if abs(a) >= 0.005:  # a baseline that shows as 0.00 gives no meaningful percentage
             improvement = ((b - a) if d.better == "higher" else (a - b)) / abs(a) * 100.0
     low = high = None
     significant: bool | None = None

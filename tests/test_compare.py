@@ -232,3 +232,10 @@ def test_accuracy_delta_on_the_seed_gsm8k_scores() -> None:
 def test_gain_row_is_a_plain_dataclass() -> None:
     (row,) = gain_table([{"completed": 1}], [{"completed": 2}])
     assert isinstance(row, GainRow) and row.kind == "count"
+
+
+def test_no_percentage_against_a_baseline_that_rounds_to_zero():
+    from runner.compare import gain_table
+
+    [row] = gain_table([{"median_itl_ms": 0.001}], [{"median_itl_ms": 26.0}], metrics=["median_itl_ms"])
+    assert row.improvement_pct is None and row.better is False

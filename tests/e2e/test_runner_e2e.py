@@ -158,7 +158,13 @@ def test_worker_killed_and_restarted(env, demo_model):
         w1.wait()
     server_pid = store.get_run(a.id).server_pid
     assert os.path.exists(f"/proc/{server_pid}")  # vLLM outlived its worker: an orphan
-    b = api.queue_run(store, RunSpec.parse({"launch": launch(demo_model, 8460), "bench": short_bench()}))
+    # the next run also evaluates: GSM8K through lm-eval on a local file, stored with the run (issue 5)
+    gsm8k = os.path.join(os.path.dirname(__file__), "..", "fixtures", "gsm8k_mini.jsonl")
+    b = api.queue_run(store, RunSpec.parse({
+        "launch": launch(demo_model, 8460), "bench": short_bench(),
+        "eval": {"dataset-path": gsm8k, "limit": 4, "num-fewshot": 2, "num-concurrent": 4, "max-gen-toks": 32,
+                 "temperature": 0},
+    }))
     w2 = subprocess.Popen([*CLI, "worker", "--poll", "0.5"], env=os.environ, start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -166,6 +172,13 @@ def test_worker_killed_and_restarted(env, demo_model):
         assert "worker stopped" in interrupted.failure_reason
         done = wait_status(store, b.id, {"succeeded", "failed"}, 400)
         assert done.status == RunStatus.succeeded, done.failure_reason
+        assert done.failure_reason is None
+        scores = {(e.task, e.filter, e.metric): e for e in store.eval_results(b.id)}
+        assert set(scores) == {("gsm8k_local", "strict-match", "exact_match"),
+                               ("gsm8k_local", "flexible-extract", "exact_match")}
+        for e in scores.values():  # random weights: the score is ~0; the structure is what is checked
+            assert 0 <= e.value <= 1 and isinstance(e.stderr, float) and e.samples == 4 and e.n_shot == 2
+        assert [p.phase for p in store.phases(b.id)][-3:] == ["eval_start", "eval_end", "stopped"]
     finally:
         w2.send_signal(signal.SIGINT)
         try:
