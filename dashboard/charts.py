@@ -1,7 +1,7 @@
 """Pure chart builders: frames in, Plotly figures out. No Streamlit, no store; tested on their own.
 
 Inputs are the frames of `dashboard.data`: `bench_summary` (one row per run, canonical metric names),
-`eval_frame`, `run_samples` / `aligned_samples` (telemetry with `t_s`), `phases_frame`.
+`eval_frame` (one row per run and score), `run_samples` / `aligned_samples` (telemetry with `t_s`), `phases_frame`.
 """
 
 from __future__ import annotations
@@ -210,6 +210,47 @@ def accuracy_chart(evals: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title_text=f"{metrics} (± stderr)", range=[lo - pad, hi + pad])
     fig.update_xaxes(title_text="run")
     return _layout(fig, "Accuracy", 380)
+
+
+def accuracy_throughput_frame(summary: pd.DataFrame, evals: pd.DataFrame, filter_: str = "strict-match",
+                              task: str | None = None) -> pd.DataFrame:
+    """One row per run that has both a benchmark and a score of `task` (default: the first) under `filter_`:
+    its output tok/s (mean over its bench executions), the score and its stderr."""
+    columns = ["run_id", "label", "output_throughput", "task", "filter", "metric", "value", "stderr"]
+    if evals.empty or not _has(summary, "output_throughput"):
+        return pd.DataFrame(columns=columns)
+    task = task or evals["task"].iloc[0]
+    scores = evals[(evals["task"] == task) & (evals["filter"] == filter_)].drop_duplicates("run_id")
+    speed = summary.dropna(subset=["output_throughput"])[["run_id", "output_throughput"]]
+    return scores.merge(speed, on="run_id")[columns].reset_index(drop=True)
+
+
+def accuracy_throughput_chart(points: pd.DataFrame) -> go.Figure:
+    """Accuracy against output throughput, one labelled point per run with ± stderr error bars: the runs up
+    and to the right serve faster without losing accuracy."""
+    fig = go.Figure()
+    if points.empty:
+        return _layout(fig, "Accuracy vs output throughput", 420)
+    colors = _colors(list(points["label"]))
+    for r in points.itertuples():
+        err = 0.0 if r.stderr is None or pd.isna(r.stderr) else float(r.stderr)
+        fig.add_scatter(x=[r.output_throughput], y=[r.value], mode="markers+text", name=r.label,
+                        text=[f"{r.label}: {r.value:.4f}"], textposition="middle right",
+                        error_y=dict(type="data", array=[err], visible=True),
+                        marker=dict(size=13, color=colors[r.label]),
+                        hovertemplate=f"{r.label}<br>%{{x:,.2f}} tok/s<br>%{{y:.4f}} ± {err:.4f}<extra></extra>")
+    err = points["stderr"].astype(float).fillna(0)
+    lo, hi = float((points["value"] - err).min()), float((points["value"] + err).max())
+    pad = max(hi - lo, 0.01) * 0.25
+    x_lo, x_hi = float(points["output_throughput"].min()), float(points["output_throughput"].max())
+    x_pad = max(x_hi - x_lo, x_hi * 0.1, 1.0) * 0.2
+    label_room = max(x_hi - x_lo, x_hi * 0.1, 1.0) * 0.25  # the labels sit right of their points
+    first = points.iloc[0]
+    fig.update_xaxes(title_text="output tok/s (mean over benchmark executions) — higher is better",
+                     range=[max(0.0, x_lo - x_pad), x_hi + x_pad + label_room])
+    fig.update_yaxes(title_text=f"{first['task']} {first['filter']} {first['metric']} (± stderr)",
+                     range=[lo - pad, hi + pad])
+    return _layout(fig, "Accuracy vs output throughput", 420)
 
 
 OVERLAY = {

@@ -167,27 +167,3 @@ def reproduce_env(run: Run) -> dict[str, str]:
 
     env = json.loads(run.env_json) if run.env_json else {}
     return {k: v for k, v in env.items() if k != RUN_ENV_MARK}
-
-
-def accuracy_table(evals: pd.DataFrame, reference_run: int) -> pd.DataFrame:
-    """Each score beside the reference run's score of the same task/filter/metric: delta, its stderr, and
-    `flagged` when the drop is larger than twice that stderr."""
-    from runner.compare import accuracy_delta
-
-    ref = evals[evals["run_id"] == reference_run].set_index(["task", "filter", "metric"])
-    ref = ref[~ref.index.duplicated()]
-    rows = []
-    for r in evals.itertuples():
-        row = {"run": r.label, "task": r.task, "filter": r.filter, "metric": r.metric, "value": r.value,
-               "stderr": r.stderr, "delta": None, "delta_stderr": None, "flagged": None}
-        key = (r.task, r.filter, r.metric)
-        if r.run_id != reference_run and key in ref.index:
-            base = ref.loc[key]
-            d = accuracy_delta(base["value"], _num(base["stderr"]), r.value, _num(r.stderr))
-            row.update(delta=d["delta"], delta_stderr=d["stderr"], flagged=d["flagged"])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _num(v: object) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)

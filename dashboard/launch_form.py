@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from dashboard import presets
 from dashboard import spec_form as form
-from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
+from dashboard.run_view import lm_eval_command
+from runner.commands import bench_argv, display, serve_argv
 from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, SweepSpec
-from runner.errors import SpecError
+from runner.errors import RunError, SpecError
+from runner.evaluate import check_dataset, local_tasks
 
 RUN_DIR = "data/runs/<run id>"  # shown in commands before the run exists
 SWEEPABLE = [
@@ -74,7 +77,7 @@ def read(state: MutableMapping[str, Any], gpu_count: int | None, offered_tp: lis
 
 def check(spec: RunSpec, gpu_count: int | None, offered_tp: list[int]) -> Checked:
     notes = []
-    problems = spec.problems(gpu_count)
+    problems = spec.problems(gpu_count) + eval_problems(spec.eval)
     if presets.is_missing_demo_model(spec.launch.model):
         problems = [p for p in problems if not p.startswith("Model path")]
         notes.append("The demo model is written to this path when you queue the run (first use only, ~10 s).")
@@ -82,6 +85,22 @@ def check(spec: RunSpec, gpu_count: int | None, offered_tp: list[int]) -> Checke
         notes.append(f"TP {spec.launch.tensor_parallel_size} is more than this machine offers "
                      f"({', '.join(map(str, offered_tp))}); the run is meant for a machine with that many GPUs.")
     return Checked(spec, problems, notes)
+
+
+def eval_problems(evaluation: EvalSpec | None) -> list[str]:
+    """What would stop the eval phase's local dataset, said before queueing rather than after the benchmark."""
+    if evaluation is None or not evaluation.dataset_path:
+        return []
+    try:
+        local_tasks(evaluation.tasks)
+        count = check_dataset(Path(evaluation.dataset_path).expanduser().resolve())
+    except RunError as exc:
+        return [str(exc)]
+    if evaluation.num_fewshot >= count:
+        return [f"Eval dataset {evaluation.dataset_path} has {count} questions, too few for "
+                f"{evaluation.num_fewshot}-shot prompts drawn from the other questions; use at most {count - 1} "
+                "few-shot examples or add questions."]
+    return []
 
 
 def commands(spec: RunSpec) -> dict[str, str]:
@@ -93,7 +112,7 @@ def commands(spec: RunSpec) -> dict[str, str]:
         out[f"vllm bench serve (benchmark {i + 1})" if len(spec.bench) > 1 else "vllm bench serve"] = display(
             bench_argv(bench, launch, base, RUN_DIR, f"bench-{i}-0.json"))
     if spec.eval is not None:
-        out["lm_eval"] = display(lm_eval_argv(spec.eval, launch, base, f"{RUN_DIR}/eval"))
+        out["lm_eval"] = lm_eval_command(spec.eval, launch, base, RUN_DIR)
     return out
 
 

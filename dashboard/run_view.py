@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from dashboard import data
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
 from runner.compare import metric_def
-from runner.config import RunSpec
+from runner.config import EvalSpec, LaunchSpec, RunSpec
+from runner.errors import RunError
+from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_tasks
 from runner.models import Run
 
 HEADLINE = [("output_throughput", "Output tok/s", "{:,.2f}"), ("request_throughput", "Requests/s", "{:,.2f}"),
@@ -71,6 +73,18 @@ def headline(metrics: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def eval_metrics(scores: list) -> list[tuple[str, str, str, str]]:
+    """(name, value, detail, help) per stored lm-eval score (`Store.eval_results`); the detail line carries
+    the stderr and the shots."""
+    out = []
+    for e in scores:
+        detail = " · ".join(filter(None, [f"± {e.stderr:.4f} stderr" if e.stderr is not None else "no stderr",
+                                          f"{e.n_shot}-shot" if e.n_shot is not None else "",
+                                          f"{e.samples:,} questions" if e.samples is not None else ""]))
+        out.append((f"{e.task} · {e.filter}", f"{e.value:.4f}", detail, f"lm-eval's {e.metric}."))
+    return out
+
+
 def metrics_table(metrics: list[dict]) -> pd.DataFrame:
     """Every metric of every execution: Metric, unit, then one column per execution."""
     keys = list(dict.fromkeys(k for m in metrics for k in m))
@@ -82,6 +96,29 @@ def metrics_table(metrics: list[dict]) -> pd.DataFrame:
             row[f"#{i + 1}"] = m.get(key)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def lm_eval_command(evaluation: EvalSpec, launch: LaunchSpec, base_url: str, run_dir: Path | str) -> str:
+    """The `lm_eval` line the eval phase runs: with a dataset path, the run's own task definition
+    (`--include_path`) stands in for gsm8k, as `runner.evaluate.run_eval` does."""
+    include = None
+    if evaluation.dataset_path:
+        try:
+            evaluation = evaluation.model_copy(update={"tasks": local_tasks(evaluation.tasks)})
+        except RunError:
+            pass  # the form says why; show the line as given
+        include = Path(run_dir) / TASK_DIR
+    return display(lm_eval_argv(evaluation, launch, base_url, Path(run_dir) / OUTPUT_DIR, include_path=include))
+
+
+def _logged_command(log: Path) -> str | None:
+    """The command line the eval phase wrote at the top of its log (`$ lm_eval …`), if it ran."""
+    try:
+        with open(log, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return first[2:].strip() if first.startswith("$ ") else None
 
 
 def reproduce(run: Run) -> dict[str, tuple[str, str]]:
@@ -104,7 +141,8 @@ def reproduce(run: Run) -> dict[str, tuple[str, str]]:
         out[f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"] = (
             display(argv), "bash")
     if spec.eval is not None:
-        out["lm_eval"] = (display(lm_eval_argv(spec.eval, launch, base, run_dir / "eval")), "bash")
+        ran = _logged_command(run_dir / LOG_NAME)
+        out["lm_eval"] = (ran or lm_eval_command(spec.eval, launch, base, run_dir), "bash")
     body = spec.model_dump(exclude_defaults=True)  # python mode: inf stays inf (YAML .inf)
     out["run file for `servelab run run.yaml`"] = (yaml.safe_dump(body, sort_keys=False), "yaml")
     return out

@@ -34,3 +34,42 @@ def gain_styler(rows: list[cmp.GainRow], a_label: str, b_label: str) -> Styler:
         return colour if column.name in ("Change", "Improvement(%)") else [""] * len(column)
 
     return frame.style.apply(tint, axis=0).hide(axis="index")
+
+
+DROP, WITHIN, GAIN, UNKNOWN = "drop > 2σ", "within noise", "gain > 2σ", "no stderr"
+
+
+def accuracy_verdict(row: dict) -> str:
+    """The flag of one row of `api.compare_accuracy`: a drop beyond twice the combined stderr is the
+    warning; a rise beyond it is said too, so "within noise" means what it says."""
+    if row["flagged"] is None:
+        return UNKNOWN
+    if row["flagged"]:
+        return DROP
+    return GAIN if row["delta"] > 2.0 * row["stderr"] else WITHIN
+
+
+def accuracy_frame(rows: list[dict], a_label: str, b_label: str) -> pd.DataFrame:
+    """`api.compare_accuracy` rows as shown: value ± stderr on both sides, change, combined stderr, flag."""
+    def pm(value: float, stderr: float | None) -> str:
+        return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
+
+    a_col, b_col = (a_label, b_label) if a_label != b_label else (f"{a_label} (baseline)", b_label)
+    return pd.DataFrame([{
+        "Task": r["task"], "Filter": r["filter"], "Metric": r["metric"],
+        "n-shot": "" if r["n_shot"] is None else str(r["n_shot"]),
+        a_col: pm(r["a"], r["a_stderr"]), b_col: pm(r["b"], r["b_stderr"]), "Change": f"{r['delta']:+.4f}",
+        "Combined stderr": "—" if r["stderr"] is None else f"{r['stderr']:.4f}", "Check": accuracy_verdict(r),
+    } for r in rows], columns=["Task", "Filter", "Metric", "n-shot", a_col, b_col, "Change", "Combined stderr",
+                               "Check"])  # fmt: skip
+
+
+def accuracy_styler(frame: pd.DataFrame) -> Styler:
+    """Check (and Change) red on a drop beyond 2σ, green on a gain beyond it, plain within the noise."""
+    colour = [WORSE if v == DROP else BETTER if v == GAIN else "" for v in frame["Check"]]
+    flag = [f"{c}; color: #b42318; font-weight: 600" if v == DROP else c for c, v in zip(colour, frame["Check"])]
+
+    def tint(column: pd.Series) -> list[str]:
+        return flag if column.name == "Check" else colour if column.name == "Change" else [""] * len(column)
+
+    return frame.style.apply(tint, axis=0).hide(axis="index")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -218,10 +220,14 @@ def worker(poll: float = typer.Option(1.0, help="Seconds between queue checks.")
 
     w = Worker(_store(), poll_s=poll)
     typer.echo(f"worker {w.worker_id}: GPUs {w.allocator.gpu_ids or 'none (CPU backend)'}", err=True)
+    # SIGTERM (kill, systemd, the dashboard going away) and Ctrl-C stop the runs in flight cleanly:
+    # their vLLM processes are stopped and they end `interrupted`, never left running or marked active
+    signal.signal(signal.SIGTERM, lambda *_: w.interrupt())
     try:
         w.run_forever()
     except KeyboardInterrupt:
-        w.stop()
+        w.interrupt()
+        w.join()
 
 
 @app.command()
@@ -272,17 +278,32 @@ def dashboard(
     if _state["db"]:
         env["SERVELAB_DB"] = _state["db"]
     argv = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            # a product, not a dev server: no module reloads when files change under it
+            "--server.fileWatcherType", "none", "--server.runOnSave", "false"]
     worker_proc = None
+    # The worker and Streamlit live and die with this process: SIGTERM runs the `finally` below, and on
+    # Linux the kernel sends them SIGTERM when it dies any other way (even SIGKILL), so a restarted
+    # dashboard finds its port free and no second worker; the worker interrupts its runs truthfully.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if worker_too:
-        worker_proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker"], env=env)
+        worker_proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "worker"], env=env,
+                                       preexec_fn=_die_with_parent)
     typer.echo(f"servelab dashboard on http://{host}:{port}", err=True)
     try:
-        subprocess.run(argv, env=env, check=False)
+        subprocess.run(argv, env=env, check=False, preexec_fn=_die_with_parent)
     finally:
         if worker_proc is not None:
             worker_proc.terminate()
             worker_proc.wait(timeout=60)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the `finally` of `dashboard` still covers SIGTERM
+        pass
 
 
 def _gpu_count() -> int | None:

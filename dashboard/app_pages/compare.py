@@ -1,5 +1,6 @@
 """Compare: a baseline and candidates — gain tables, grouped bars, KV capacity, accuracy, time series, Pareto."""
 
+import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, tables
@@ -68,17 +69,70 @@ else:
     st.caption("No KV capacity recorded for these runs: launched runs record it at startup; for imported results, "
                "import the server's startup log.")
 
+
+def accuracy(evals) -> None:
+    """Per candidate: its scores against the baseline's with the 2σ check; then all runs' scores, and
+    accuracy against output throughput."""
+    scored = set(evals["run_id"])
+    if baseline not in scored:
+        st.info(f"The baseline {titles[baseline]} has no accuracy results; pick one that has, or add its lm-eval "
+                "output to it on Import.")
+    unscored = [titles[c] for c in candidates if c not in scored]
+    if unscored:
+        st.caption(f"No accuracy results: {', '.join(unscored)}.")
+    compared = []
+    for cand in (c for c in candidates if c in scored and baseline in scored):
+        rows = api.compare_accuracy(db, baseline, cand)
+        a_label, b_label = labels[baseline], labels[cand]
+        st.subheader(f"Accuracy: {b_label} vs {a_label}")
+        if not rows:
+            st.caption("No task, filter and metric in common with the baseline.")
+            continue
+        drops = [r for r in rows if r["flagged"]]
+        for r in drops:
+            st.error(f"{r['task']} {r['filter']} ({r['metric']}) drops by {-r['delta']:.4f}, more than twice the "
+                     f"combined stderr ({2 * r['stderr']:.4f}).", icon=":material/trending_down:")
+        if not drops:
+            st.badge("no drop beyond 2σ", color="green", icon=":material/check:")
+        frame = tables.accuracy_frame(rows, a_label, b_label)
+        shown, markdown = st.tabs(["Table", "Markdown"])
+        shown.table(tables.accuracy_styler(frame), hide_index=True)
+        markdown.code(api.render_accuracy(rows, a_label, b_label), language="markdown")
+        compared.append(pd.DataFrame(rows).assign(baseline=a_label, candidate=b_label))
+    if compared:
+        st.caption("Combined stderr = √(stderr_a² + stderr_b²); a drop larger than twice it is flagged, a smaller "
+                   "change is within the noise of the sample.")
+        st.download_button("Accuracy comparison (CSV)", api.frame_to_csv(pd.concat(compared)),
+                           "compare-accuracy.csv", "text/csv", on_click="ignore")
+    st.plotly_chart(charts.accuracy_chart(evals), key="accuracy")
+
+    filters = list(dict.fromkeys(evals["filter"]))
+    tasks = list(dict.fromkeys(evals["task"]))
+    c1, c2 = st.columns(2)
+    filt = c1.selectbox("Filter for the chart below", filters,
+                        index=filters.index("strict-match") if "strict-match" in filters else 0,
+                        help="lm-eval's answer extraction: strict-match wants the exact answer format, "
+                             "flexible-extract takes the last number.")
+    task = c2.selectbox("Task", tasks) if len(tasks) > 1 else tasks[0]
+    points = charts.accuracy_throughput_frame(summary, evals, filt, task)
+    if points.empty:
+        st.caption("Accuracy vs output throughput needs runs with both a benchmark and this score.")
+    else:
+        st.plotly_chart(charts.accuracy_throughput_chart(points), key="accuracy_throughput")
+    left_out = [labels[i] for i in chosen if i not in set(points["run_id"])]
+    if left_out:
+        st.caption(f"Left out of accuracy vs throughput (no benchmark or no {task} {filt} score): "
+                   f"{', '.join(left_out)}.")
+
+
 evals = data.eval_frame(db, chosen)
+labels = dict(zip(summary["run_id"], summary["label"]))
 st.header("Accuracy")
 if evals.empty:
-    st.caption("No accuracy results for these runs: enable lm-eval on Launch, or import lm-eval output.")
+    st.caption("No accuracy results for these runs: enable lm-eval on Launch, or import lm-eval output "
+               "(into the run of the same configuration) on Import.")
 else:
-    st.plotly_chart(charts.accuracy_chart(evals), key="accuracy")
-    reference = baseline if (evals["run_id"] == baseline).any() else int(evals["run_id"].iloc[0])
-    acc = data.accuracy_table(evals, reference)
-    st.caption(f"Deltas against {titles[reference]}; flagged when the drop exceeds twice its stderr.")
-    st.dataframe(acc, hide_index=True)
-    st.download_button("Accuracy (CSV)", api.frame_to_csv(acc), "compare-accuracy.csv", "text/csv", on_click="ignore")
+    accuracy(evals)
 
 aligned = data.aligned_samples(db, chosen)
 if len(aligned):

@@ -4,9 +4,10 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import launch_form as lf
-from dashboard.state import PAGES, store
+from dashboard.state import PAGES, run_title, store
 from runner import api, queries
 from runner.errors import ParseError, ServelabError
+from runner.models import TERMINAL, RunSource
 
 KINDS = {
     "bench_json": "benchmark result (JSON)", "bench_text": "benchmark result (printed block)",
@@ -38,40 +39,58 @@ def _what(item: api.ImportItem) -> str:
 
 def _import() -> None:
     """Runs before the page draws, so it may clear the inputs once the files are in."""
+    into, files = ss.get("import.into") or None, _files()
     try:
-        ids = api.import_files(db, _files(), label=(ss.get("import.label") or "").strip() or None)
+        ids = api.import_files(db, files, label=(ss.get("import.label") or "").strip() or None, into=into)
     except ServelabError as exc:
         ss["import.result"] = ("error", str(exc))
         return
     tp, dcp, model = ss.get("import.tp"), ss.get("import.dcp"), (ss.get("import.model") or "").strip()
     try:
-        queries.describe_imported(db, ids, model or None, tp, dcp if tp else None)
+        if into is None or db.get_run(into).source == RunSource.imported:  # a launched run keeps its own
+            queries.describe_imported(db, ids, model or None, tp, dcp if tp else None)
     except ServelabError as exc:
         ss["import.result"] = ("warning", f"Imported runs {ids}, but their configuration was not recorded: {exc}")
         return
-    ss["import.result"] = ("ok", ids)
+    ss["import.result"] = ("ok", ids, into, len(files))
     ss["import.gen"] = ss.get("import.gen", 0) + 1  # a fresh, empty uploader
     ss["import.text"] = ""
     ss["import.name"] = ""
 
 
 st.title("Import results")
-st.caption("Bring in results made elsewhere, one run per file: `vllm bench serve --save-result` JSON, the printed "
-           "“Serving Benchmark Result” block, lm-eval results (JSON or the printed table), or a vLLM server log "
-           "(for the KV-cache capacity). Every file is checked before anything is stored: a bad file creates nothing.")
+st.caption("Bring in results made elsewhere: `vllm bench serve --save-result` JSON, the printed “Serving Benchmark "
+           "Result” block, lm-eval results (JSON or the printed table), or a vLLM server log (for the KV-cache "
+           "capacity). Each file becomes a run of its own, or all of them join an existing run — say, the GSM8K "
+           "table of the configuration whose bench block you imported. Every file is checked before anything is "
+           "stored: a bad file changes nothing.")
 st.file_uploader("Files", accept_multiple_files=True, key=f"import.files.{ss.get('import.gen', 0)}")
 st.text_area("…or paste text", key="import.text", height=180,
              placeholder="============ Serving Benchmark Result ============\nSuccessful requests: 998\n…")
+NEW = 0  # the "no" choice (None would show as an empty selectbox)
+finished = [r for r in db.list_runs() if r.status in TERMINAL]
+titles = {r.id: run_title(r) for r in finished}
+if ss.get("import.into") not in titles:
+    ss["import.into"] = NEW  # first visit, or the run was deleted meanwhile
+into = st.selectbox("Add to an existing run", [NEW, *titles], key="import.into",
+                    format_func=lambda i: "no — a new run per file" if i == NEW else titles[i],
+                    help="Finished runs. Their results gain these files' results: a benchmark becomes another "
+                         "execution, lm-eval scores are added, a server log fills in the KV-cache capacity.") or None
 c1, c2 = st.columns(2)
 c1.text_input("Name of the pasted text", key="import.name", placeholder="pasted.txt")
-c2.text_input("Label", key="import.label", placeholder="default: the file name", help="Name shown in tables.")
+c2.text_input("Label", key="import.label", placeholder="default: the file name", disabled=into is not None,
+              help="Name of the new runs in tables (an existing run keeps its own).")
+launched_target = into is not None and db.get_run(into).source != RunSource.imported
 with st.expander("Configuration of these results (optional: printed results rarely state it)"):
+    if launched_target:
+        st.caption(f"Run #{into} was launched here: it keeps the configuration it ran with.")
     m1, m2, m3 = st.columns(3)
-    m1.text_input("model", key="import.model", placeholder="moonshotai/Kimi-K2-Thinking")
+    m1.text_input("model", key="import.model", placeholder="moonshotai/Kimi-K2-Thinking", disabled=launched_target)
     tp = m2.selectbox("tensor-parallel-size", [None, 1, 2, 4, 8, 16, 32, 64], key="import.tp",
-                      format_func=lambda v: "unknown" if v is None else str(v))
+                      format_func=lambda v: "unknown" if v is None else str(v), disabled=launched_target)
     m3.selectbox("decode-context-parallel-size", lf.divisors(tp) if tp else [None], key="import.dcp",
-                 format_func=lambda v: "—" if v is None else str(v), help="Divisors of the TP size.")
+                 format_func=lambda v: "—" if v is None else str(v), help="Divisors of the TP size.",
+                 disabled=launched_target)
 
 files = _files()
 problems = []
@@ -87,12 +106,16 @@ if files:
     st.dataframe(pd.DataFrame(preview), hide_index=True)
     for problem in problems:
         st.error(problem)
-st.button(f"Import {len(files)} file(s)", type="primary", disabled=not files or bool(problems), on_click=_import)
+st.button(f"Import {len(files)} file(s)" + (f" into run #{into}" if into is not None else ""), type="primary",
+          disabled=not files or bool(problems), on_click=_import)
 
 result = ss.pop("import.result", None)
 if result and result[0] == "ok":
-    ids = result[1]
-    st.success(f"Imported {len(ids)} run(s): {', '.join(f'#{i}' for i in ids)}.")
+    _, ids, target, count = result
+    if target is None:
+        st.success(f"Imported {len(ids)} run(s): {', '.join(f'#{i}' for i in ids)}.")
+    else:
+        st.success(f"Added {count} file(s) to run #{target}.")
     for run_id in ids:
         st.page_link(PAGES["run"], label=f"Open run #{run_id} →", query_params={"run": run_id})
     if len(ids) >= 2:

@@ -110,15 +110,23 @@ def outcome() -> None:
             col.metric(name, value)
         with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
             st.dataframe(run_view.metrics_table(metrics), hide_index=True)
-    scores = data.eval_frame(db, [run.id])
-    if not scores.empty:
+    if scores := db.eval_results(run.id):
         st.subheader("Accuracy")
-        st.dataframe(scores.drop(columns=["run_id", "label"]), hide_index=True)
+        cards = run_view.eval_metrics(scores)
+        for row in range(0, len(cards), 4):
+            for col, (name, value, detail, help_) in zip(st.columns(4), cards[row:row + 4]):
+                col.metric(name, value, help=help_)
+                col.caption(detail)
+        st.caption("As lm-eval prints it:")
+        st.code(api.eval_table(db, run.id), language=None)
 
 
 if run.source == RunSource.imported:
     badge(run.status)
-    st.info(f"Imported results ({run.phase}); there was no server to watch.")
+    held = [f"{n} {what}" for n, what in ((len(db.run_metrics(run.id)), "benchmark result(s)"),
+                                          (len(db.eval_results(run.id)), "accuracy score(s)")) if n]
+    st.info(f"Imported results ({', '.join(held) or run.phase}); there was no server to watch. "
+            "Add more files to this run on Import.")
     outcome()
 elif live:
     live_panel()

@@ -1,5 +1,5 @@
 """A seeded store for the dashboard tests: a fresh SQLite file and data folder per test, with the seed's
-four results imported through the runner's API (the two bench outputs and the two GSM8K tables)."""
+four results imported through the runner's API: the two bench outputs, each with its GSM8K table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from runner.store import Store
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "tests" / "fixtures" / "seed"
 APP = str(REPO / "dashboard" / "streamlit_app.py")
-SEED_RUNS = [("tp8.txt", "TP8"), ("tp8_dcp8.txt", "TP8+DCP8"), ("gsm8k_tp8.txt", None), ("gsm8k_tp8_dcp8.txt", None)]
+SEED_RUNS = [(("tp8.txt", "gsm8k_tp8.txt"), "TP8"), (("tp8_dcp8.txt", "gsm8k_tp8_dcp8.txt"), "TP8+DCP8")]
 
 
 @pytest.fixture
@@ -35,9 +35,11 @@ def store(data_dir: Path) -> Store:
 
 @pytest.fixture
 def seeded(store: Store) -> Store:
-    """Runs 1 TP8, 2 TP8+DCP8 (bench blocks), 3 gsm8k_tp8, 4 gsm8k_tp8_dcp8 (lm-eval tables)."""
-    for name, label in SEED_RUNS:
-        api.import_files(store, [(name, (SEED / name).read_bytes())], label=label)
+    """The seed's two configurations as two runs, each holding its bench block and, added with `into=`, its
+    GSM8K table: 1 TP8, 2 TP8+DCP8."""
+    for (bench, gsm8k), label in SEED_RUNS:
+        (run_id,) = api.import_files(store, [(bench, (SEED / bench).read_bytes())], label=label)
+        api.import_files(store, [(gsm8k, (SEED / gsm8k).read_bytes())], into=run_id)
     return store
 
 

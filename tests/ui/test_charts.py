@@ -79,6 +79,39 @@ def test_accuracy_points_carry_stderr_error_bars() -> None:
     assert low < 0.9386 - 0.0066 and high > 0.9416 + 0.0065 and low > 0.9  # zoomed to where scores differ
 
 
+def test_accuracy_against_throughput_has_one_labelled_point_per_run_with_both() -> None:
+    summary = pd.DataFrame([
+        {"run_id": 1, "label": "TP8", "output_throughput": 485.78},
+        {"run_id": 2, "label": "TP8+DCP8", "output_throughput": 695.13},
+        {"run_id": 3, "label": "no eval", "output_throughput": 900.0},
+        {"run_id": 4, "label": "no bench", "output_throughput": None},
+    ])  # fmt: skip
+    evals = pd.DataFrame([
+        {"run_id": r, "label": lab, "task": "gsm8k", "filter": f, "metric": "exact_match", "value": v, "stderr": se}
+        for r, lab, f, v, se in [(1, "TP8", "flexible-extract", 0.9416, 0.0065),
+                                 (1, "TP8", "strict-match", 0.9409, 0.0065),
+                                 (2, "TP8+DCP8", "flexible-extract", 0.9386, 0.0066),
+                                 (2, "TP8+DCP8", "strict-match", 0.9371, 0.0067),
+                                 (4, "no bench", "strict-match", 0.5, 0.01)]
+    ])  # fmt: skip
+    points = charts.accuracy_throughput_frame(summary, evals)  # strict-match unless told
+    assert list(points["label"]) == ["TP8", "TP8+DCP8"]
+    assert list(points["value"]) == [0.9409, 0.9371] and list(points["output_throughput"]) == [485.78, 695.13]
+    assert list(charts.accuracy_throughput_frame(summary, evals, "flexible-extract")["value"]) == [0.9416, 0.9386]
+    fig = charts.accuracy_throughput_chart(points)
+    assert [t.name for t in fig.data] == ["TP8", "TP8+DCP8"]
+    assert [list(t.x) for t in fig.data] == [[485.78], [695.13]]
+    assert [list(t.y) for t in fig.data] == [[0.9409], [0.9371]]
+    assert [list(t.error_y.array) for t in fig.data] == [[0.0065], [0.0067]]
+    assert [t.text[0] for t in fig.data] == ["TP8: 0.9409", "TP8+DCP8: 0.9371"]
+    assert fig.layout.xaxis.title.text.startswith("output tok/s (mean over benchmark executions)")
+    assert fig.layout.yaxis.title.text == "gsm8k strict-match exact_match (± stderr)"
+    low, high = fig.layout.yaxis.range
+    assert low < 0.9371 - 0.0067 and high > 0.9409 + 0.0065 and low > 0.9
+    assert charts.accuracy_throughput_frame(summary.drop(columns="output_throughput"), evals).empty
+    assert charts.accuracy_throughput_frame(summary, evals.iloc[0:0]).empty
+
+
 def test_overlay_aligns_runs_from_benchmark_start() -> None:
     aligned = pd.DataFrame({"label": ["a", "a", "b", "b"], "t_s": [-5.0, 10.0, 0.0, 10.0],
                             "kv_cache_usage_perc": [0.1, 0.5, 0.2, 0.4], "num_requests_running": [0, 4, 0, 2],

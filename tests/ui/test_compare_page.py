@@ -1,8 +1,13 @@
-"""Compare page through AppTest on the seed's runs: the gain table in the seed's form, charts, downloads."""
+"""Compare page through AppTest on the seed's runs: the gain table in the seed's form, the accuracy comparison
+with its 2σ check, charts, downloads."""
 
 from __future__ import annotations
 
 import json
+
+from runner import api
+from runner.models import RunSource, RunStatus
+from tests.ui.conftest import SEED
 
 SEED_ROWS = {
     "Request Throughput (req/s)": ["1.25", "1.57", "+0.32", "+25.6%"],
@@ -46,15 +51,61 @@ def test_headline_toggle_gives_exactly_the_seeds_table(open_page, seeded) -> Non
         "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |\n")
 
 
-def test_charts_for_benchmarks_and_accuracy(open_page, seeded) -> None:
-    at = open_page("compare", a=1, b="2,3,4")
-    assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "Accuracy"]
-    assert any("No benchmark results, so no gain table" in c.value and "gsm8k_tp8" in c.value for c in at.caption)
-    accuracy = at.dataframe[-1].value
-    dcp8 = accuracy[(accuracy["run"] == "gsm8k_tp8_dcp8") & (accuracy["filter"] == "flexible-extract")].iloc[0]
-    assert round(dcp8["delta"], 4) == -0.003 and round(dcp8["delta_stderr"], 4) == 0.0093 and not dcp8["flagged"]
-    assert "Accuracy (CSV)" in [d.label for d in at.download_button]
+def accuracy_tables(at) -> list:
+    return [t.value for t in at.table if "Check" in t.value.columns]
+
+
+def test_seed_accuracy_beside_the_gain_table_of_the_same_two_runs(open_page, seeded) -> None:
+    at = open_page("compare", a=1, b=2)
+    assert [s.value for s in at.subheader] == ["TP8+DCP8 vs TP8", "Accuracy: TP8+DCP8 vs TP8"]
+    (table,) = accuracy_tables(at)
+    rows = {r["Filter"]: [r["TP8"], r["TP8+DCP8"], r["Change"], r["Combined stderr"], r["Check"]]
+            for _, r in table.iterrows()}
+    assert rows == {
+        "flexible-extract": ["0.9416 ± 0.0065", "0.9386 ± 0.0066", "-0.0030", "0.0093", "within noise"],
+        "strict-match": ["0.9409 ± 0.0065", "0.9371 ± 0.0067", "-0.0038", "0.0093", "within noise"],
+    }
+    assert list(table["Task"]) == ["gsm8k", "gsm8k"] and list(table["n-shot"]) == ["5", "5"]
+    assert not at.error  # no drop flagged
+    assert "#b42318" not in at.table[1].proto.arrow_data.styler.styles
+    markdown = [c.value for c in at.code if c.language == "markdown"][-1]
+    assert "| gsm8k | strict-match | exact_match | 0.9409 ± 0.0065 | 0.9371 ± 0.0067 | -0.0038 | no |" in markdown
+    assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "Accuracy",
+                                "Accuracy vs output throughput"]
+    assert at.selectbox[-1].label == "Filter for the chart below" and at.selectbox[-1].value == "strict-match"
+    assert not any("Left out of accuracy" in c.value for c in at.caption)  # both runs have both
+    assert {"Gain table (CSV)", "Accuracy comparison (CSV)"} <= {d.label for d in at.download_button}
     assert any("KV capacity" in c.value for c in at.caption)  # none recorded for printed results
+
+
+def test_a_drop_beyond_twice_the_combined_stderr_is_flagged(open_page, store) -> None:
+    for label, value, stderr in (("base", 0.94, 0.0065), ("worse", 0.90, 0.008)):
+        run = store.create_run(label=label, source=RunSource.imported, status=RunStatus.succeeded)
+        store.add_eval_results(run.id, [{"task": "gsm8k", "filter": "strict-match", "metric": "exact_match",
+                                         "value": value, "stderr": stderr, "n_shot": 5}])
+    at = open_page("compare", a=1, b=2)
+    (table,) = accuracy_tables(at)
+    row = table.iloc[0]
+    assert [row["base"], row["worse"], row["Change"], row["Combined stderr"], row["Check"]] == [
+        "0.9400 ± 0.0065", "0.9000 ± 0.0080", "-0.0400", "0.0103", "drop > 2σ"]
+    assert any("strict-match (exact_match) drops by 0.0400" in e.value and "0.0206" in e.value for e in at.error)
+    css = at.table[0].proto.arrow_data.styler.styles
+    assert "color: #b42318" in css and "248, 81, 73" in css  # the flag is red
+    # no benchmarks: no gain table, and the scatter says who is left out
+    assert any("Left out of accuracy vs throughput" in c.value and "base, worse" in c.value for c in at.caption)
+
+
+def test_an_eval_only_baseline_is_explained_and_charts_still_show(open_page, store) -> None:
+    """Results imported the old way, one run per file: the bench run has no accuracy to compare with."""
+    for name in ("tp8.txt", "tp8_dcp8.txt", "gsm8k_tp8_dcp8.txt"):
+        api.import_files(store, [(name, (SEED / name).read_bytes())])
+    at = open_page("compare", a=1, b="2,3")
+    assert any("The baseline #1 tp8 (succeeded) has no accuracy results" in i.value for i in at.info)
+    assert any(c.value == "No accuracy results: #2 tp8_dcp8 (succeeded)." for c in at.caption)
+    assert not accuracy_tables(at)
+    assert "Accuracy" in chart_titles(at)
+    assert any("Left out of accuracy vs throughput" in c.value and "tp8, tp8_dcp8, gsm8k_tp8_dcp8" in c.value
+               for c in at.caption)
 
 
 def test_kv_capacity_and_pareto_once_configuration_is_known(open_page, seeded) -> None:
@@ -64,8 +115,8 @@ def test_kv_capacity_and_pareto_once_configuration_is_known(open_page, seeded) -
     queries.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
     seeded.update_run(2, kv_cache_tokens=5_721_088, kv_cache_gib=46.8, dcp_multiplier=8)
     at = open_page("compare", a=1, b=2)
-    assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "KV-cache capacity",
-                                "Throughput per GPU vs median TPOT"]
+    assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "KV-cache capacity", "Accuracy",
+                                "Accuracy vs output throughput", "Throughput per GPU vs median TPOT"]
     assert "Pareto points (CSV)" in [d.label for d in at.download_button]
 
 

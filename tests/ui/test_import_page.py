@@ -64,3 +64,38 @@ def test_dcp_choices_follow_the_tp_size(open_page, store) -> None:
     assert not at.exception
     assert at.selectbox(key="import.dcp").options == ["1", "2", "4"]
     assert at.selectbox(key="import.dcp").value in (1, 2, 4)
+
+
+def test_lm_eval_table_added_to_the_run_of_its_bench_block(open_page, store) -> None:
+    from runner import api
+
+    api.import_files(store, [("tp8.txt", (SEED / "tp8.txt").read_bytes())], label="TP8")
+    at = open_page("import_results")
+    into = at.selectbox(key="import.into")
+    assert into.value == 0 and into.options == ["no — a new run per file", "#1 TP8 (succeeded)"]
+    into.set_value(1).run()
+    assert at.text_input(key="import.label").disabled  # the run keeps its own name
+    at.file_uploader[0].set_value([("gsm8k_tp8.txt", (SEED / "gsm8k_tp8.txt").read_bytes(), "text/plain")]).run()
+    import_button(at).click().run()
+    assert not at.exception
+    assert at.success[0].value == "Added 1 file(s) to run #1."
+    assert len(store.list_runs()) == 1
+    assert [(e.filter, e.value, e.stderr) for e in store.eval_results(1)] == [
+        ("flexible-extract", 0.9416, 0.0065), ("strict-match", 0.9409, 0.0065)]
+    assert store.run_metrics(1)[0]["output_throughput"] == 485.78  # the bench result is still there
+
+
+def test_a_launched_run_keeps_its_configuration(open_page, store) -> None:
+    from runner.models import RunStatus, utcnow
+
+    run = store.create_run(label="here", model="org/model", tensor_parallel_size=2, status=RunStatus.succeeded,
+                           finished_at=utcnow())
+    store.create_run(label="still running", status=RunStatus.benchmarking)
+    at = open_page("import_results")
+    assert at.selectbox(key="import.into").options == ["no — a new run per file", "#1 here (succeeded)"]
+    at.selectbox(key="import.into").set_value(run.id).run()
+    assert at.selectbox(key="import.tp").disabled and at.text_input(key="import.model").disabled
+    at.text_area(key="import.text").set_value((SEED / "gsm8k_tp8_dcp8.txt").read_text()).run()
+    import_button(at).click().run()
+    assert at.success[0].value == "Added 1 file(s) to run #1."
+    assert store.get_run(1).tensor_parallel_size == 2 and [e.value for e in store.eval_results(1)] == [0.9386, 0.9371]

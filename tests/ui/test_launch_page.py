@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import BenchSpec, LaunchSpec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec
 from runner.models import RunStatus
 
 
@@ -74,6 +74,29 @@ def test_seed_presets_fill_launch_bench_and_eval(open_page, data_dir: Path) -> N
     assert "--decode-context-parallel-size" not in at.code[0].value
 
 
+def test_accuracy_section_has_every_eval_field_and_shows_the_lm_eval_line(open_page, data_dir: Path) -> None:
+    at = open_page()
+    assert "num-fewshot" not in labels(at)  # the CPU demo has no evaluation
+    at.checkbox(key="eval.enabled").check().run()
+    shown = labels(at)
+    for name in EvalSpec.model_fields:
+        assert name.replace("_", "-") in shown, name
+    line = next(c.value for c in at.code if c.value.startswith("lm_eval"))
+    assert "--tasks gsm8k --num_fewshot 5" in line and "base_url=http://127.0.0.1:8000/v1/completions" in line
+
+    at.text_input(key="eval.dataset_path").set_value(str(data_dir / "missing.jsonl")).run()
+    assert any(e.startswith("Cannot read the eval dataset") for e in errors(at))
+    assert next(b for b in at.button if b.label == "Queue run").disabled
+    questions = data_dir / "mine.jsonl"
+    questions.write_text("".join(f'{{"question": "{i} + 1?", "answer": "#### {i + 1}"}}\n' for i in range(4)))
+    at.text_input(key="eval.dataset_path").set_value(str(questions)).run()
+    assert any("too few for 5-shot" in e for e in errors(at))
+    at.number_input(key="eval.num_fewshot").set_value(2).run()
+    assert not errors(at)
+    line = next(c.value for c in at.code if c.value.startswith("lm_eval"))
+    assert "--tasks gsm8k_local --num_fewshot 2" in line and "--include_path 'data/runs/<run id>/eval_tasks'" in line
+
+
 def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(open_page, data_dir: Path) -> None:
     at = open_page()
     at.text_area(key="form.paste").set_value("vllm serve moonshotai/Kimi-K2-Thinking -tp 8 -dcp 3 --max-num-seqs 64 "
@@ -120,8 +143,8 @@ def test_queue_run_creates_a_queued_run(open_page, seeded, demo_model: Path) -> 
     at.number_input(key="launch.port").set_value(8710)
     next(b for b in at.button if b.label == "Queue run").click().run()
     assert not at.exception
-    assert any(s.value.startswith("Queued run #5") for s in at.success)
-    run = seeded.get_run(5)
+    assert any(s.value.startswith("Queued run #3") for s in at.success)
+    run = seeded.get_run(3)
     assert run.status == RunStatus.queued and run.label == "demo A" and run.model == str(demo_model.resolve())
     assert '"port":8710' in run.spec_json
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from runner.config import BenchSpec, LaunchSpec, RunSpec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec
 from runner.models import RunSource, RunStatus, utcnow
 from runner.store import Store
 
@@ -45,14 +45,20 @@ def live_run(store: Store, tmp: Path, status: RunStatus = RunStatus.benchmarking
     return run.id
 
 
-def test_imported_run_shows_metrics_and_downloads(open_page, seeded) -> None:
+def test_imported_run_shows_metrics_accuracy_and_downloads(open_page, seeded) -> None:
     at = open_page("run", run=1)
     assert at.title[0].value == "Run #1 — TP8"
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Output tok/s"] == "485.78" and metrics["Requests/s"] == "1.25"
     assert metrics["Median TTFT (ms)"] == "227,389.9"
-    assert "Imported results" in at.info[0].value
-    assert [d.label for d in at.download_button] == ["imported-tp8.txt", "results.csv"]
+    assert metrics["gsm8k · flexible-extract"] == "0.9416" and metrics["gsm8k · strict-match"] == "0.9409"
+    assert {"± 0.0065 stderr · 5-shot"} <= {c.value for c in at.caption}
+    assert at.info[0].value.startswith("Imported results (1 benchmark result(s), 2 accuracy score(s))")
+    printed = next(c.value for c in at.code if c.value.startswith("|Tasks|"))
+    assert printed.splitlines()[0] == "|Tasks|Version| Filter |n-shot| Metric | |Value | |Stderr|"
+    assert "|gsm8k|-|flexible-extract|5|exact_match|↑ |0.9416|± |0.0065|" in printed
+    assert "| | |strict-match|5|exact_match|↑ |0.9409|± |0.0065|" in printed
+    assert [d.label for d in at.download_button] == ["imported-gsm8k_tp8.txt", "imported-tp8.txt", "results.csv"]
     assert not at.get("plotly_chart")
 
 
@@ -113,5 +119,22 @@ def test_a_stored_spec_that_cannot_be_read_back_does_not_break_the_page(open_pag
 def test_unknown_run_falls_back_to_the_newest(open_page, seeded) -> None:
     at = open_page("run", run=999)
     assert "There is no run 999" in at.warning[0].value
-    assert at.title[0].value == "Run #4 — gsm8k_tp8_dcp8"
-    assert list(at.dataframe[0].value["value"]) == [0.9386, 0.9371]  # its accuracy table
+    assert at.title[0].value == "Run #2 — TP8+DCP8"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["gsm8k · strict-match"] == "0.9371"  # its accuracy
+    assert "± 0.0067 stderr · 5-shot" in [c.value for c in at.caption]
+
+
+def test_a_run_with_an_evaluation_shows_its_lm_eval_command(open_page, store) -> None:
+    spec = RunSpec(label="with eval", launch=LaunchSpec(model="org/model", port=8124), bench=[],
+                   eval=EvalSpec(limit=50, dataset_path="/data/gsm8k.jsonl", max_gen_toks=256))
+    run = store.create_run(label="with eval", model="org/model", spec_json=spec.model_dump_json(),
+                           status=RunStatus.succeeded, finished_at=utcnow(), port=8124)
+    at = open_page("run", run=run.id)
+    titles = [c.value for c in at.caption]
+    commands = dict(zip([t for t in titles if t in ("vllm serve", "lm_eval")],
+                        [c.value for c in at.code if c.language == "bash"]))
+    assert list(commands) == ["vllm serve", "lm_eval"]
+    assert commands["lm_eval"].startswith("lm_eval --model local-completions --model_args model=org/model,"
+                                          "base_url=http://127.0.0.1:8124/v1/completions")
+    assert "--limit 50" in commands["lm_eval"]

@@ -26,8 +26,8 @@ def button(at, prefix: str):
 def test_table_lists_every_run_with_status_config_and_headline_metrics(open_page, seeded) -> None:
     at = open_page("runs")
     table = at.dataframe[0].value
-    assert list(table["ID"]) == [1, 2, 3, 4]
-    assert list(table["Label"]) == ["TP8", "TP8+DCP8", "gsm8k_tp8", "gsm8k_tp8_dcp8"]
+    assert list(table["ID"]) == [1, 2]
+    assert list(table["Label"]) == ["TP8", "TP8+DCP8"]
     assert set(table["Status"]) == {"succeeded"}
     assert table["Output tok/s"].iloc[:2].tolist() == [485.78, 695.13]
     assert table["Req/s"].iloc[:2].tolist() == [1.25, 1.57]
@@ -39,7 +39,7 @@ def test_table_lists_every_run_with_status_config_and_headline_metrics(open_page
 def test_filters_narrow_the_table(open_page, seeded) -> None:
     at = open_page("runs")
     at.text_input(key="runs.text").set_value("dcp8").run()
-    assert list(at.dataframe[0].value["ID"]) == [2, 4]
+    assert list(at.dataframe[0].value["ID"]) == [2]
     at.text_input(key="runs.text").set_value("").run()
     at.multiselect(key="runs.status").set_value(["failed"]).run()
     assert at.dataframe[0].value.empty
@@ -63,23 +63,24 @@ def test_open_one_run(open_page, seeded) -> None:
 
 
 def test_delete_asks_for_confirmation_then_removes_rows_and_files(open_page, seeded) -> None:
-    folder = Path(seeded.get_run(4).run_dir)
+    folder = Path(seeded.get_run(2).run_dir)
     assert folder.is_dir()
     at = open_page("runs")
-    select(at, [3])
+    select(at, [1])
     button(at, "Delete (1)").click().run()
-    assert any("Delete #4" in w.value and "cannot be undone" in w.value for w in at.warning)
+    assert any("Delete #2" in w.value and "cannot be undone" in w.value for w in at.warning)
     button(at, "Keep them").click().run()
-    assert seeded.get_run(4)  # still there
-    select(at, [3])
+    assert seeded.get_run(2)  # still there
+    select(at, [1])
     button(at, "Delete (1)").click().run()
     button(at, "Yes, delete").click().run()
     assert not at.exception
     with pytest.raises(StoreError):
-        seeded.get_run(4)
+        seeded.get_run(2)
     assert not folder.exists()
-    assert list(at.dataframe[0].value["ID"]) == [1, 2, 3]
-    assert any("Deleted: #4" in s.value for s in at.success)
+    assert seeded.eval_results(2) == []  # its GSM8K scores went with it
+    assert list(at.dataframe[0].value["ID"]) == [1]
+    assert any("Deleted: #2" in s.value for s in at.success)
 
 
 def test_cancel_a_queued_run(open_page, seeded, demo_model: Path) -> None:
@@ -87,7 +88,7 @@ def test_cancel_a_queued_run(open_page, seeded, demo_model: Path) -> None:
     queued = api.queue_run(seeded, spec)
     at = open_page("runs")
     assert at.dataframe[0].value["Status"].iloc[-1] == "queued"
-    select(at, [4])
+    select(at, [2])
     assert button(at, "Delete").disabled  # a live run is cancelled, not deleted
     button(at, "Cancel (1)").click().run()
     assert seeded.get_run(queued.id).status == RunStatus.cancelled
@@ -102,4 +103,4 @@ def test_empty_store_points_to_launch_and_import(open_page, store) -> None:
 def test_local_model_paths_are_shortened_in_the_table(open_page, seeded, demo_model: Path) -> None:
     api.queue_run(seeded, RunSpec(launch=LaunchSpec(model=str(demo_model)), bench=[BenchSpec(num_prompts=2)]))
     at = open_page("runs")
-    assert at.dataframe[0].value["Model"].tolist() == ["—", "—", "—", "—", "…/models/demo"]
+    assert at.dataframe[0].value["Model"].tolist() == ["—", "—", "…/models/demo"]
