@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import sqlalchemy as sa
 
 from runner import compare as cmp
 from runner.config import RunSpec, Settings, SweepSpec
@@ -30,14 +31,19 @@ from runner.parsers import (
     parse_lm_eval_table,
     parse_startup_log,
 )
-from runner.store import Store
+from runner.store import Store, default_db_url
 
 MAX_IMPORT_BYTES = 64 * 1024 * 1024
 
 
 def open_store(db: str | None = None) -> Store:
     """The store at `db` (path or SQLAlchemy URL), else SERVELAB_DB, else data/servelab.db."""
-    return Store(db)
+    try:
+        return Store(db)
+    except sa.exc.SQLAlchemyError as exc:  # no driver for the URL, a file that is not a database, …
+        where = db or default_db_url()
+        raise StoreError(f"cannot open the database {where}: {exc.args[0] if exc.args else exc}; "
+                         "pass a SQLite file path or a SQLAlchemy URL whose driver is installed") from None
 
 
 # -- import ---------------------------------------------------------------------------------------
@@ -263,7 +269,8 @@ RUN_COLUMNS = ["id", "label", "status", "source", "model", "tensor_parallel_size
 
 
 def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
-    frame = store.runs_frame(**filters)
+    """The Runs table: the columns of `RUN_COLUMNS` only, read as such (quick with thousands of runs)."""
+    frame = store.runs_frame(columns=RUN_COLUMNS, **filters)
     return frame[[c for c in RUN_COLUMNS if c in frame.columns]]
 
 
@@ -289,7 +296,16 @@ def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) ->
         if run_ids:
             frame = frame[frame["id"].isin(run_ids)]
     elif what == "samples":
-        frame = store.samples_frame(run_ids or [r.id for r in store.list_runs()])
+        # streamed from the database to the file: millions of rows never become a DataFrame
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="", buffering=1 << 20) as f:
+            writer = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")  # as pandas writes
+            writer.writerow(store.sample_columns())
+            count = 0
+            for batch in store.sample_batches(run_ids or None):
+                writer.writerows(batch)
+                count += len(batch)
+        return count
     elif what == "results":
         frame = results_frame(store, run_ids)
     else:

@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -86,6 +87,17 @@ def store_mark(store: Store) -> str:
     return hashlib.sha256(str(store.url).encode()).hexdigest()[:16]
 
 
+def disk_full_note(path: Path, below_bytes: int = 1 << 20) -> str:
+    """A sentence for a failure reason when the disk of `path` is (nearly) full, else ''."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    if free >= below_bytes:
+        return ""
+    return f"\nThe run folder's disk is full ({free // 1024} KiB free in {path}); free space and queue the run again."
+
+
 def _gpu_note(title: str, used: dict[int, float]) -> str:
     if not used:
         return ""
@@ -111,6 +123,7 @@ class RunExecutor:
         startup_timeout_s: float | None = None,
         on_update: Callable[[float, str], None] = lambda progress, phase: None,
         tick_s: float = 1.0,
+        interrupted: Callable[[], bool] = lambda: False,
     ):
         self.store = store
         self.run_id = run_id
@@ -119,6 +132,7 @@ class RunExecutor:
         self.startup_timeout_s = startup_timeout_s or float(os.environ.get("SERVELAB_STARTUP_TIMEOUT", "1800"))
         self.on_update = on_update
         self.tick_s = tick_s
+        self.interrupted = interrupted  # the worker is stopping: end the run `interrupted`, not `cancelled`
         run = store.get_run(run_id)
         self.spec = RunSpec.model_validate_json(run.spec_json)
         self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
@@ -148,6 +162,8 @@ class RunExecutor:
         self.store.add_phase(self.run_id, phase, detail=detail)
 
     def cancelled(self) -> bool:
+        if self.interrupted():
+            return True
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.5:
             self._last_cancel_check = now
@@ -168,10 +184,15 @@ class RunExecutor:
             status = RunStatus.succeeded
         except Cancelled as exc:
             status, reason = RunStatus.cancelled, str(exc)
+            if self.interrupted() and not self._cancelled:
+                was = self.store.get_run(self.run_id).status.value
+                status = RunStatus.interrupted
+                reason = f"the worker was stopped while the run was {was}; queue it again to rerun"
         except RunError as exc:
-            status, reason = RunStatus.failed, str(exc)
+            status, reason = RunStatus.failed, str(exc) + disk_full_note(self.run_dir)
         except Exception as exc:  # a bug must still leave a true state and no process behind
-            status, reason = RunStatus.failed, f"internal error: {type(exc).__name__}: {exc}"
+            reason = f"internal error: {type(exc).__name__}: {exc}" + disk_full_note(self.run_dir)
+            status = RunStatus.failed
         finally:
             self._teardown()
         extra = {"failure_reason": reason} if reason else {}
@@ -229,7 +250,7 @@ class RunExecutor:
                 if done and done[1]:
                     self._set(progress=base + share * done[0] / done[1],
                               phase=f"benchmark {n + 1}/{total}: {done[0]}/{done[1]} requests")
-                time.sleep(self.tick_s)
+                proc.wait(self.tick_s)  # returns as soon as the benchmark exits
         finally:
             proc.stop(grace_s=10)
         self._mark("bench_end", name)

@@ -116,6 +116,8 @@ class Worker:
         self.threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
+        self.interrupting = threading.Event()
+        self._wake = threading.Event()  # a run ended or stop was asked: schedule now, not at the next poll
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconcile(self) -> list[int]:
@@ -175,7 +177,8 @@ class Worker:
 
     def _execute(self, run_id: int, alloc: Allocation) -> None:
         try:
-            executor = self.executor_factory(self.store, run_id, alloc, self.settings, **self.executor_kw)
+            executor = self.executor_factory(self.store, run_id, alloc, self.settings,
+                                             interrupted=self.interrupting.is_set, **self.executor_kw)
             executor.execute()
         except Exception as exc:  # never lose a run silently
             self.store.update_run(run_id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
@@ -183,9 +186,14 @@ class Worker:
         finally:
             with self._lock:
                 self.allocator.release(run_id)
+            self._wake.set()
 
     def _reap(self) -> None:
         for run_id, t in list(self.threads.items()):
+            with self._lock:
+                ended = run_id not in self.allocator.held  # released as the last step of `_execute`
+            if ended:
+                t.join()  # at most the few instructions after the release
             if not t.is_alive():
                 del self.threads[run_id]
 
@@ -198,15 +206,29 @@ class Worker:
         nothing runs any more."""
         self.reconcile()
         while not self.stopping.is_set():
+            self._wake.clear()
             self.step()
             if until() and not self.busy():
                 return
-            self.stopping.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
         for t in list(self.threads.values()):
             t.join()
 
     def stop(self) -> None:
         self.stopping.set()
+        self._wake.set()
+
+    def interrupt(self) -> None:
+        """Stop now: claim nothing more; runs in flight stop their processes and end `interrupted`."""
+        self.interrupting.set()
+        self.stopping.set()
+        self._wake.set()
+
+    def join(self, timeout_s: float = 120.0) -> None:
+        """Wait for the runs in flight to end (after `interrupt()`, that is their teardown)."""
+        deadline = time.monotonic() + timeout_s
+        for t in list(self.threads.values()):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def wait_for(store: Store, run_ids: list[int], timeout_s: float, poll_s: float = 0.5) -> None:
