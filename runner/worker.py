@@ -116,6 +116,7 @@ class Worker:
         self.threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
+        self.errors: list[str] = []  # the last scheduling errors, newest last
         self.interrupting = threading.Event()
         self._wake = threading.Event()  # a run ended or stop was asked: schedule now, not at the next poll
 
@@ -207,9 +208,13 @@ class Worker:
         self.reconcile()
         while not self.stopping.is_set():
             self._wake.clear()
-            self.step()
-            if until() and not self.busy():
-                return
+            try:
+                self.step()
+                if until() and not self.busy():
+                    return
+            except Exception as exc:  # a database hiccup must not end the worker; try again next tick
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                del self.errors[:-20]
             self._wake.wait(self.poll_s)
         for t in list(self.threads.values()):
             t.join()

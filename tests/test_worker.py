@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import exc as sa_exc
 
 from runner import api
 from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings, SweepSpec
@@ -415,3 +416,18 @@ def test_orphan_servers_finds_only_marked_processes_not_held(store, settings) ->
         for p in (marked, plain):
             p.kill()
             p.wait()
+
+
+def test_a_scheduling_error_does_not_end_the_worker(store, settings, monkeypatch) -> None:
+    worker = Worker(store, settings, gpu_ids=[], poll_s=0.01)
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sa_exc.OperationalError("UPDATE run", {}, Exception("database is locked"))
+        return []
+
+    monkeypatch.setattr(worker, "step", flaky_step)
+    worker.run_forever(until=lambda: calls["n"] >= 3)
+    assert calls["n"] >= 3 and "database is locked" in worker.errors[0]
