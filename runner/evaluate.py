@@ -180,7 +180,7 @@ def run_eval(
                 raise Cancelled("cancelled during the evaluation")
             if not alive():
                 raise RunError("vLLM server exited during the evaluation")
-            time.sleep(tick_s)
+            proc.wait(tick_s)  # returns as soon as lm-eval exits
     finally:
         proc.stop(grace_s=10)
     code = proc.poll()

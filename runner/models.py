@@ -15,7 +15,14 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 1
-"""Bump with every change to the tables below, and teach `Store` to migrate from the previous one."""
+"""Bump with every change to the tables below, and teach `Store` to migrate from the previous one.
+
+Indexes are no such change: `Store` creates the ones a file lacks (and drops `SUPERSEDED_INDEXES`) when it
+opens it, and an older servelab still reads a file that has them.
+"""
+
+SUPERSEDED_INDEXES: dict[str, tuple[str, tuple[str, ...]]] = {"ix_sample_run_id_t": ("sample", ("run_id", "t"))}
+"""Index name → (table, columns) of indexes that a wider one replaced."""
 
 
 def utcnow() -> datetime:
@@ -205,10 +212,11 @@ class Sample(SQLModel, table=True):
     Every measurement is nullable: None means not supported or not available, never zero.
     """
 
-    __table_args__ = (sa.Index("ix_sample_run_id_t", "run_id", "t"),)
+    # in the order every read asks for (run, time, host row then GPUs): no sort, even for a 1M-row export
+    __table_args__ = (sa.Index("ix_sample_run_id_t_gpu_index", "run_id", "t", "gpu_index"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    run_id: int = _run_fk(index=False)  # covered by the (run_id, t) index
+    run_id: int = _run_fk(index=False)  # covered by the (run_id, t, gpu_index) index
     t: float  # epoch seconds
     gpu_index: int | None = None
     util_pct: float | None = None

@@ -22,6 +22,10 @@ from runner.errors import Cancelled, RunError
 from runner.parsers import find_failure_reason
 
 CPU_BACKEND_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+HEALTH_POLL_S = 0.1
+"""How often `wait_ready` asks `/health`: the benchmark starts at most this long after vLLM is ready."""
+STOP_POLL_S = 0.05
+"""How often a stop looks whether the process group is gone and the port free."""
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -91,6 +95,16 @@ class ManagedProcess:
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc else None
 
+    def wait(self, timeout_s: float) -> int | None:
+        """The exit code once the process has exited, waiting at most `timeout_s`; None if it still runs.
+        A loop that waits here instead of sleeping notices the exit at once."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM to the group, wait up to `grace_s`, then SIGKILL whatever of the group is left."""
         if self.proc is None:
@@ -124,7 +138,7 @@ def kill_group(pgid: int, grace_s: float = 30.0) -> None:
     while time.monotonic() < deadline:
         if not _group_members(pgid):
             return
-        time.sleep(0.2)
+        time.sleep(STOP_POLL_S)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -168,13 +182,17 @@ class VllmServer(ManagedProcess):
         cancelled: Callable[[], bool] = lambda: False,
         on_tick: Callable[[], None] = lambda: None,
         tick_s: float = 1.0,
+        poll_s: float = HEALTH_POLL_S,
     ) -> float:
         """Block until `/health` answers 200; return seconds waited.
 
+        `/health` and the process are checked every `poll_s`, so the run goes on within `poll_s` of
+        vLLM being ready; `cancelled()` and `on_tick()` (which may write to the store) every `tick_s`.
         Raises `RunError` with vLLM's own reason when the process exits, or on timeout; `Cancelled`
         when `cancelled()` turns true.
         """
         start = time.monotonic()
+        next_tick = start + tick_s
         with httpx.Client(timeout=2.0) as client:
             while True:
                 code = self.poll()
@@ -185,15 +203,18 @@ class VllmServer(ManagedProcess):
                         return time.monotonic() - start
                 except httpx.HTTPError:
                     pass
-                if cancelled():
-                    raise Cancelled("cancelled during startup")
-                if time.monotonic() - start > timeout_s:
+                now = time.monotonic()
+                if now - start > timeout_s:
                     raise RunError(
                         f"vLLM was not ready after {timeout_s:.0f} s; raise the startup timeout or check the log:\n"
                         + tail(self.log_path, 8)
                     )
-                on_tick()
-                time.sleep(tick_s)
+                if now >= next_tick:
+                    if cancelled():
+                        raise Cancelled("cancelled during startup")
+                    on_tick()
+                    next_tick = now + tick_s
+                time.sleep(min(poll_s, tick_s))
 
     def alive(self) -> bool:
         return self.poll() is None
@@ -204,5 +225,5 @@ class VllmServer(ManagedProcess):
         super().stop(grace_s)
         deadline = time.monotonic() + 30
         while not port_is_free(self.port) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(STOP_POLL_S)
         return time.monotonic() - start

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from runner.errors import StoreError
 from runner.models import (
     BENCH_COLUMNS,
     SCHEMA_VERSION,
+    SUPERSEDED_INDEXES,
     BenchResult,
     EvalResult,
     Meta,
@@ -140,10 +142,26 @@ class Store:
                     f"{SCHEMA_VERSION}; upgrade servelab (pip install -U servelab) or point SERVELAB_DB elsewhere."
                 )
         SQLModel.metadata.create_all(self.engine)
+        self._sync_indexes()
         with self._session() as s:
             if s.get(Meta, "schema_version") is None:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                 s.commit()
+
+    def _sync_indexes(self) -> None:
+        """Create the indexes the models declare but an existing file lacks (`create_all` only adds
+        tables), and drop those a wider index superseded."""
+        inspector = sa.inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                present = {ix["name"] for ix in inspector.get_indexes(table.name)}
+                for index in table.indexes:
+                    if index.name not in present:
+                        index.create(conn)
+                for name, (on, cols) in SUPERSEDED_INDEXES.items():
+                    if on == table.name and name in present:
+                        old = sa.Table(on, sa.MetaData(), *(sa.Column(c) for c in cols))  # not our metadata
+                        sa.Index(name, *(old.c[c] for c in cols)).drop(conn)
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
@@ -207,8 +225,9 @@ class Store:
         model: str | None,
         sweep_id: int | None,
         limit: int | None,
+        columns: Sequence[Any] = (),
     ) -> Any:
-        q = select(Run)
+        q = select(*columns) if columns else select(Run)
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
             q = q.where(col(Run.status).in_([RunStatus(x) for x in wanted]))
@@ -276,21 +295,36 @@ class Store:
         sweep_id: int | None = None,
         limit: int | None = None,
         with_metrics: bool = True,
+        columns: Iterable[str] | None = None,
     ) -> pd.DataFrame:
-        """Runs as a table (newest first); with `with_metrics`, the mean of each bench column over executions."""
-        runs = self.list_runs(status, model, sweep_id, limit)
-        columns = ["id", *(f for f in Run.model_fields if f != "id")]
-        frame = pd.DataFrame([r.model_dump() for r in runs], columns=columns)
-        frame["status"] = frame["status"].map(lambda v: getattr(v, "value", v))
-        frame["source"] = frame["source"].map(lambda v: getattr(v, "value", v))
-        if not with_metrics:
-            return frame
-        q = select(BenchResult.run_id, *(sa.func.avg(getattr(BenchResult, c)).label(c) for c in BENCH_COLUMNS))
-        q = q.where(col(BenchResult.run_id).in_([r.id for r in runs])).group_by(BenchResult.run_id)
+        """Runs as a table (newest first); with `with_metrics`, the mean of each bench column over executions.
+
+        `columns` (run fields and bench columns) reads only those: a table of thousands of runs then
+        skips the spec, argv and env texts it does not show.
+        """
+        run_cols = ["id", *(f for f in Run.model_fields if f != "id")]
+        metric_cols = list(BENCH_COLUMNS) if with_metrics else []
+        if columns is not None:
+            wanted = set(columns)
+            if unknown := sorted(wanted - set(run_cols) - set(BENCH_COLUMNS)):
+                raise StoreError(f"runs have no column(s) {', '.join(unknown)}; known: {', '.join(run_cols)}")
+            run_cols = [c for c in run_cols if c in wanted]
+            metric_cols = [c for c in metric_cols if c in wanted]
+        q = self._runs_query(status, model, sweep_id, limit, columns=[getattr(Run, c) for c in run_cols])
+        if metric_cols:
+            # one query: the per-run means joined on, not an IN list of every run id
+            means = (
+                select(col(BenchResult.run_id), *(sa.func.avg(getattr(BenchResult, c)).label(c) for c in metric_cols))
+                .group_by(col(BenchResult.run_id))
+                .subquery()
+            )
+            q = q.outerjoin(means, means.c.run_id == col(Run.id)).add_columns(*(means.c[c] for c in metric_cols))
         with self.engine.connect() as conn:
-            means = pd.DataFrame(conn.execute(q).mappings().all(), columns=["run_id", *BENCH_COLUMNS])
-        merged = frame.merge(means, how="left", left_on="id", right_on="run_id").drop(columns="run_id")
-        return merged
+            frame = pd.DataFrame(conn.execute(q).all(), columns=[*run_cols, *metric_cols])
+        for name in ("status", "source"):
+            if name in frame:
+                frame[name] = frame[name].map(lambda v: getattr(v, "value", v))
+        return frame
 
     # --- results ------------------------------------------------------------------------------
 
@@ -375,25 +409,40 @@ class Store:
     def samples_frame(self, run_ids: Iterable[int], max_points: int | None = None) -> pd.DataFrame:
         """Telemetry of runs, ordered by run and time.
 
-        With `max_points`, each run keeps at most that many ticks (evenly strided, all rows of a
-        kept tick), so long runs stay light to chart.
+        With `max_points`, each run keeps at most that many ticks, all rows of a kept tick: its time
+        span is cut into `max_points` equal slices and the first tick of each slice is kept, so long
+        runs stay light to chart and runs of different lengths stay comparable in time. The ticks are
+        chosen in the database, one index seek a slice: a run of a million rows sends only those it keeps.
         """
-        ids = list(run_ids)
-        table = Sample.__table__  # type: ignore[attr-defined]
-        q = sa.select(table).where(table.c.run_id.in_(ids)).order_by(table.c.run_id, table.c.t, table.c.gpu_index)
-        with self.engine.connect() as conn:
-            frame = pd.DataFrame(conn.execute(q).mappings().all(), columns=[c.name for c in table.columns])
-        if max_points is None or frame.empty:
-            return frame
-        if max_points < 1:
+        if max_points is not None and max_points < 1:
             raise StoreError(f"max_points must be at least 1, got {max_points}")
-        keep: list[pd.Series] = []
-        for _, part in frame.groupby("run_id", sort=False):
-            ticks = part["t"].drop_duplicates()
-            stride = max(1, math.ceil(len(ticks) / max_points))
-            keep.append(part["t"].isin(set(ticks.iloc[::stride])))
-        mask = pd.concat(keep).reindex(frame.index)
-        return frame[mask].reset_index(drop=True)
+        rows = [row for batch in self._raw_batches(samples_query(run_ids, max_points)) for row in batch]
+        return pd.DataFrame.from_records(rows, columns=self.sample_columns())
+
+    def sample_columns(self) -> list[str]:
+        """The columns of `sample_batches` rows, in order."""
+        return [c.name for c in Sample.__table__.columns]  # type: ignore[attr-defined]
+
+    def sample_batches(self, run_ids: Iterable[int] | None = None, size: int = 20_000) -> Iterator[list[tuple[Any, ...]]]:
+        """Telemetry rows as plain tuples (`sample_columns` order), by run and time, in lists of `size`:
+        for exports of millions of rows that need no DataFrame. `run_ids` None reads every run."""
+        yield from self._raw_batches(samples_query(run_ids), size)
+
+    def _raw_batches(self, q: sa.Select, size: int = 20_000) -> Iterator[list[tuple[Any, ...]]]:
+        """Run `q` on the driver's own cursor: plain tuples at a third of the cost of SQLAlchemy rows.
+        Only for columns that need no conversion (numbers and text, as every Sample column)."""
+        compiled = q.compile(dialect=self.engine.dialect, compile_kwargs={"render_postcompile": True})
+        params: Any = compiled.params
+        if compiled.positiontup is not None:
+            params = tuple(params[name] for name in compiled.positiontup)
+        with self.engine.connect() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(str(compiled), params)
+                while batch := cursor.fetchmany(size):
+                    yield batch
+            finally:
+                cursor.close()
 
     def add_phase(self, run_id: int, phase: str, t: float | None = None, detail: str | None = None) -> PhaseEvent:
         """Record a moment in a run's life; `t` defaults to now (epoch seconds)."""
@@ -433,6 +482,52 @@ class Store:
         q = select(Sweep).order_by(col(Sweep.created_at).desc(), col(Sweep.id).desc())
         with self._session() as s:
             return list(s.exec(q.limit(limit) if limit is not None else q).all())
+
+
+def samples_query(run_ids: Iterable[int] | None, max_points: int | None = None) -> sa.Select:
+    """The SELECT behind `samples_frame` and `sample_batches`: rows of `run_ids` (None: every run) in
+    (run, time, GPU) order, which is the order of the sample index, so nothing is sorted."""
+    table = Sample.__table__  # type: ignore[attr-defined]
+    q = sa.select(table)
+    if max_points is not None:
+        kept = _kept_ticks([int(r) for r in run_ids or []], max_points)
+        q = q.join(kept, sa.and_(table.c.run_id == kept.c.run_id, table.c.t == kept.c.t))
+    elif run_ids is not None:
+        q = q.where(table.c.run_id.in_([int(r) for r in run_ids]))
+    return q.order_by(table.c.run_id, table.c.t, table.c.gpu_index)
+
+
+def _kept_ticks(run_ids: list[int], max_points: int) -> Any:
+    """(run_id, t) of the ticks `samples_frame` keeps: per run, the first tick of each of `max_points`
+    equal slices of its time span. Each slice is one seek on the (run_id, t, …) index; the CTEs are
+    materialized so the database walks the few kept ticks, not the million rows."""
+    table = Sample.__table__  # type: ignore[attr-defined]
+    run = Run.__table__  # type: ignore[attr-defined]
+    ends = table.alias("ends")
+    span = (
+        sa.select(
+            run.c.id.label("run_id"),
+            sa.select(sa.func.min(ends.c.t)).where(ends.c.run_id == run.c.id).scalar_subquery().label("lo"),
+            sa.select(sa.func.max(ends.c.t)).where(ends.c.run_id == run.c.id).scalar_subquery().label("hi"),
+        )
+        .where(run.c.id.in_(run_ids))
+        .cte("span")
+    )
+    span = _materialized(span)
+    slices = sa.select(sa.literal(0).label("k")).cte("slice", recursive=True)
+    slices = slices.union_all(sa.select((slices.c.k + 1).label("k")).where(slices.c.k + 1 < max_points))
+    width = (span.c.hi - span.c.lo) / max_points
+    lower = span.c.lo + width * slices.c.k
+    upper = sa.case((slices.c.k == max_points - 1, span.c.hi + 1.0), else_=span.c.lo + width * (slices.c.k + 1))
+    probe = table.alias("probe")
+    first = sa.select(sa.func.min(probe.c.t)).where(probe.c.run_id == span.c.run_id, probe.c.t >= lower, probe.c.t < upper)
+    kept = sa.select(span.c.run_id, first.scalar_subquery().label("t")).select_from(span.join(slices, sa.true()))
+    return _materialized(kept.cte("kept"))
+
+
+def _materialized(cte: sa.CTE) -> sa.CTE:
+    """Ask SQLite (3.35+) to compute a CTE once, as a table, instead of folding it into the outer query."""
+    return cte.prefix_with("MATERIALIZED", dialect="sqlite") if sqlite3.sqlite_version_info >= (3, 35) else cte
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
