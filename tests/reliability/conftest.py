@@ -52,9 +52,15 @@ def _ours(path: object) -> bool:
     return Path(str(path)).resolve().is_relative_to(HERE)
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
+def _start_results() -> None:
     SESSION_RESULTS.parent.mkdir(parents=True, exist_ok=True)
     SESSION_RESULTS.write_text("")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # fires only when this conftest is loaded before the session starts (`pytest tests/reliability`);
+    # from the repository root it is loaded during collection, hence pytest_collection_finish below
+    _start_results()
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -63,6 +69,7 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     _session.items = [i for i in session.items if _ours(i.path)]
+    _start_results()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -99,6 +106,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _session.items:
         SESSION_RESULTS.unlink(missing_ok=True)
         return
+    if not SESSION_RESULTS.exists():
+        SESSION_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        SESSION_RESULTS.write_text("")
     os.replace(SESSION_RESULTS, RESULTS)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     say = reporter.write_line if reporter else print
@@ -134,6 +144,7 @@ def record(request: pytest.FixtureRequest):
                 data_lost: int = 0) -> None:
         row = {"matrix": matrix, "surface": surface, "case": case, "expected": expected, "observed": observed,
                "data_lost": data_lost, "nodeid": request.node.nodeid}
+        SESSION_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with open(SESSION_RESULTS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
