@@ -34,7 +34,7 @@ def test_no_shell_true_anywhere(record) -> None:
     from tests.test_architecture import test_no_shell_true
 
     test_no_shell_true()
-    record("security", "no shell=True anywhere", "every command is an argv list (grep of runner/ and dashboard/)",
+    record("security", "no shell-string subprocess anywhere", "every command is an argv list (grep of runner/ and dashboard/)",
            "tests/test_architecture.py::test_no_shell_true passed; the bad-input matrix's shell-character cases "
            "show argv items arriving verbatim", surface="source")
 
