@@ -103,7 +103,8 @@ def main() -> None:
             argv = bench_argv(bench, ex.launch, base_url, ex.run_dir, name + ".json", prefix=vllm_prefix())
             cpu0 = time.thread_time()
             with open(ex.run_dir / f"{name}.log", "wb") as log:
-                subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+                subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               check=True)
             metrics = parse_bench_json((ex.run_dir / f"{name}.json").read_text()).metrics
             say(f"      this script's CPU around the direct run: {(time.thread_time() - cpu0) * 1000:.0f} ms")
             return metrics

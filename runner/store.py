@@ -429,7 +429,7 @@ class Store:
         yield from self._raw_batches(samples_query(run_ids), size)
 
     def _raw_batches(self, q: sa.Select, size: int = 20_000) -> Iterator[list[tuple[Any, ...]]]:
-        """Run `q` on the driver's own cursor: plain tuples at a third of the cost of SQLAlchemy rows.
+        """Run `q` on the driver's own cursor: plain tuples, a third cheaper than SQLAlchemy rows.
         Only for columns that need no conversion (numbers and text, as every Sample column)."""
         compiled = q.compile(dialect=self.engine.dialect, compile_kwargs={"render_postcompile": True})
         params: Any = compiled.params
