@@ -274,8 +274,26 @@ def overlay_timeseries(aligned: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=part["t_s"], y=part[col] * scale, mode="lines", name=label, legendgroup=label,
                             line_color=colors[label], showlegend=i == 0, row=r + 1, col=c + 1)
     fig.update_xaxes(title_text="seconds since benchmark start", row=2)
+    window = bench_window(aligned)
+    if window is not None:
+        fig.update_xaxes(range=list(window))
+        fig.add_vline(x=0, line_dash="dot", line_color="#888", row="all", col="all")
     fig.update_yaxes(rangemode="tozero")
     return _layout(fig, "Time series from benchmark start", 520)
+
+
+def bench_window(aligned: pd.DataFrame) -> tuple[float, float] | None:
+    """The x range that shows the benchmarks rather than the startups before them: from a little
+    before the benchmark start to a little after the longest one ended (zooming out shows the rest).
+    None when no run has a benchmark end."""
+    if not _has(aligned, "bench_end_s"):
+        return None
+    end = float(aligned["bench_end_s"].max())
+    if not end > 0:
+        return None
+    pad = max(2.0, 0.1 * end)
+    lo = max(float(aligned["t_s"].min()), -pad)
+    return lo, end + pad
 
 
 def pareto_frame(summary: pd.DataFrame) -> pd.DataFrame:

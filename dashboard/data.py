@@ -131,7 +131,8 @@ def run_samples(store: Store, run_id: int, max_points: int = 900) -> pd.DataFram
 
 def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> pd.DataFrame:
     """Host/server telemetry of several runs on one clock: seconds since each run's first benchmark
-    started (since its first sample when it has no benchmark), plus generated tokens per second."""
+    started (since its first sample when it has no benchmark), plus generated tokens per second and
+    `bench_end_s`, when the run's last benchmark ended on that clock (NaN without one)."""
     runs = [store.get_run(r) for r in run_ids]
     labels = unique_labels(runs)
     parts = []
@@ -140,15 +141,18 @@ def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> 
         frame = frame[frame["gpu_index"].isna()]
         if frame.empty:
             continue
-        starts = [p.t for p in store.phases(run.id) if p.phase == "bench_start"]
+        phases = store.phases(run.id)
+        starts = [p.t for p in phases if p.phase == "bench_start"]
+        ends = [p.t for p in phases if p.phase == "bench_end"]
         t0 = min(starts) if starts else frame["t"].min()
-        frame = frame.sort_values("t").assign(label=labels[run.id], t_s=frame["t"] - t0)
+        bench_end_s = max(ends) - t0 if starts and ends else float("nan")
+        frame = frame.sort_values("t").assign(label=labels[run.id], t_s=frame["t"] - t0, bench_end_s=bench_end_s)
         dt = frame["t"].diff()
         frame["gen_tok_s"] = (frame["generation_tokens"].diff() / dt).where(dt > 0)
         parts.append(frame)
     if not parts:
         return pd.DataFrame(columns=["run_id", "label", "t_s", "kv_cache_usage_perc", "num_requests_running",
-                                     "num_requests_waiting", "gen_tok_s"])
+                                     "num_requests_waiting", "gen_tok_s", "bench_end_s"])
     return pd.concat(parts, ignore_index=True)
 
 

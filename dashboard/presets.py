@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, Settings
@@ -38,7 +37,8 @@ def presets(settings: Settings | None = None) -> dict[str, RunSpec]:
         CPU_DEMO: RunSpec(
             label="CPU demo",
             launch=demo,
-            bench=[BenchSpec(random_input_len=128, random_output_len=32, num_prompts=20, request_rate=math.inf)],
+            # 4 s of load at a steady rate: long enough for the 1 Hz telemetry to show the benchmark
+            bench=[BenchSpec(random_input_len=128, random_output_len=32, num_prompts=160, request_rate=40)],
         ),
         TP8: RunSpec(launch=_seed_launch(1), bench=[SEED_BENCH], eval=EvalSpec(num_fewshot=5)),
         TP8_DCP8: RunSpec(launch=_seed_launch(8), bench=[SEED_BENCH], eval=EvalSpec(num_fewshot=5, temperature=0.0)),

@@ -121,6 +121,22 @@ def test_overlay_aligns_runs_from_benchmark_start() -> None:
                                                         "Generated tokens / s"]
     assert len(fig.data) == 8 and list(fig.data[0].y) == [10.0, 50.0]
     assert fig.layout.xaxis3.title.text == "seconds since benchmark start"
+    assert fig.layout.xaxis.range is None  # no benchmark end known: the whole of the samples
+
+
+def test_overlay_opens_on_the_benchmark_window_not_the_startup_before_it() -> None:
+    t_s = [-60.0, -30.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 20.0]
+    aligned = pd.DataFrame({"label": "a", "t_s": t_s, "kv_cache_usage_perc": 0.1, "num_requests_running": 2,
+                            "num_requests_waiting": 0, "gen_tok_s": 50.0, "bench_end_s": 4.0})
+    fig = charts.overlay_timeseries(aligned)
+    assert list(fig.layout.xaxis.range) == [-2.0, 6.0] and list(fig.layout.xaxis4.range) == [-2.0, 6.0]
+    assert list(fig.data[0].x) == t_s  # the startup is still there to zoom out to
+    assert [s.x0 for s in fig.layout.shapes] == [0, 0, 0, 0]  # benchmark start marked in each panel
+    long = aligned.assign(bench_end_s=[None] * 8 + [100.0])
+    assert charts.bench_window(long) == (-10.0, 110.0)  # the longest benchmark of the runs, 10 % either side
+    late = pd.DataFrame({"label": "a", "t_s": [-0.5, 1.0, 3.0], "bench_end_s": 4.0})
+    assert charts.bench_window(late) == (-0.5, 6.0)  # no empty stretch before the first sample
+    assert charts.bench_window(late.assign(bench_end_s=float("nan"))) is None
 
 
 def test_pareto_marks_the_frontier_of_throughput_per_gpu_and_tpot(summary) -> None:

@@ -61,8 +61,8 @@ def test_presets_are_the_seeds_launches_and_the_cpu_demo(data_dir: Path) -> None
     demo = p[presets.CPU_DEMO]
     assert demo.launch.model == str(data_dir.resolve() / "models" / "demo")
     assert demo.launch.enforce_eager and demo.launch.max_model_len == 2048
-    assert (demo.bench[0].random_input_len, demo.bench[0].random_output_len, demo.bench[0].num_prompts) == (128, 32, 20)
-    assert math.isinf(demo.bench[0].request_rate)
+    assert (demo.bench[0].random_input_len, demo.bench[0].random_output_len, demo.bench[0].num_prompts) == (128, 32, 160)
+    assert demo.bench[0].request_rate == 40
     assert presets.default_preset(None) == presets.CPU_DEMO and presets.default_preset(8) == presets.TP8
     for spec in (p[presets.TP8], dcp8):
         assert spec.problems(8) == []
