@@ -24,6 +24,7 @@ Last line: `overhead ratio=<x>`, the wall-time ratio over all pairs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -86,6 +87,11 @@ def sweep_spec(model: Path, port: int, quick: bool) -> SweepSpec:
     })
 
 
+def bench_duration(path: Path) -> float:
+    """The benchmark's own measured duration (first request sent → last answer), from its result JSON."""
+    return float(json.loads(path.read_text())["duration"])
+
+
 def through_servelab(sweep: SweepSpec, work: Path, port: int) -> dict:
     """Queue the sweep and execute it with a Worker; wall time and per-run timings from the store."""
     os.environ["SERVELAB_DATA"] = str(work)
@@ -114,11 +120,14 @@ def through_servelab(sweep: SweepSpec, work: Path, port: int) -> dict:
     watcher.join(5)
     for p in probes:
         p.stop()
-    out = {"wall": wall, "ready_to_bench": [], "stop_to_free": [], "stop_detail": [], "startup": []}
+    out = {"wall": wall, "ready_to_bench": [], "stop_to_free": [], "stop_detail": [], "startup": [], "bench": [],
+           "bench_proc": []}
     for run_id, p in zip(ids, probes):
         run = store.get_run(run_id)
         assert run.status.value == "succeeded", (run.status, run.failure_reason)
+        out["bench"].append(bench_duration(Path(run.run_dir) / "bench-0-0.json"))
         events = {e.phase: e for e in store.phases(run_id)}
+        out["bench_proc"].append(events["bench_end"].t - events["bench_start"].t)
         if p.first_ok is not None:
             out["ready_to_bench"].append(events["bench_start"].t - p.first_ok)
             out["startup"].append(p.first_ok - events["launched"].t)
@@ -131,7 +140,7 @@ def through_servelab(sweep: SweepSpec, work: Path, port: int) -> dict:
 
 def by_hand(sweep: SweepSpec, work: Path, port: int) -> dict:
     """The same two runs as a careful script would do them: start, poll /health, bench, stop."""
-    out = {"ready_to_bench": [], "stop_to_free": [], "startup": []}
+    out = {"ready_to_bench": [], "stop_to_free": [], "startup": [], "bench": [], "bench_proc": []}
     start = time.perf_counter()
     for n, (_, spec) in enumerate(sweep.cells()):
         launch = spec.launch.model_copy(update={"port": port})
@@ -159,7 +168,9 @@ def by_hand(sweep: SweepSpec, work: Path, port: int) -> dict:
             with open(run_dir / f"bench-{i}.log", "wb") as log:
                 subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                check=True)
+        out["bench_proc"].append(time.time() - bench_start)
         probe.stop()
+        out["bench"].append(bench_duration(run_dir / "bench-0.json"))
         if probe.first_ok is not None:
             out["ready_to_bench"].append(bench_start - probe.first_ok)
             out["startup"].append(probe.first_ok - launched)
@@ -204,7 +215,9 @@ def main() -> None:
             pair[arm], load = res, max(load, f.cores)
             arm_s = max(arm_s, res["wall"] + 10)
             say(f"  pair {i + 1} {arm:>8}: wall {res['wall']:.2f} s (vLLM startups "
-                + ", ".join(f"{x:.1f}" for x in res["startup"]) + " s), /health→bench "
+                + ", ".join(f"{x:.1f}" for x in res["startup"]) + " s, benchmarks "
+                + ", ".join(f"{x:.2f}" for x in res["bench"]) + " s, `vllm bench` processes "
+                + ", ".join(f"{x:.2f}" for x in res["bench_proc"]) + " s), /health→bench "
                 + ", ".join(f"{x:.3f}" for x in res["ready_to_bench"]) + " s, stop→port free "
                 + ", ".join(f"{x:.2f}" for x in res["stop_to_free"]) + f" s; other work {f.cores:.2f} cores")
         i += 1
@@ -236,6 +249,10 @@ def main() -> None:
     rest = [(s["wall"] - sum(s["startup"])) / (h["wall"] - sum(h["startup"]))
             for s, h in zip(results["servelab"], results["hand"])]
     say(f"wall ratio without vLLM's startups (launch → first /health 200): per pair {spread(rest)}")
+    # nor the benchmarks' own durations, which vary by seconds with vLLM's scheduling on 2 cores
+    own = [(s["wall"] - sum(s["startup"]) - sum(s["bench"])) / (h["wall"] - sum(h["startup"]) - sum(h["bench"]))
+           for s, h in zip(results["servelab"], results["hand"])]
+    say(f"wall ratio without vLLM's startups and the benchmarks' measured durations: per pair {spread(own)}")
     say(f"servelab /health→bench start: {spread(ready)} s (target < {TARGET_READY_S}); by hand {spread(ready_hand)} s")
     say(f"stop→port free: servelab {spread(stop_sl)} s from bench end (its own measure {spread(stop_detail)} s); "
         f"by hand {spread(stop_hand)} s")

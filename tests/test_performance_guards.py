@@ -26,7 +26,7 @@ from runner.models import Run, RunStatus, utcnow
 from runner.parsers import parse_prometheus
 from runner.server import HEALTH_POLL_S, ManagedProcess, VllmServer
 from runner.store import Store, samples_query
-from runner.telemetry import TREE_REFRESH_S, MetricsReader, Sampler
+from runner.telemetry import TREE_REFRESH_MAX_S, TREE_REFRESH_S, MetricsReader, Sampler
 from runner.worker import Worker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cpu_0.32"
@@ -232,3 +232,42 @@ def test_sampler_keeps_one_connection_and_walks_the_tree_rarely(tmp_path: Path) 
         proc.kill()
         proc.wait()
         httpd.shutdown()
+
+
+def test_a_stable_process_tree_is_walked_ever_more_rarely_and_again_at_once_when_it_changes(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from runner import telemetry
+
+    walks: list[float] = []
+    tree = [SimpleNamespace(pid=10), SimpleNamespace(pid=11)]
+    monkeypatch.setattr(telemetry, "process_tree", lambda pid: walks.append(now[0]) or list(tree))
+    now = [0.0]
+    sampler = Sampler(1, lambda rows: None, server_pid=10, nvml=None)
+    sampler._clock = lambda: now[0]
+    for t in range(0, 200):
+        now[0] = float(t)
+        sampler._process_tree()
+    assert walks[:5] == [0, 5, 15, 35, 75] and all(b - a == TREE_REFRESH_MAX_S for a, b in zip(walks[5:], walks[6:]))
+    assert len(walks) < 10  # against 200 ticks, 40 walks at a fixed 5 s
+    tree.append(SimpleNamespace(pid=12))  # vLLM started a worker: seen at the next due walk, then 5 s again
+    walks.clear()
+    for t in range(200, 300):
+        now[0] = float(t)
+        sampler._process_tree()
+    assert walks[1] - walks[0] == TREE_REFRESH_S and [p.pid for p in sampler._tree] == [10, 11, 12]
+    sampler._tree_stale = True  # a process of the tree was gone when its CPU was read
+    walks.clear()
+    sampler._process_tree()
+    assert walks == [now[0]]
+
+
+def test_a_process_gone_from_the_tree_makes_the_next_tick_walk_it_again() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    sampler = Sampler(1, lambda rows: None, server_pid=proc.pid, nvml=None)
+    assert [p.pid for p in sampler._process_tree()] == [proc.pid]
+    sampler._process_stats(sampler._tree)
+    proc.kill()
+    proc.wait()
+    assert sampler._process_stats(sampler._tree) == {"cpu_pct": None, "rss_mib": 0.0} and sampler._tree_stale
+    assert sampler._process_tree() == [] and not sampler._tree_stale  # walked at once, not in 5 s

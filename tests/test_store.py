@@ -237,3 +237,21 @@ def test_status_sets() -> None:
     assert RunStatus.cancelled in TERMINAL and RunStatus.interrupted in TERMINAL
     assert RunStatus.queued not in TERMINAL | ACTIVE and not TERMINAL & ACTIVE
     assert set(RunStatus) == TERMINAL | ACTIVE | {RunStatus.queued}
+
+
+def test_sample_insert_is_compiled_for_each_dialects_parameter_style() -> None:
+    from types import SimpleNamespace
+
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    from runner.store import SAMPLE_INSERT_COLUMNS
+
+    def insert(dialect):
+        return Store._sample_insert(SimpleNamespace(engine=SimpleNamespace(dialect=dialect), _sample_insert_sql=None))
+
+    sql, positional = insert(sqlite.dialect())
+    assert positional and sql.count("?") == len(SAMPLE_INSERT_COLUMNS) and "id," not in sql.split("(")[1][:3]
+    sql, positional = insert(postgresql.psycopg2.dialect())  # named parameters: rows go as dicts
+    assert not positional and "%(run_id)s" in sql and "%(note)s" in sql
+    sql, positional = insert(mysql.pymysql.dialect())  # positional %s
+    assert positional and sql.count("%s") == len(SAMPLE_INSERT_COLUMNS)

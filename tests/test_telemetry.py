@@ -442,3 +442,108 @@ def test_first_cpu_sample_of_a_busy_server_is_not_zero(run_id: int) -> None:
         s.stop()
     # None would say "not measured yet"; 0.0 says "idle", which is false (Sample: "never zero").
     assert first["cpu_pct"] is None or first["cpu_pct"] > 10
+
+
+# -- the filtered scrape: `/metrics/?name[]=…`, served by prometheus_client's own app as vLLM mounts it --------
+class PrometheusEndpoint:
+    """vLLM's two `/metrics`: the exact path is a route that renders the whole registry and ignores the
+    query (prometheus-fastapi-instrumentator's); `/metrics/…` reaches prometheus_client's own app
+    (`make_asgi_app` there, its WSGI twin here: the same `_bake_output`, which honors `name[]`)."""
+
+    def __init__(self, registry: Any):
+        import wsgiref.simple_server
+
+        from prometheus_client import generate_latest, make_wsgi_app
+
+        own_app, self.paths = make_wsgi_app(registry), []
+
+        def app(environ: dict, start_response: Any) -> list[bytes]:
+            self.paths.append(environ["PATH_INFO"] + "?" + environ.get("QUERY_STRING", ""))
+            if environ["PATH_INFO"] == "/metrics":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [generate_latest(registry)]
+            return own_app(environ, start_response)
+
+        class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def vllm_like_registry() -> Any:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = CollectorRegistry()
+    labels = {"engine": "0", "model_name": "tiny"}
+    Gauge("vllm:kv_cache_usage_perc", "KV", list(labels), registry=registry).labels(**labels).set(0.25)
+    Gauge("vllm:num_requests_running", "running", list(labels), registry=registry).labels(**labels).set(7)
+    Counter("vllm:generation_tokens", "gen", list(labels), registry=registry).labels(**labels).inc(1234)
+    ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT", list(labels), registry=registry,
+                     buckets=[0.001 * 2**i for i in range(20)])
+    for i in range(50):
+        ttft.labels(**labels).observe(0.01 * i)
+    return registry
+
+
+def test_scrape_asks_for_the_sampled_metrics_only_and_reads_the_same_values() -> None:
+    from runner.parsers import parse_prometheus
+    from runner.telemetry import METRIC_COLUMNS, MetricsReader
+
+    endpoint = PrometheusEndpoint(vllm_like_registry())
+    try:
+        full = MetricsReader(endpoint.url, timeout_s=2).get()
+        reader = MetricsReader(endpoint.url, timeout_s=2, names=METRIC_COLUMNS)
+        body = reader.get()
+        assert reader.filtered is True and endpoint.paths[-1].startswith("/metrics/?name%5B%5D=vllm%3Akv_cache")
+        assert "time_to_first_token" not in body and len(body) * 4 < len(full)
+        values = parse_prometheus(body)
+        assert values == {k: v for k, v in parse_prometheus(full).items() if k in METRIC_COLUMNS}
+        assert (values["vllm:kv_cache_usage_perc"], values["vllm:num_requests_running"]) == (0.25, 7.0)
+        assert values["vllm:generation_tokens_total"] == 1234.0
+        reader.get()
+        assert len(endpoint.paths) == 3 and endpoint.paths[-1] == endpoint.paths[-2]  # one GET a scrape
+    finally:
+        endpoint.shutdown()
+
+
+def test_scrape_falls_back_to_the_whole_page_when_the_filter_finds_nothing_or_fails(busy_metrics) -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+
+    from runner.telemetry import METRIC_COLUMNS, MetricsReader
+
+    class Unnamed:  # as vLLM's multi-process registry: a collector that describes no names
+        def collect(self):
+            yield GaugeMetricFamily("vllm:num_requests_running", "running", value=3)
+
+    registry = CollectorRegistry()
+    registry.register(Unnamed())
+    endpoint = PrometheusEndpoint(registry)
+    try:
+        reader = MetricsReader(endpoint.url, timeout_s=2, names=METRIC_COLUMNS)
+        assert "vllm:num_requests_running 3.0" in reader.get() and reader.filtered is False
+        reader.get()
+        assert [p.split("?")[0] for p in endpoint.paths] == ["/metrics/", "/metrics", "/metrics"]  # asked once
+    finally:
+        endpoint.shutdown()
+
+    reader = MetricsReader(busy_metrics.url, timeout_s=2, names=METRIC_COLUMNS)  # 404 on /metrics/
+    assert "vllm:kv_cache_usage_perc" in reader.get() and reader.filtered is False
+
+
+def test_scrape_decides_on_the_first_answer_not_on_a_refused_connection() -> None:
+    from runner.telemetry import METRIC_COLUMNS, MetricsReader
+    from runner.server import free_port
+
+    port = free_port(18_500)
+    reader = MetricsReader(f"http://127.0.0.1:{port}/metrics", timeout_s=1, names=METRIC_COLUMNS)
+    with pytest.raises(OSError):
+        reader.get()  # vLLM not up yet
+    assert reader.filtered is None

@@ -3,6 +3,7 @@ kills, cancels and a worker restart. Every server is a real `vllm serve` of a ge
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,10 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
         assert (during.num_requests_running.fillna(0) > 0).any()
         assert samples.rss_mib.notna().any()
         assert (run.run_dir and os.path.exists(os.path.join(run.run_dir, "server.log")))
+        # the sampler asked vLLM for its own metrics only, and vLLM honored it (values above)
+        log = open(os.path.join(run.run_dir, "server.log"), errors="replace").read()
+        assert re.search(r'"GET /metrics/\?name%5B%5D=vllm%3Akv_cache_usage_perc&\S* HTTP/1.1" 200', log)
+        assert '"GET /metrics HTTP/1.1"' not in log
         assert os.path.exists(os.path.join(run.run_dir, "bench-0-0.json"))
     assert_no_run_processes(env)
 
