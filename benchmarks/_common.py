@@ -208,3 +208,17 @@ class TimedSampler(Sampler):
             super()._loop()
         finally:
             self.thread_cpu_s = time.thread_time() - start
+
+
+def cpu_speed_ms() -> float:
+    """Milliseconds a fixed pure-Python loop takes, best of 5: how fast this machine's CPU is right now.
+    Other virtual machines on the same host slow it without showing as load here; the scripts print
+    it at start and end so that a figure taken on a slowed machine can be recognised as such."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i * i % 7
+        best = min(best, time.perf_counter() - start)
+    return best * 1000

