@@ -17,7 +17,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from runner import compare as cmp
-from runner.config import RunSpec, Settings, SweepSpec
+from runner.config import LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, StoreError
 from runner.models import ACTIVE, TERMINAL, Run, RunSource, RunStatus, utcnow
 from runner.parsers import (
@@ -164,12 +164,22 @@ def queue_sweep(store: Store, sweep: SweepSpec, gpu_count: int | None = None) ->
     keep = {RunStatus.succeeded, RunStatus.queued, *ACTIVE}
     done = {r.sweep_cell for r in store.list_runs(sweep_id=sweep_row.id) if r.status in keep}
     queued = [
-        queue_run(store, spec, gpu_count, sweep_id=sweep_row.id, sweep_cell=cell,
-                  label=f"{sweep.name}: {spec.launch.short_label()}")
+        queue_run(store, spec, gpu_count, sweep_id=sweep_row.id, sweep_cell=cell, label=cell_label(sweep, spec))
         for cell, spec in cells
         if cell not in done
     ]
     return sweep_row.id, queued
+
+
+_IN_SHORT_LABEL = {"tensor_parallel_size", "decode_context_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
+
+
+def cell_label(sweep: SweepSpec, spec: RunSpec) -> str:
+    """`name: TP2+DCP2`, plus the other launch values the matrix varies (`name: TP1 max-num-seqs=128`),
+    so that no two cells of a sweep share a label."""
+    varied = [k for k in sweep.matrix if k in LaunchSpec.model_fields and k not in _IN_SHORT_LABEL]
+    extra = "".join(f" {k.replace('_', '-')}={getattr(spec.launch, k)}" for k in varied)
+    return f"{sweep.name}: {spec.launch.short_label()}{extra}"
 
 
 def cancel(store: Store, run_id: int) -> Run:

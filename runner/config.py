@@ -167,7 +167,9 @@ class LaunchSpec(_Spec):
         if local is not None:
             if not local.exists():
                 out.append(f"Model path {self.model} does not exist; give an existing folder or a Hugging Face id.")
-            elif dcp > 1:
+            else:
+                out += self._context_problems(local)
+            if local.exists() and dcp > 1:
                 kv_heads = _kv_heads(local)
                 if kv_heads is not None and tp <= kv_heads:
                     out.append(
@@ -178,6 +180,15 @@ class LaunchSpec(_Spec):
         if "," in self.api_model_name:
             out.append(f"Model name {self.api_model_name!r} contains a comma, which lm-eval cannot pass; set served-model-name.")
         return out
+
+    def _context_problems(self, model_dir: Path) -> list[str]:
+        """max-model-len beyond what a local model's config.json declares: vLLM refuses to start."""
+        limit = _max_positions(model_dir)
+        if (self.max_model_len is None or limit is None or self.max_model_len <= limit
+                or self.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1"):
+            return []
+        return [f"max-model-len {self.max_model_len} exceeds the model's max_position_embeddings {limit} "
+                f"(its config.json), which vLLM refuses; set max-model-len to {limit} or less."]
 
     def check(self, gpu_count: int | None = None) -> LaunchSpec:
         """Raise `SpecError` listing every problem; return self when the launch can start."""
@@ -286,6 +297,23 @@ def _kv_heads(model_dir: Path) -> int | None:
         return None
     heads = cfg.get("num_key_value_heads")
     return int(heads) if isinstance(heads, int) else None
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    """The context length a local model's config.json declares; None when unknown or when a RoPE
+    scaling entry lets vLLM derive a longer one."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    if not isinstance(cfg, dict):
+        return None
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    value = cfg.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 DatasetName = Literal["random", "sharegpt", "custom", "sonnet", "hf"]

@@ -98,6 +98,20 @@ def test_dcp_gqa_rule_skips_mla(tmp_path):
     LaunchSpec.parse({"model": model, "tensor_parallel_size": 8, "decode_context_parallel_size": 8}).check()
 
 
+def test_max_model_len_beyond_the_models_context_is_refused_before_launch(tmp_path):
+    # found on 2 H200s: vLLM 0.24 refused `--max-model-len 8192` for a model declaring 4096, after a
+    # 40 s start; now the launch form says so before anything starts
+    model = _model_dir(tmp_path, kv_lora_rank=512, max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    with pytest.raises(SpecError, match="max-model-len 8192 exceeds the model's max_position_embeddings 4096"):
+        LaunchSpec.parse({"model": model, "max_model_len": 8192}).check()
+    LaunchSpec.parse({"model": model, "max_model_len": 4096}).check()
+    LaunchSpec.parse({"model": model}).check()  # vLLM derives it
+    LaunchSpec.parse({"model": model, "max_model_len": 8192, "env": {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}}).check()
+    yarn = _model_dir(tmp_path, max_position_embeddings=4096, rope_scaling={"type": "yarn", "factor": 4.0})
+    LaunchSpec.parse({"model": yarn, "max_model_len": 16384}).check()  # scaled: vLLM's own derivation decides
+
+
 @pytest.mark.parametrize("port", [80, 0, 70000, "abc"])
 def test_port_range(port):
     with pytest.raises(SpecError, match="port"):

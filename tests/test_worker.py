@@ -364,6 +364,15 @@ def test_queue_sweep_resumes(store: Store) -> None:
     assert len(store.list_runs(sweep_id=sweep_id)) == 4
 
 
+def test_sweep_cells_are_labelled_with_every_launch_value_they_vary(store: Store) -> None:
+    sweep = SweepSpec.parse({"name": "pack", "launch": {"model": "org/model"}, "bench": {"num-prompts": 4},
+                             "matrix": {"tensor-parallel-size": [1, 2], "max-num-seqs": [128, 256],
+                                        "num-prompts": [4, 8]}})  # a bench key: one run holds both
+    _, runs = api.queue_sweep(store, sweep)
+    assert [r.label for r in runs] == ["pack: TP1 max-num-seqs=128", "pack: TP1 max-num-seqs=256",
+                                       "pack: TP2 max-num-seqs=128", "pack: TP2 max-num-seqs=256"]
+
+
 def test_queue_sweep_with_a_bad_cell_writes_nothing(store: Store) -> None:
     with pytest.raises(SpecError, match="DCP size 3 does not divide TP size 8"):
         api.queue_sweep(store, dcp_sweep(1, 3))

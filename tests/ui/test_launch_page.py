@@ -172,6 +172,7 @@ def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model
     assert sorted(r.sweep_cell for r in runs) == sorted(
         f"tensor_parallel_size={t},decode_context_parallel_size=1,max_num_seqs={n}"
         for t in (1, 2) for n in ("8", "16"))
+    assert sorted(r.label for r in runs) == sorted(f"grid: TP{t} max-num-seqs={n}" for t in (1, 2) for n in (8, 16))
 
 
 @pytest.mark.parametrize("preset", [0, 1, 2])
