@@ -262,7 +262,7 @@ OVERLAY = {
 
 
 def overlay_timeseries(aligned: pd.DataFrame) -> go.Figure:
-    """Telemetry of several runs overlaid, time measured from each run's benchmark start."""
+    """Telemetry of several runs overlaid, time measured from each run's first benchmark request."""
     fig = make_subplots(rows=2, cols=2, subplot_titles=[v[0] for v in OVERLAY.values()], shared_xaxes=True,
                         vertical_spacing=0.14)
     colors = _colors(list(aligned["label"])) if len(aligned) else {}
@@ -273,13 +273,13 @@ def overlay_timeseries(aligned: pd.DataFrame) -> go.Figure:
         for label, part in aligned.groupby("label", sort=False):
             fig.add_scatter(x=part["t_s"], y=part[col] * scale, mode="lines", name=label, legendgroup=label,
                             line_color=colors[label], showlegend=i == 0, row=r + 1, col=c + 1)
-    fig.update_xaxes(title_text="seconds since benchmark start", row=2)
+    fig.update_xaxes(title_text="seconds since the benchmark's first request", row=2)
     window = bench_window(aligned)
     if window is not None:
         fig.update_xaxes(range=list(window))
         fig.add_vline(x=0, line_dash="dot", line_color="#888", row="all", col="all")
     fig.update_yaxes(rangemode="tozero")
-    return _layout(fig, "Time series from benchmark start", 520)
+    return _layout(fig, "Time series from the benchmark's first request", 520)
 
 
 def bench_window(aligned: pd.DataFrame) -> tuple[float, float] | None:

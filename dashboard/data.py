@@ -129,10 +129,20 @@ def run_samples(store: Store, run_id: int, max_points: int = 900) -> pd.DataFram
     return frame.assign(t_s=frame["t"] - frame["t"].min())
 
 
+def load_start(starts: list[float], ends: list[float], metrics: list[dict]) -> float:
+    """When the first benchmark began sending requests: its end less its measured duration. The
+    `bench_start` event is when the `vllm bench` process started, which spends seconds importing
+    before the first request (10 s on a 2-core machine), so runs would not line up on it."""
+    duration = metrics[0].get("duration") if metrics else None
+    if ends and isinstance(duration, (int, float)) and 0 < duration <= ends[0] - min(starts):
+        return ends[0] - duration
+    return min(starts)
+
+
 def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> pd.DataFrame:
     """Host/server telemetry of several runs on one clock: seconds since each run's first benchmark
-    started (since its first sample when it has no benchmark), plus generated tokens per second and
-    `bench_end_s`, when the run's last benchmark ended on that clock (NaN without one)."""
+    began sending requests (since its first sample when it has no benchmark), plus generated tokens
+    per second and `bench_end_s`, when the run's last benchmark ended on that clock (NaN without one)."""
     runs = [store.get_run(r) for r in run_ids]
     labels = unique_labels(runs)
     parts = []
@@ -143,9 +153,9 @@ def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> 
             continue
         phases = store.phases(run.id)
         starts = [p.t for p in phases if p.phase == "bench_start"]
-        ends = [p.t for p in phases if p.phase == "bench_end"]
-        t0 = min(starts) if starts else frame["t"].min()
-        bench_end_s = max(ends) - t0 if starts and ends else float("nan")
+        ends = sorted(p.t for p in phases if p.phase == "bench_end")
+        t0 = load_start(starts, ends, store.run_metrics(run.id)) if starts else frame["t"].min()
+        bench_end_s = ends[-1] - t0 if starts and ends else float("nan")
         frame = frame.sort_values("t").assign(label=labels[run.id], t_s=frame["t"] - t0, bench_end_s=bench_end_s)
         dt = frame["t"].diff()
         frame["gen_tok_s"] = (frame["generation_tokens"].diff() / dt).where(dt > 0)

@@ -120,7 +120,7 @@ def test_overlay_aligns_runs_from_benchmark_start() -> None:
     assert [a.text for a in fig.layout.annotations] == ["KV-cache usage (%)", "Requests running", "Requests waiting",
                                                         "Generated tokens / s"]
     assert len(fig.data) == 8 and list(fig.data[0].y) == [10.0, 50.0]
-    assert fig.layout.xaxis3.title.text == "seconds since benchmark start"
+    assert fig.layout.xaxis3.title.text == "seconds since the benchmark's first request"
     assert fig.layout.xaxis.range is None  # no benchmark end known: the whole of the samples
 
 

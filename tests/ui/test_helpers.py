@@ -109,3 +109,24 @@ def test_describe_imported_runs(seeded) -> None:
     launched = seeded.create_run(label="here")
     with pytest.raises(StoreError, match="was launched here"):
         queries.describe_imported(seeded, [launched.id], None, 2, 1)
+
+
+def test_time_series_line_up_on_the_first_request_not_on_the_bench_process_start(tmp_path: Path) -> None:
+    from dashboard import data
+    from runner.store import Store
+
+    store = Store(tmp_path / "s.db")
+    run = store.create_run(label="demo")
+    # `vllm bench` started at 100, imported for 11 s, sent requests for 4 s, exited at 115.5
+    for phase, t in (("launched", 60.0), ("ready", 99.9), ("bench_start", 100.0), ("bench_end", 115.5)):
+        store.add_phase(run.id, phase, t=t)
+    store.add_bench_result(run.id, {"duration": 4.0, "completed": 160.0})
+    store.add_samples([{"run_id": run.id, "t": float(t), "num_requests_running": 0.0, "generation_tokens": 10.0 * t}
+                       for t in range(60, 117)])
+    aligned = data.aligned_samples(store, [run.id])
+    assert aligned.loc[aligned["t"] == 112.0, "t_s"].tolist() == [0.5] and aligned["t_s"].min() == 60 - 111.5
+    assert aligned["bench_end_s"].iloc[0] == 4.0  # 115.5 − (115.5 − 4.0)
+    assert data.load_start([100.0], [115.5], [{"duration": 4.0}]) == 111.5
+    assert data.load_start([100.0], [115.5], []) == 100.0  # no result (failed benchmark): the process start
+    assert data.load_start([100.0], [115.5], [{"duration": 30.0}]) == 100.0  # impossible duration: ignored
+    store.close()

@@ -41,7 +41,7 @@ def test_cpu_demo_preset_is_ready_on_first_visit(open_page, data_dir: Path) -> N
     codes = [c.value for c in at.code]
     assert codes[0] == (f"vllm serve {demo} --host 127.0.0.1 --port 8000 --tensor-parallel-size 1 "
                         "--max-model-len 2048 --enforce-eager")
-    assert "--random-input-len 128 --random-output-len 32 --num-prompts 20 --request-rate inf" in codes[1]
+    assert "--random-input-len 128 --random-output-len 32 --num-prompts 160 --request-rate 40" in codes[1]
     assert not errors(at)
     assert any("written to this path when you queue" in i.value for i in at.info)
     queue = next(b for b in at.button if b.label == "Queue run")
