@@ -171,13 +171,10 @@ def queue_sweep(store: Store, sweep: SweepSpec, gpu_count: int | None = None) ->
     return sweep_row.id, queued
 
 
-_IN_SHORT_LABEL = {"tensor_parallel_size", "decode_context_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
-
-
 def cell_label(sweep: SweepSpec, spec: RunSpec) -> str:
     """`name: TP2+DCP2`, plus the other launch values the matrix varies (`name: TP1 max-num-seqs=128`),
     so that no two cells of a sweep share a label."""
-    varied = [k for k in sweep.matrix if k in LaunchSpec.model_fields and k not in _IN_SHORT_LABEL]
+    varied = [k for k in sweep.matrix if k in LaunchSpec.model_fields and k not in LaunchSpec.SHORT_LABEL_FIELDS]
     extra = "".join(f" {k.replace('_', '-')}={getattr(spec.launch, k)}" for k in varied)
     return f"{sweep.name}: {spec.launch.short_label()}{extra}"
 

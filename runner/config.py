@@ -14,7 +14,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -129,6 +129,11 @@ class LaunchSpec(_Spec):
     def api_model_name(self) -> str:
         return self.served_model_name or self.model
 
+    SHORT_LABEL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "tensor_parallel_size", "decode_context_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+        "enable_expert_parallel")
+    """The fields `short_label` names."""
+
     def short_label(self) -> str:
         """`TP8`, `TP8+DCP8`, `TP4+PP2`… — the name the seed uses for a configuration."""
         parts = [f"TP{self.tensor_parallel_size}"]
@@ -168,10 +173,10 @@ class LaunchSpec(_Spec):
             if not local.exists():
                 out.append(f"Model path {self.model} does not exist; give an existing folder or a Hugging Face id.")
             else:
-                out += self._context_problems(local)
-            if local.exists() and dcp > 1:
-                kv_heads = _kv_heads(local)
-                if kv_heads is not None and tp <= kv_heads:
+                cfg = _model_config(local)
+                out += self._context_problems(cfg)
+                kv_heads = _kv_heads(cfg)
+                if dcp > 1 and kv_heads is not None and tp <= kv_heads:
                     out.append(
                         f"DCP {dcp} needs TP greater than the model's {kv_heads} KV heads (GQA/MQA), but TP is {tp}; "
                         f"raise TP above {kv_heads} or set DCP to 1."
@@ -181,9 +186,9 @@ class LaunchSpec(_Spec):
             out.append(f"Model name {self.api_model_name!r} contains a comma, which lm-eval cannot pass; set served-model-name.")
         return out
 
-    def _context_problems(self, model_dir: Path) -> list[str]:
+    def _context_problems(self, cfg: dict[str, Any]) -> list[str]:
         """max-model-len beyond what a local model's config.json declares: vLLM refuses to start."""
-        limit = _max_positions(model_dir)
+        limit = _max_positions(cfg)
         if (self.max_model_len is None or limit is None or self.max_model_len <= limit
                 or self.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1"):
             return []
@@ -286,29 +291,27 @@ def _repeated_flags(extra_args: list[str], spec: type[_Spec]) -> list[str]:
     return out
 
 
-def _kv_heads(model_dir: Path) -> int | None:
-    """KV heads of a local GQA/MQA model; None for MLA models or when unknown."""
+def _model_config(model_dir: Path) -> dict[str, Any]:
+    """A local model's config.json (its `text_config` for multimodal models); {} when unreadable."""
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
+        return {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _kv_heads(cfg: dict[str, Any]) -> int | None:
+    """KV heads of a local GQA/MQA model; None for MLA models or when unknown."""
     if cfg.get("kv_lora_rank"):  # MLA (DeepSeek-V2/V3, Kimi-K2): the GQA rule does not apply
         return None
     heads = cfg.get("num_key_value_heads")
     return int(heads) if isinstance(heads, int) else None
 
 
-def _max_positions(model_dir: Path) -> int | None:
+def _max_positions(cfg: dict[str, Any]) -> int | None:
     """The context length a local model's config.json declares; None when unknown or when a RoPE
     scaling entry lets vLLM derive a longer one."""
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    if not isinstance(cfg, dict):
-        return None
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
         return None

@@ -87,7 +87,8 @@ def _as_dict(item: Any) -> dict[str, Any]:
     raise StoreError(f"cannot store {type(item).__name__!r}; pass a dict")
 
 
-SAMPLE_INSERT_COLUMNS = [c.name for c in Sample.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+SAMPLE_COLUMNS = [c.name for c in Sample.__table__.columns]  # type: ignore[attr-defined]
+SAMPLE_INSERT_COLUMNS = [c for c in SAMPLE_COLUMNS if c != "id"]
 _SAMPLE_ALLOWED = frozenset(SAMPLE_INSERT_COLUMNS)
 
 
@@ -441,7 +442,7 @@ class Store:
 
     def sample_columns(self) -> list[str]:
         """The columns of `sample_batches` rows, in order."""
-        return [c.name for c in Sample.__table__.columns]  # type: ignore[attr-defined]
+        return list(SAMPLE_COLUMNS)
 
     def sample_batches(self, run_ids: Iterable[int] | None = None, size: int = 20_000) -> Iterator[list[tuple[Any, ...]]]:
         """Telemetry rows as plain tuples (`sample_columns` order), by run and time, in lists of `size`:
