@@ -21,25 +21,6 @@ from runner.compare import (
     welch_ci95,
 )
 
-# Typed from the seed's two "Serving Benchmark Result" blocks.
-TP8 = {
-    "completed": 998, "failed": 2, "request_rate": float("inf"), "duration": 800.26,
-    "total_input_tokens": 7984000, "total_output_tokens": 388750,
-    "request_throughput": 1.25, "output_throughput": 485.78, "max_output_tokens_per_s": 2100.00,
-    "max_concurrent_requests": 988.00, "total_token_throughput": 10462.57,
-    "mean_ttft_ms": 271196.67, "median_ttft_ms": 227389.87, "p99_ttft_ms": 686294.46,
-    "mean_tpot_ms": 381.29, "median_tpot_ms": 473.04, "p99_tpot_ms": 578.64,
-    "mean_itl_ms": 111.22, "median_itl_ms": 38.04, "p99_itl_ms": 490.93,
-}  # fmt: skip
-DCP8 = {
-    "completed": 994, "failed": 6, "request_rate": float("inf"), "duration": 631.35,
-    "total_input_tokens": 7952000, "total_output_tokens": 438872,
-    "request_throughput": 1.57, "output_throughput": 695.13, "max_output_tokens_per_s": 2618.00,
-    "max_concurrent_requests": 988.00, "total_token_throughput": 13290.35,
-    "mean_ttft_ms": 227780.13, "median_ttft_ms": 227055.20, "p99_ttft_ms": 451255.55,
-    "mean_tpot_ms": 398.60, "median_tpot_ms": 472.81, "p99_tpot_ms": 569.91,
-    "mean_itl_ms": 104.73, "median_itl_ms": 43.97, "p99_itl_ms": 483.37,
-}  # fmt: skip
 SEED_KEYS = ["request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms"]
 
 
@@ -47,8 +28,8 @@ def by_metric(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
     return {r["Metric"]: r for r in rows}
 
 
-def test_reproduces_the_seed_dcp_gain_analysis() -> None:
-    rows = format_rows(gain_table([TP8], [DCP8], SEED_KEYS), "TP8", "TP8+DCP8")
+def test_reproduces_the_seed_dcp_gain_analysis(seed_metrics) -> None:
+    rows = format_rows(gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS), "TP8", "TP8+DCP8")
     assert rows == [
         {"Metric": "Request Throughput (req/s)", "TP8": "1.25", "TP8+DCP8": "1.57", "Change": "+0.32", "Improvement(%)": "+25.6%"},
         {"Metric": "Output Token Throughput (tok/s)", "TP8": "485.78", "TP8+DCP8": "695.13", "Change": "+209.35", "Improvement(%)": "+43.1%"},
@@ -57,8 +38,8 @@ def test_reproduces_the_seed_dcp_gain_analysis() -> None:
     ]  # fmt: skip
 
 
-def test_seed_markdown_has_the_seed_shape() -> None:
-    md = to_markdown(gain_table([TP8], [DCP8], SEED_KEYS), "TP8", "TP8+DCP8")
+def test_seed_markdown_has_the_seed_shape(seed_metrics) -> None:
+    md = to_markdown(gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS), "TP8", "TP8+DCP8")
     assert md.splitlines() == [
         "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) |",
         "|---|---|---|---|---|",
@@ -69,10 +50,10 @@ def test_seed_markdown_has_the_seed_shape() -> None:
     ]
 
 
-def test_full_table_order_units_and_directions() -> None:
-    rows = gain_table([TP8], [DCP8])
+def test_full_table_order_units_and_directions(seed_metrics) -> None:
+    rows = gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]])
     keys = [r.key for r in rows]
-    expected = [k for k in METRICS if k in TP8]
+    expected = [k for k in METRICS if k in seed_metrics["TP8"]]
     assert keys == expected  # registry order; request_rate is configuration, never compared
     table = by_metric(format_rows(rows, "TP8", "TP8+DCP8"))
     assert table["Failed Requests"] == {
@@ -190,8 +171,8 @@ def test_welch_with_zero_spread_and_t_quantiles() -> None:
     assert math.isclose(t_ppf(0.975, 1e6), 1.959966, rel_tol=1e-5)
 
 
-def test_csv_and_frame_carry_the_same_cells() -> None:
-    rows = gain_table([TP8], [DCP8], SEED_KEYS)
+def test_csv_and_frame_carry_the_same_cells(seed_metrics) -> None:
+    rows = gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS)
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, "TP8", "TP8+DCP8"))))
     assert parsed == format_rows(rows, "TP8", "TP8+DCP8")
     frame = to_frame(rows, "TP8", "TP8+DCP8")

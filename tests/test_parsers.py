@@ -34,30 +34,11 @@ def read(path: Path) -> str:
 
 # ---------------------------------------------------------------- bench text (seed)
 
-TP8 = {
-    "completed": 998, "failed": 2, "request_rate": 100.00, "duration": 800.26,
-    "total_input_tokens": 7984000, "total_output_tokens": 388750, "request_throughput": 1.25,
-    "output_throughput": 485.78, "max_output_tokens_per_s": 2100.00,
-    "max_concurrent_requests": 988.00, "total_token_throughput": 10462.57,
-    "mean_ttft_ms": 271196.67, "median_ttft_ms": 227389.87, "p99_ttft_ms": 686294.46,
-    "mean_tpot_ms": 381.29, "median_tpot_ms": 473.04, "p99_tpot_ms": 578.64,
-    "mean_itl_ms": 111.22, "median_itl_ms": 38.04, "p99_itl_ms": 490.93,
-}  # fmt: skip
-TP8_DCP8 = {
-    "completed": 994, "failed": 6, "request_rate": 100.00, "duration": 631.35,
-    "total_input_tokens": 7952000, "total_output_tokens": 438872, "request_throughput": 1.57,
-    "output_throughput": 695.13, "max_output_tokens_per_s": 2618.00,
-    "max_concurrent_requests": 988.00, "total_token_throughput": 13290.35,
-    "mean_ttft_ms": 227780.13, "median_ttft_ms": 227055.20, "p99_ttft_ms": 451255.55,
-    "mean_tpot_ms": 398.60, "median_tpot_ms": 472.81, "p99_tpot_ms": 569.91,
-    "mean_itl_ms": 104.73, "median_itl_ms": 43.97, "p99_itl_ms": 483.37,
-}  # fmt: skip
 
-
-@pytest.mark.parametrize(("name", "expected"), [("tp8.txt", TP8), ("tp8_dcp8.txt", TP8_DCP8)])
-def test_seed_bench_blocks_parse_every_value(name, expected):
+@pytest.mark.parametrize(("name", "label"), [("tp8.txt", "TP8"), ("tp8_dcp8.txt", "TP8+DCP8")])
+def test_seed_bench_blocks_parse_every_value(name, label, seed_metrics):
     parsed = parse_bench_text(read(SEED / name))
-    assert parsed.metrics == expected
+    assert parsed.metrics == seed_metrics[label]
     assert parsed.info == {} and parsed.arrays == {}
     assert parsed.raw["text"].startswith("============ Serving Benchmark Result")
 
@@ -125,10 +106,10 @@ def test_bench_text_line_variants(line, key, value):
     assert metrics[key] == value
 
 
-def test_bench_text_takes_the_last_block_and_ignores_unknown_lines():
+def test_bench_text_takes_the_last_block_and_ignores_unknown_lines(seed_metrics):
     first = read(SEED / "tp8.txt")
     second = read(SEED / "tp8_dcp8.txt").replace("Failed requests:", "Unknown thing: x\nFailed requests:")
-    assert parse_bench_text(first + "\nnoise\n" + second).metrics == TP8_DCP8
+    assert parse_bench_text(first + "\nnoise\n" + second).metrics == seed_metrics["TP8+DCP8"]
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,9 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from runner import api
@@ -31,13 +29,6 @@ from runner.worker import Worker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cpu_0.32"
 INDEX = "ix_sample_run_id_t_gpu_index"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "servelab.db")
-    yield s
-    s.close()
 
 
 def plan(store: Store, q: sa.Select) -> str:

@@ -23,13 +23,6 @@ SEED_TP8 = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(str(tmp_path / "servelab.db"))
-    yield s
-    s.close()
-
-
 def test_run_crud_and_timestamps(store: Store) -> None:
     run = store.create_run(label="TP8", model="moonshotai/Kimi-K2-Thinking", tensor_parallel_size=8)
     assert run.id is not None and run.status is RunStatus.queued and run.source is RunSource.launched

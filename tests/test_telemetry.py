@@ -143,13 +143,6 @@ def no_driver() -> FakeNvml:
 
 # -- real helpers --------------------------------------------------------------------------------------
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(str(tmp_path / "s.db"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def run_id(store: Store) -> int:
     return store.create_run(label="x").id
 

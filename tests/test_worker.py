@@ -34,13 +34,6 @@ DEAD_WORKER = f"{socket.gethostname()}:999999:0"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(str(tmp_path / "servelab.db"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data")
 

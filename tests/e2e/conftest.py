@@ -1,6 +1,5 @@
 """Real vLLM on the CPU backend with a model the tests generate. Marked `vllm` (slow)."""
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -47,10 +46,8 @@ def env(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def store(env) -> Store:
-    s = Store(str(env / "servelab.db"))
-    yield s
-    s.close()
+def db_path(env: Path) -> Path:
+    return env / "servelab.db"
 
 
 @pytest.fixture

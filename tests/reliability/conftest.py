@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from runner.store import Store
-from tests.e2e.conftest import demo_model, env, run_processes, store, worker  # noqa: F401  (fixtures reused)
+from tests.e2e.conftest import db_path, demo_model, env, run_processes, worker  # noqa: F401  (fixtures reused)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

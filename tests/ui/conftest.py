@@ -27,10 +27,8 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def store(data_dir: Path) -> Store:
-    s = api.open_store(str(data_dir / "servelab.db"))
-    yield s
-    s.close()
+def db_path(data_dir: Path) -> Path:
+    return data_dir / "servelab.db"
 
 
 @pytest.fixture
