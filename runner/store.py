@@ -266,23 +266,6 @@ class Store:
                 raise StoreError(f"no run {run_id}; `servelab runs` lists them")
             s.commit()
 
-    def claim_next_run(self, worker_id: str) -> Run | None:
-        """Atomically move the oldest queued run to `starting` for `worker_id`; None when the queue is empty.
-
-        One UPDATE whose WHERE re-checks `status = 'queued'`: two workers never claim the same run.
-        It is the first statement of its transaction, so SQLite takes the write lock before reading.
-        """
-        oldest = select(Run.id).where(Run.status == RunStatus.queued).order_by(col(Run.id)).limit(1).scalar_subquery()
-        stmt = (
-            sa.update(Run)
-            .where(col(Run.id) == oldest, Run.status == RunStatus.queued)
-            .values(status=RunStatus.starting, worker_id=worker_id)
-            .returning(col(Run.id))
-        )
-        with self.engine.begin() as conn:
-            run_id = conn.execute(stmt).scalar_one_or_none()
-        return None if run_id is None else self.get_run(run_id)
-
     def claim_run(self, run_id: int, worker_id: str) -> bool:
         """Atomically move run `run_id` from `queued` to `starting` for `worker_id`; False if another
         worker claimed it first or it is no longer queued."""
@@ -493,10 +476,6 @@ class Store:
             s.commit()
             s.refresh(sweep)
         return sweep
-
-    def get_sweep(self, sweep_id: int) -> Sweep:
-        """The sweep with this id, or StoreError."""
-        return self._get(Sweep, sweep_id, "sweep", "`servelab sweeps` lists them")
 
     def list_sweeps(self, limit: int | None = None) -> list[Sweep]:
         """Sweeps, newest first."""

