@@ -564,15 +564,9 @@ def test_detect_kind_rejects(text, message):
 
 
 # ---------------------------------------------------------------- real vLLM 0.32 CPU output
-# Captured by another engineer from real runs; assertions hold across re-captures.
+# Captured from real runs and committed (a missing file fails); assertions hold across re-captures.
 
 CPU = FIXTURES / "cpu_0.32"
-
-
-def cpu_fixture(name: str) -> str:
-    if not (CPU / name).exists():
-        pytest.skip(f"{CPU / name} not captured yet")
-    return read(CPU / name)
 
 
 @pytest.mark.parametrize(
@@ -587,25 +581,25 @@ def cpu_fixture(name: str) -> str:
     ],
 )
 def test_cpu_capture_kinds(name, kind):
-    assert detect_kind(cpu_fixture(name)) == kind
+    assert detect_kind(read(CPU / name)) == kind
 
 
 def test_cpu_capture_printed_block_agrees_with_saved_json():
-    saved = parse_bench_json(cpu_fixture("bench.json")).metrics
-    printed = parse_bench_text(cpu_fixture("bench_stdout.txt")).metrics
+    saved = parse_bench_json(read(CPU / "bench.json")).metrics
+    printed = parse_bench_text(read(CPU / "bench_stdout.txt")).metrics
     assert {"completed", "failed", "p99_e2el_ms", "max_output_tokens_per_s"} <= set(printed)
     assert set(printed) <= set(saved)
     for key, value in printed.items():
         assert value == pytest.approx(round(saved[key], 2), abs=0.006), key
-    assert parse_bench_progress(cpu_fixture("bench_stdout.txt")) == (saved["completed"], saved["num_prompts"])
+    assert parse_bench_progress(read(CPU / "bench_stdout.txt")) == (saved["completed"], saved["num_prompts"])
 
 
 def test_cpu_capture_startup_log():
-    kv = parse_startup_log(cpu_fixture("server_tp1.log"))
+    kv = parse_startup_log(read(CPU / "server_tp1.log"))
     assert kv.backend == "CPU" and kv.vllm_version.startswith("0.32")
     assert kv.kv_cache_tokens > 0 and kv.kv_cache_gib > 0 and kv.engine_init_s > 0
     assert kv.max_concurrency == pytest.approx(kv.kv_cache_tokens / kv.max_concurrency_tokens_per_request, rel=0.01)
-    assert find_failure_reason(cpu_fixture("server_tp1.log")) is None
+    assert find_failure_reason(read(CPU / "server_tp1.log")) is None
 
 
 @pytest.mark.parametrize(
@@ -616,12 +610,12 @@ def test_cpu_capture_startup_log():
     ],
 )
 def test_cpu_capture_failure_reasons(name, start):
-    assert find_failure_reason(cpu_fixture(name)).startswith(start)
+    assert find_failure_reason(read(CPU / name)).startswith(start)
 
 
 @pytest.mark.parametrize("name", ["metrics_idle.txt", "metrics_busy.txt"])
 def test_cpu_capture_prometheus(name):
-    values = parse_prometheus(cpu_fixture(name))
+    values = parse_prometheus(read(CPU / name))
     for key in (
         "vllm:kv_cache_usage_perc",
         "vllm:num_requests_running",
