@@ -43,6 +43,12 @@ _SEED_METRICS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--write-reliability-doc", action="store_true",
+                     help="rewrite docs/reliability.md from this run of tests/reliability (the whole folder must "
+                          "run and pass; otherwise the run fails)")
+
+
 @pytest.fixture
 def seed_metrics() -> dict[str, dict[str, Any]]:
     """The seed's metrics by run label ("TP8", "TP8+DCP8"); a fresh copy per test."""

