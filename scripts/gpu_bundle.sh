@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build the offline wheel bundle for the H200 host (recipe: /work/shared/gpu/README.md).
+# Build the offline wheel bundle for the H200 host.
+# usage: bash scripts/gpu_bundle.sh WHEELHOUSE_DIR   (the folder holding wheelhouse.py, host-packages.txt and
+#        the recipe's README.md; not part of this repository)
 # Output (git-ignored): .gpu/wheels/*.whl, .gpu/p0/part0, .gpu/p1/part1, ... (<= 60 MiB each), .gpu/SHA256SUMS
 set -euo pipefail
+GPU=$(cd "${1:?usage: gpu_bundle.sh WHEELHOUSE_DIR (with wheelhouse.py and host-packages.txt)}" && pwd)
 cd "$(dirname "$0")/.."
-GPU=/work/shared/gpu
 OUT=.gpu
 rm -rf "$OUT/wheels" "$OUT"/p[0-9]* "$OUT/bundle.tar" && mkdir -p "$OUT/wheels"   # fresh: wheelhouse.py reuses any wheel by name
 # servelab runner extras after vllm; pydantic-core is left to pydantic's exact pin.

@@ -2,25 +2,31 @@
 # On a several-GPU H200 host, after gpu_install.sh: servelab sweeps across GPUs (issue 9).
 #   bash scripts/gpu_multi.sh dcp    # scripts/gpu/mla_dcp_sweep.yaml: MLA TP=2 vs TP=2+DCP=2
 #   bash scripts/gpu_multi.sh pack   # scripts/gpu/pack_sweep.yaml: two TP=1 runs packed side by side
-# Appends to one store (/root/sl/data); every result goes under $OUT.
+# Appends to one store under WORK (default .gpu/work in the repo: store, models, exports); every result goes
+# under $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/servelab-gpu-out}
-mkdir -p "$OUT" /root/sl/export
-export SERVELAB_DATA=/root/sl/data SERVELAB_DB=/root/sl/data/servelab.db SERVELAB_STARTUP_TIMEOUT=500
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+WORK=${WORK:-$REPO/.gpu/work}
+OUT=${OUT:-$REPO/.gpu/out}
+mkdir -p "$OUT" "$WORK/export"
+export SERVELAB_DATA="$WORK/data" SERVELAB_DB="$WORK/data/servelab.db" SERVELAB_STARTUP_TIMEOUT=500
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 sl() { python3 -m runner.cli "$@"; }
+# a spec's model folder (`model: models/tiny`) under WORK
+model_of() { echo "$WORK/$(sed -n 's/^  model: \([^ #]*\).*/\1/p' "scripts/gpu/$1.yaml")"; }
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi-$1.csv"
-[ -f /root/sl/models/tiny/config.json ] || sl demo-model /root/sl/models/tiny
-[ -f /root/sl/models/mla/config.json ] || sl demo-model /root/sl/models/mla --kind mla
+[ -f "$WORK/models/tiny/config.json" ] || sl demo-model "$WORK/models/tiny"
+[ -f "$WORK/models/mla/config.json" ] || sl demo-model "$WORK/models/mla" --kind mla
 spec=$([ "$1" = dcp ] && echo mla_dcp_sweep || echo pack_sweep)
 t0=$SECONDS
-sl sweep "scripts/gpu/$spec.yaml" > "/root/sl/$1.out" 2>&1
-echo "$1 sweep: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "/root/sl/$1.out" | tail -n 4
+sl sweep "scripts/gpu/$spec.yaml" --set "model=$(model_of "$spec")" > "$WORK/$1.out" 2>&1
+echo "$1 sweep: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "$WORK/$1.out" | tail -n 4
 sl runs --format csv | tee "$OUT/runs.csv"
 python3 - "$1" <<'PY' | tee -a "$OUT/checks.txt"
 import json, sys
 from runner.store import Store
-store = Store("/root/sl/data/servelab.db")
+store = Store()  # SERVELAB_DB
 sweeps = {}
 for r in store.list_runs():
     sweeps.setdefault(r.sweep_id, []).append(r)
@@ -47,13 +53,13 @@ for sid, runs in sweeps.items():
             print(f"  run {r.id}: NVML rows {len(g)} on GPU indices {sorted(set(g.gpu_index.astype(int)))}, "
                   f"max util {g.util_pct.max()} %, max memory {g.mem_used_mib.max()} MiB")
 PY
-ids=$(python3 -c "from runner.store import Store; print(*sorted(r.id for r in Store('/root/sl/data/servelab.db').list_runs()))")
+ids=$(python3 -c "from runner.store import Store; print(*sorted(r.id for r in Store().list_runs()))")
 set -- $ids
 [ $# -ge 2 ] && sl compare "$1" "$2" --format markdown | tee "$OUT/compare-dcp.md"
 [ $# -ge 4 ] && sl compare "$3" "$4" --format markdown > "$OUT/compare-pack.md"
-sl export runs --out /root/sl/export/runs.csv && sl export samples --out /root/sl/export/samples.csv \
-  && sl export results --out /root/sl/export/results.csv
+sl export runs --out "$WORK/export/runs.csv" && sl export samples --out "$WORK/export/samples.csv" \
+  && sl export results --out "$WORK/export/results.csv"
 nvidia-smi --query-gpu=index,memory.used --format=csv | tee "$OUT/nvidia-smi-after.csv"
-tar czf "$OUT/servelab-gpu.tgz" -C /root/sl data export
-for d in /root/sl/data/runs/*/; do grep -h -E "KV cache|dcp|DCP|Multiplying|Error|error" "$d/server.log" | tail -n 12 | sed "s|^|$(basename $d): |"; done > "$OUT/kv-lines.txt"
+tar czf "$OUT/servelab-gpu.tgz" -C "$WORK" data export
+for d in "$WORK"/data/runs/*/; do grep -h -E "KV cache|dcp|DCP|Multiplying|Error|error" "$d/server.log" | tail -n 12 | sed "s|^|$(basename $d): |"; done > "$OUT/kv-lines.txt"
 ls -la "$OUT"

@@ -2,32 +2,38 @@
 # On the H200 host, after gpu_install.sh has put vLLM 0.24 on PYTHONPATH: servelab's runner against
 # real CUDA vLLM. Runs through the CLI (SPECS, default "tiny mla": scripts/gpu/<spec>.yaml, appended to
 # the same store), their comparison and exports, everything under $OUT.
+# WORK (default .gpu/work in the repo) holds the store, the generated models and the exports.
 set -uo pipefail
-OUT=${OUT:-/tmp/servelab-gpu-out}
-mkdir -p "$OUT" /root/sl
-export SERVELAB_DATA=/root/sl/data SERVELAB_DB=/root/sl/data/servelab.db SERVELAB_STARTUP_TIMEOUT=500
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+WORK=${WORK:-$REPO/.gpu/work}
+OUT=${OUT:-$REPO/.gpu/out}
+mkdir -p "$OUT" "$WORK/export"
+export SERVELAB_DATA="$WORK/data" SERVELAB_DB="$WORK/data/servelab.db" SERVELAB_STARTUP_TIMEOUT=500
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 sl() { python3 -m runner.cli "$@"; }
+# a spec's model folder (`model: models/tiny`) under WORK
+model_of() { echo "$WORK/$(sed -n 's/^  model: \([^ #]*\).*/\1/p' "scripts/gpu/$1.yaml")"; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$OUT/versions.txt"
-[ -f /root/sl/models/tiny/config.json ] || sl demo-model /root/sl/models/tiny
-[ -f /root/sl/models/mla/config.json ] || sl demo-model /root/sl/models/mla --kind mla
+[ -f "$WORK/models/tiny/config.json" ] || sl demo-model "$WORK/models/tiny"
+[ -f "$WORK/models/mla/config.json" ] || sl demo-model "$WORK/models/mla" --kind mla
 # raw /metrics text while a server is up, for parser fixtures
-( for i in $(seq 1 400); do curl -s -m 1 'localhost:8000/metrics?by=fixture-capture' > /root/sl/m.txt 2>/dev/null \
-    && grep -q 'num_requests_running{[^}]*} [1-9]' /root/sl/m.txt && cp /root/sl/m.txt "$OUT/metrics_busy.txt"; sleep 1; done ) &
+( for i in $(seq 1 400); do curl -s -m 1 'localhost:8000/metrics?by=fixture-capture' > "$WORK/m.txt" 2>/dev/null \
+    && grep -q 'num_requests_running{[^}]*} [1-9]' "$WORK/m.txt" && cp "$WORK/m.txt" "$OUT/metrics_busy.txt"; sleep 1; done ) &
 scraper=$!
 for spec in ${SPECS:-tiny mla}; do
   t0=$SECONDS
-  python3 -m runner.cli run "scripts/gpu/$spec.yaml" > "/root/sl/$spec.out" 2>&1
-  echo "$spec: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "/root/sl/$spec.out" | tail -n 3
+  sl run "scripts/gpu/$spec.yaml" --set "model=$(model_of "$spec")" > "$WORK/$spec.out" 2>&1
+  echo "$spec: exit $? after $((SECONDS - t0)) s"; tr '\r' '\n' < "$WORK/$spec.out" | tail -n 3
 done
 kill $scraper 2>/dev/null
 sl runs
 sl compare 1 2 --format markdown | tee "$OUT/compare.md"
-n=$(ls /root/sl/data/runs | wc -l)
+n=$(ls "$WORK/data/runs" | wc -l)
 [ "$n" -ge 3 ] && sl compare 1 3 --format markdown | tee "$OUT/compare-eager-vs-graphs.md"
 # what the sampler asked vLLM for, and whether the bench kept its per-request arrays
-for d in /root/sl/data/runs/*/; do
+for d in "$WORK"/data/runs/*/; do
   python3 - "$d" <<'PY' | tee -a "$OUT/checks.txt"
 import json, pathlib, re, sys
 d = pathlib.Path(sys.argv[1])
@@ -39,9 +45,9 @@ print(f"run {d.name}: filtered /metrics/?name[]= scrapes answered 200: {filtered
       f"bench JSON per-request arrays: " + ", ".join(f"{k}={len(bench[k])}" for k in ("ttfts", "itls", "output_lens") if k in bench))
 PY
 done
-sl export runs --out /root/sl/export/runs.csv && sl export samples --out /root/sl/export/samples.csv \
-  && sl export results --out /root/sl/export/results.csv
-sl show 1 > /root/sl/export/show1.json; sl show 2 > /root/sl/export/show2.json
+sl export runs --out "$WORK/export/runs.csv" && sl export samples --out "$WORK/export/samples.csv" \
+  && sl export results --out "$WORK/export/results.csv"
+sl show 1 > "$WORK/export/show1.json"; sl show 2 > "$WORK/export/show2.json"
 nvidia-smi --query-gpu=memory.used --format=csv | tee "$OUT/nvidia-smi-after.csv"
-tar czf "$OUT/servelab-gpu.tgz" -C /root/sl data export
+tar czf "$OUT/servelab-gpu.tgz" -C "$WORK" data export
 ls -la "$OUT"
