@@ -1,5 +1,8 @@
 """SQLModel tables of servelab. Only `runner.store` opens sessions on them.
 
+A change to a table is a new Alembic revision in `runner/migrations/versions/` (the head schema must
+equal these models: `tests/test_migrations.py` checks it on SQLite and PostgreSQL).
+
 Timestamps are timezone-aware UTC datetimes (stored as naive UTC where the database has no zone);
 sample and phase times are float epoch seconds, cheap to chart and to down-sample.
 """
@@ -13,16 +16,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
-
-SCHEMA_VERSION = 1
-"""Bump with every change to the tables below, and teach `Store` to migrate from the previous one.
-
-Indexes are no such change: `Store` creates the ones a file lacks (and drops `SUPERSEDED_INDEXES`) when it
-opens it, and an older servelab still reads a file that has them.
-"""
-
-SUPERSEDED_INDEXES: dict[str, tuple[str, tuple[str, ...]]] = {"ix_sample_run_id_t": ("sample", ("run_id", "t"))}
-"""Index name → (table, columns) of indexes that a wider one replaced."""
 
 
 def utcnow() -> datetime:
@@ -248,10 +241,3 @@ class PhaseEvent(SQLModel, table=True):
     t: float  # epoch seconds, like Sample.t
     phase: str
     detail: str | None = None
-
-
-class Meta(SQLModel, table=True):
-    """Key/value facts about the database file itself (`schema_version`)."""
-
-    key: str = Field(primary_key=True)
-    value: str

@@ -22,14 +22,12 @@ import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, select
 
+from runner import migrations
 from runner.errors import StoreError
 from runner.models import (
     BENCH_COLUMNS,
-    SCHEMA_VERSION,
-    SUPERSEDED_INDEXES,
     BenchResult,
     EvalResult,
-    Meta,
     PhaseEvent,
     Run,
     RunStatus,
@@ -105,6 +103,8 @@ class Store:
                 f"database URL {self.url!r} is not valid: {exc}; pass a file path or a SQLAlchemy URL"
             ) from exc
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 (the `postgres` extra), not psycopg2
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
@@ -115,7 +115,7 @@ class Store:
         self.engine = sa.create_engine(parsed, **kwargs)
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._check_schema()
+        migrations.upgrade(self.engine, self.engine.url.render_as_string(hide_password=True))
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -137,43 +137,10 @@ class Store:
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
 
-    def _check_schema(self) -> None:
-        if sa.inspect(self.engine).has_table(Meta.__tablename__):
-            with self._session() as s:
-                row = s.get(Meta, "schema_version")
-            found = int(row.value) if row else None
-            if found is not None and found > SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.url} has schema version {found}, newer than this servelab's "
-                    f"{SCHEMA_VERSION}; upgrade servelab (pip install -U servelab) or point SERVELAB_DB elsewhere."
-                )
-        SQLModel.metadata.create_all(self.engine)
-        self._sync_indexes()
-        with self._session() as s:
-            if s.get(Meta, "schema_version") is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                s.commit()
-
-    def _sync_indexes(self) -> None:
-        """Create the indexes the models declare but an existing file lacks (`create_all` only adds
-        tables), and drop those a wider index superseded."""
-        inspector = sa.inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in SQLModel.metadata.sorted_tables:
-                present = {ix["name"] for ix in inspector.get_indexes(table.name)}
-                for index in table.indexes:
-                    if index.name not in present:
-                        index.create(conn)
-                for name, (on, cols) in SUPERSEDED_INDEXES.items():
-                    if on == table.name and name in present:
-                        old = sa.Table(on, sa.MetaData(), *(sa.Column(c) for c in cols))  # not our metadata
-                        sa.Index(name, *(old.c[c] for c in cols)).drop(conn)
-
-    def schema_version(self) -> int:
-        """The schema version recorded in the database."""
-        with self._session() as s:
-            row = s.get(Meta, "schema_version")
-        return int(row.value) if row else 0
+    def revision(self) -> str | None:
+        """The schema revision (Alembic's) recorded in the database."""
+        with self.engine.connect() as conn:
+            return migrations.current(conn)
 
     def journal_mode(self) -> str:
         """SQLite's journal mode (`wal` for files); empty for other databases."""

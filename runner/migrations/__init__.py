@@ -1,0 +1,120 @@
+"""The store's schema history (Alembic revisions in `versions/`) and the one function that applies it.
+
+`Store` calls `upgrade` when it opens a database: an empty one is built by the revisions, one written
+by a servelab from before Alembic (a `meta` table saying `schema_version` 1) is checked against the
+baseline revision and stamped with it, then every database is brought to head. Two processes opening
+the same database at once take turns: the upgrade is one transaction that first takes the database's
+write lock (SQLite `BEGIN IMMEDIATE`) or an advisory lock (PostgreSQL), then reads the revision again.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from runner.errors import StoreError
+
+BASELINE = "0001"
+_HERE = Path(__file__).parent
+_PG_LOCK_KEY = 0x5E_12E1AB  # pg_advisory_xact_lock key of servelab's migrations
+
+
+def _config(conn: sa.Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_HERE))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())
+
+
+def head() -> str:
+    """The newest revision this servelab knows."""
+    return str(_scripts().get_current_head())
+
+
+def current(conn: sa.Connection) -> str | None:
+    """The revision recorded in the database, None when Alembic never ran on it."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: sa.Engine, where: str) -> None:
+    """Bring the database of `engine` to head (`where` names it in errors)."""
+    with engine.connect() as conn:
+        found = current(conn)
+    if found == head():
+        return
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading: migrations never interleave
+        elif conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
+        found = current(conn)  # another process may have migrated while we waited
+        if found == head():
+            return
+        if found is not None and found not in {s.revision for s in _scripts().walk_revisions()}:
+            raise StoreError(
+                f"database {where} has schema revision {found}, newer than this servelab's {head()}; "
+                "upgrade servelab (pip install -U servelab) or point SERVELAB_DB elsewhere."
+            )
+        cfg = _config(conn)
+        if found is None and _pre_alembic(conn):
+            if problems := _differences_from_baseline(conn):
+                raise StoreError(
+                    f"database {where} was written by a servelab from before schema migrations, but its tables "
+                    f"differ from that servelab's ({'; '.join(problems)}); open it with the servelab that wrote "
+                    "it, or point SERVELAB_DB elsewhere."
+                )
+            command.stamp(cfg, BASELINE)
+        command.upgrade(cfg, "head")
+
+
+def _pre_alembic(conn: sa.Connection) -> bool:
+    return sa.inspect(conn).has_table("meta")
+
+
+def _differences_from_baseline(conn: sa.Connection) -> list[str]:
+    """What keeps a pre-Alembic database from being the baseline: missing tables or columns, extra
+    columns, another `schema_version`. Indexes may differ (revision 0002 settles them)."""
+    inspector = sa.inspect(conn)
+    problems = []
+    version = conn.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
+    if version != "1":
+        problems.append(f"meta.schema_version is {version!r}, not '1'")
+    present = set(inspector.get_table_names())
+    for table, columns in _baseline_tables().items():
+        if table not in present:
+            problems.append(f"no table {table}")
+            continue
+        have = {c["name"] for c in inspector.get_columns(table)}
+        if missing := sorted(columns - have):
+            problems.append(f"{table} lacks {', '.join(missing)}")
+        if extra := sorted(have - columns):
+            problems.append(f"{table} has unknown {', '.join(extra)}")
+    return problems
+
+
+@cache
+def _baseline_tables() -> dict[str, frozenset[str]]:
+    """Table → column names of the baseline revision, read from a scratch in-memory database built by it."""
+    engine = sa.create_engine("sqlite://")
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), BASELINE)
+            inspector = sa.inspect(conn)
+            return {
+                t: frozenset(c["name"] for c in inspector.get_columns(t))
+                for t in inspector.get_table_names()
+                if t != "alembic_version"
+            }
+    finally:
+        engine.dispose()
