@@ -95,7 +95,6 @@ class Store:
 
     def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
         self.url = resolve_url(url) if url is not None else default_db_url()
-        self._sample_insert_sql: tuple[str, bool] | None = None
         try:
             parsed = sa.make_url(self.url)
         except sa.exc.ArgumentError as exc:
@@ -343,39 +342,23 @@ class Store:
     # --- telemetry and phases -----------------------------------------------------------------
 
     def add_samples(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Bulk-insert telemetry rows in one transaction. Missing columns become None. Returns the count.
-
-        The sampler writes every few seconds for as long as a run lasts, so this is its cheapest form:
-        the insert compiled once for the database's dialect and its rows handed to the driver's
-        executemany as tuples (0.61 ms of CPU for a 45-row flush against 0.78 ms as a Core insert of dicts)."""
-        names, allowed = SAMPLE_INSERT_COLUMNS, _SAMPLE_ALLOWED
-        batch: list[tuple[Any, ...]] = []
+        """Bulk-insert telemetry rows in one transaction. Missing columns become None. Returns the count."""
+        batch = []
         for row in rows:
-            if not row.keys() <= allowed:
-                extra = sorted(set(row) - allowed)
-                raise StoreError(f"sample has unknown column(s) {', '.join(extra)}; known: {', '.join(names)}")
-            batch.append(tuple(row.get(n) for n in names))
+            if not row.keys() <= _SAMPLE_ALLOWED:
+                extra = sorted(set(row) - _SAMPLE_ALLOWED)
+                known = ", ".join(SAMPLE_INSERT_COLUMNS)
+                raise StoreError(f"sample has unknown column(s) {', '.join(extra)}; known: {known}")
+            batch.append({name: row.get(name) for name in SAMPLE_INSERT_COLUMNS})
         if batch:
-            sql, positional = self._sample_insert()
             try:
                 with self.engine.begin() as conn:
-                    conn.exec_driver_sql(sql, batch if positional else [dict(zip(names, b)) for b in batch])
+                    conn.execute(sa.insert(Sample.__table__), batch)  # type: ignore[attr-defined]
             except sa.exc.IntegrityError as exc:
                 raise StoreError(
                     f"samples rejected ({exc.orig}); each needs `t` and the id of an existing run"
                 ) from exc
         return len(batch)
-
-    def _sample_insert(self) -> tuple[str, bool]:
-        """The sample INSERT in this database's SQL: (text, whether it takes positional parameters)."""
-        if self._sample_insert_sql is None:
-            compiled = sa.insert(Sample.__table__).compile(  # type: ignore[attr-defined]
-                dialect=self.engine.dialect, column_keys=SAMPLE_INSERT_COLUMNS)
-            order = compiled.positiontup
-            if order is not None and list(order) != SAMPLE_INSERT_COLUMNS:
-                raise StoreError(f"unexpected sample insert parameters {order}")
-            self._sample_insert_sql = (str(compiled), order is not None)
-        return self._sample_insert_sql
 
     def samples_frame(self, run_ids: Iterable[int], max_points: int | None = None) -> pd.DataFrame:
         """Telemetry of runs, ordered by run and time.
@@ -493,7 +476,9 @@ def _kept_ticks(run_ids: list[int], max_points: int) -> Any:
 
 
 def _materialized(cte: sa.CTE) -> sa.CTE:
-    """Ask SQLite (3.35+) to compute a CTE once, as a table, instead of folding it into the outer query."""
+    """Ask SQLite (3.35+) and PostgreSQL (12+) to compute a CTE once, as a table, instead of folding it into the
+    outer query (PostgreSQL folded in, a 3,000-row down-sampling took 15 s)."""
+    cte = cte.prefix_with("MATERIALIZED", dialect="postgresql")
     return cte.prefix_with("MATERIALIZED", dialect="sqlite") if sqlite3.sqlite_version_info >= (3, 35) else cte
 
 

@@ -7,6 +7,11 @@ A folder whose tests need the database inside a data folder of their own (ui/, e
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +72,86 @@ def store(db_path: Path) -> Iterator[Store]:
     s = Store(str(db_path))
     yield s
     s.close()
+
+
+# -- PostgreSQL: a throwaway cluster for the session, a fresh database per test ---------------------------------------
+class PostgresCluster:
+    """A PostgreSQL server from the system's packages (Debian: /usr/lib/postgresql/<version>/bin) in a
+    temporary folder, on a free port of 127.0.0.1, trusting local connections. The server refuses to
+    run as root, so as root it runs as the `postgres` user (`runuser`), which owns its folder."""
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+        if not bins:
+            raise RuntimeError("no PostgreSQL server in /usr/lib/postgresql; `apt-get install postgresql` "
+                               "(./dev.sh test installs it)")
+        self.bin = bins[-1].parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.dir = Path(tempfile.mkdtemp(prefix="servelab-pg-"))
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._count = 0
+
+    def _pg(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True, check=False)
+        if done.returncode:
+            log = self.dir / "server.log"
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()}\n"
+                               + (log.read_text()[-2000:] if log.exists() else ""))
+
+    def start(self) -> PostgresCluster:
+        data = self.dir / "data"
+        self._pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
+        self._pg("pg_ctl", "-D", str(data), "-o", options, "-l", str(self.dir / "server.log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute(sql)
+
+    def create_database(self) -> str:
+        """A new empty database; its name."""
+        self._count += 1
+        name = f"test_{self._count}"
+        self._admin(f"CREATE DATABASE {name}")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self._admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The session's PostgreSQL server, started on first use. A server that cannot start fails the tests
+    that need it (never skips them): CI must test the PostgreSQL store."""
+    try:
+        cluster = PostgresCluster().start()
+    except (RuntimeError, OSError) as exc:
+        pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, db_path: Path) -> Iterator[str]:
+    """A fresh empty database on each backend: a SQLite file, or a new database of the session's cluster."""
+    if request.param == "sqlite":
+        yield str(db_path)
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = cluster.create_database()
+    yield cluster.url(name)
+    cluster.drop_database(name)

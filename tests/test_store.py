@@ -1,17 +1,19 @@
-"""Store against real SQLite: a fresh file per test (and one in-memory database)."""
+"""Store against real databases: every test that takes `store` runs on a fresh SQLite file and on a fresh
+database of a real PostgreSQL server (the session's cluster, tests/conftest.py); a few are SQLite's own."""
 
 import json
-import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from runner import migrations
 from runner.errors import StoreError
-from runner.models import SCHEMA_VERSION, RunSource, RunStatus
+from runner.models import RunSource, RunStatus
 from runner.store import Store, default_db_url, resolve_url
 
 SEED_TP8 = {
@@ -21,6 +23,14 @@ SEED_TP8 = {
     "median_ttft_ms": 227389.87, "p99_ttft_ms": 686294.46, "p90_ttft_ms": 500000.0,
     "ttfts": [1.0, 2.0], "errors": ["", ""], "std_ttft_ms": None,
 }  # fmt: skip
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """A store on each backend (the root conftest's `db_url`)."""
+    s = Store(db_url)
+    yield s
+    s.close()
 
 
 def test_run_crud_and_timestamps(store: Store) -> None:
@@ -123,23 +133,13 @@ def test_delete_run_cascades(store: Store) -> None:
     assert len(store.bench_results(keep.id)) == 1 and len(store.samples_frame([keep.id])) == 1
 
 
-def test_schema_version_recorded_and_newer_file_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    with Store(str(path)) as s:
-        assert s.schema_version() == SCHEMA_VERSION
-    with Store(str(path)) as s:  # reopening keeps it
-        assert s.schema_version() == SCHEMA_VERSION
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(StoreError, match="upgrade servelab"):
-        Store(str(path))
-
-
-def test_sqlite_file_uses_wal_and_pragmas(store: Store) -> None:
+def test_sqlite_file_uses_wal_and_pragmas(db_path: Path) -> None:
+    store = Store(db_path)
     assert store.journal_mode() == "wal"
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    store.close()
 
 
 def test_in_memory_store_works_across_sessions() -> None:
@@ -147,16 +147,16 @@ def test_in_memory_store_works_across_sessions() -> None:
         run = s.create_run(label="mem")
         s.add_samples([{"run_id": run.id, "t": float(i)} for i in range(5)])
         assert s.get_run(run.id).label == "mem" and len(s.samples_frame([run.id])) == 5
-        assert s.schema_version() == SCHEMA_VERSION
+        assert s.revision() == migrations.head()
 
 
-def test_claim_run_gives_each_queued_run_to_one_worker(store: Store, db_path: Path) -> None:
+def test_claim_run_gives_each_queued_run_to_one_worker(store: Store, db_url: str) -> None:
     ids = [store.create_run(label=f"r{i}").id for i in range(60)]
     store.update_run(ids[0], status=RunStatus.cancelled)
     barrier = threading.Barrier(2)
 
     def work(worker: str) -> list[int]:
-        with Store(str(db_path)) as own:  # one engine per worker, as two processes would have
+        with Store(db_url) as own:  # one engine per worker, as two processes would have
             barrier.wait()
             return [run_id for run_id in ids if own.claim_run(run_id, worker)]
 
@@ -216,19 +216,11 @@ def test_default_url_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert resolve_url("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
-def test_sample_insert_is_compiled_for_each_dialects_parameter_style() -> None:
-    from types import SimpleNamespace
-
-    from sqlalchemy.dialects import mysql, postgresql, sqlite
-
-    from runner.store import SAMPLE_INSERT_COLUMNS
-
-    def insert(dialect):
-        return Store._sample_insert(SimpleNamespace(engine=SimpleNamespace(dialect=dialect), _sample_insert_sql=None))
-
-    sql, positional = insert(sqlite.dialect())
-    assert positional and sql.count("?") == len(SAMPLE_INSERT_COLUMNS) and "id," not in sql.split("(")[1][:3]
-    sql, positional = insert(postgresql.psycopg2.dialect())  # named parameters: rows go as dicts
-    assert not positional and "%(run_id)s" in sql and "%(note)s" in sql
-    sql, positional = insert(mysql.pymysql.dialect())  # positional %s
-    assert positional and sql.count("%s") == len(SAMPLE_INSERT_COLUMNS)
+def test_postgresql_url_opens_with_psycopg_3(postgres) -> None:
+    name = postgres.create_database()
+    try:
+        with Store(postgres.url(name).replace("postgresql+psycopg://", "postgresql://")) as s:
+            assert s.engine.dialect.driver == "psycopg" and not s.is_sqlite and s.journal_mode() == ""
+            assert [r.label for r in s.list_runs()] == []
+    finally:
+        postgres.drop_database(name)
