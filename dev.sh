@@ -13,7 +13,7 @@ setup() {
   local extras=eval backend=cpu
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then backend=gpu; fi
   extras="$extras,$backend"
-  [ "${1:-}" = test ] && extras="$extras,test"
+  [ "${1:-}" = test ] && extras="$extras,test,postgres"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local stamp="$VENV/.servelab-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
   if [ ! -f "$stamp" ]; then
@@ -28,6 +28,11 @@ setup() {
   else
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
       || "$VENV/bin/python" -m pip install -q --no-deps -e .
+  fi
+  if [ "${1:-}" = test ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    # the store's tests run on PostgreSQL too; tests/conftest.py starts a throwaway server (and fails without one)
+    echo "servelab: installing Debian postgresql for the store tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   fi
   if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
