@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import UTC, datetime
 
@@ -164,20 +163,3 @@ def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> 
         return pd.DataFrame(columns=["run_id", "label", "t_s", "kv_cache_usage_perc", "num_requests_running",
                                      "num_requests_waiting", "gen_tok_s", "bench_end_s"])
     return pd.concat(parts, ignore_index=True)
-
-
-def raw_files(run: Run) -> dict[str, str]:
-    """Downloadable files of a run folder: name → path (bench JSON, logs, lm-eval output, imports)."""
-    from pathlib import Path
-
-    if not run.run_dir or not Path(run.run_dir).is_dir():
-        return {}
-    return {p.name: str(p) for p in sorted(Path(run.run_dir).rglob("*")) if p.is_file()}
-
-
-def reproduce_env(run: Run) -> dict[str, str]:
-    """The environment a run's server got, without servelab's own bookkeeping variable."""
-    from runner.execute import RUN_ENV_MARK
-
-    env = json.loads(run.env_json) if run.env_json else {}
-    return {k: v for k, v in env.items() if k != RUN_ENV_MARK}

@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from dashboard import data
+from runner import api
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
 from runner.compare import metric_def
 from runner.config import EvalSpec, LaunchSpec, RunSpec
@@ -131,7 +132,7 @@ def reproduce(run: Run) -> dict[str, tuple[str, str]]:
         return {"stored spec (unreadable)": (f"{run.spec_json}\n\n# {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
                                              "json")}
     launch = spec.launch.model_copy(update={"port": run.port}) if run.port else spec.launch
-    env = data.reproduce_env(run) or launch.env
+    env = api.reproduce_env(run) or launch.env
     serve = json.loads(run.serve_argv_json) if run.serve_argv_json else serve_argv(launch)
     base = f"http://{launch.host}:{launch.port}"
     run_dir = Path(run.run_dir or f"data/runs/{run.id}")

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from runner import compare as cmp
 from runner.config import LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, StoreError
+from runner.execute import INTERNAL_ENV
 from runner.models import ACTIVE, TERMINAL, Run, RunSource, RunStatus, utcnow
 from runner.parsers import (
     BenchParse,
@@ -112,12 +113,13 @@ def import_files(store: Store, files: list[tuple[str, bytes | str]], label: str 
         else:
             current = store.get_run(target.id)  # fill only what the run does not know yet
             run = store.update_run(target.id, **{k: v for k, v in fields.items() if getattr(current, k) is None})
-        run_dir = Path(run.run_dir) if run.run_dir else settings.data_dir / "runs" / str(run.id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = run_folder(run, settings)  # never a folder outside the data folder that the store names
+        if run_dir is None:
+            run_dir = settings.data_dir / "runs" / str(run.id)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run = store.update_run(run.id, run_dir=str(run_dir))
         raw = run_dir / ("imported-" + _safe_name(item.name))
         raw.write_text(item.text)
-        if not run.run_dir:
-            store.update_run(run.id, run_dir=str(run_dir))
         if item.bench is not None:
             store.add_bench_result(run.id, item.bench.metrics, repeat=len(store.bench_results(run.id)),
                                    raw_path=str(raw))
@@ -196,8 +198,41 @@ def delete_run(store: Store, run_id: int) -> None:
     if run.status in ACTIVE:
         raise StoreError(f"run {run_id} is {run.status.value}; cancel it before deleting it")
     store.delete_run(run_id)
-    if run.run_dir and Path(run.run_dir).is_dir():
-        shutil.rmtree(run.run_dir, ignore_errors=True)
+    if (folder := run_folder(run)) is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_folder(run: Run, settings: Settings | None = None) -> Path | None:
+    """A run's folder, resolved, when it is a folder inside the data folder (symlinks resolved on both
+    sides); else None. servelab deletes and serves files of run folders only through this: a store made
+    elsewhere (the committed GPU stores name another host's folders) or edited by hand can name any path."""
+    if not run.run_dir:
+        return None
+    data = (settings or Settings.from_env()).data_dir.resolve()
+    folder = Path(run.run_dir).resolve()
+    if folder == data or not folder.is_relative_to(data) or not folder.is_dir():
+        return None
+    return folder
+
+
+def run_files(run: Run, settings: Settings | None = None) -> dict[str, Path]:
+    """The downloadable files of a run's folder (bench JSON, logs, lm-eval output, imports): name → path.
+    Only regular files that are inside the folder once symlinks are resolved; none when `run_folder` is None."""
+    folder = run_folder(run, settings)
+    if folder is None:
+        return {}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        real = path.resolve()
+        if real.is_file() and real.is_relative_to(folder):
+            files[path.name] = real
+    return files
+
+
+def reproduce_env(run: Run) -> dict[str, str]:
+    """The environment a run's server got, without servelab's own bookkeeping variables."""
+    env = json.loads(run.env_json) if run.env_json else {}
+    return {k: v for k, v in env.items() if k not in INTERNAL_ENV}
 
 
 # -- compare and export ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from runner.telemetry import Sampler, gpu_memory_used_mib
 
 RUN_ENV_MARK = "SERVELAB_RUN_ID"  # marks every process of a run, so a restarted worker finds orphans
 STORE_ENV_MARK = "SERVELAB_STORE"  # …of which store: run ids of two databases collide
+INTERNAL_ENV = frozenset({RUN_ENV_MARK, STORE_ENV_MARK})  # servelab's bookkeeping, not part of a reproduction
 # Share of the progress bar each stage takes.
 _STARTUP_SHARE, _EVAL_SHARE = 0.1, 0.1
 

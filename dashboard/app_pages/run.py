@@ -90,8 +90,8 @@ def live_panel() -> None:
                 col.plotly_chart(fig, key=f"telemetry{i}")
         if not gpu_rows:
             st.caption("No GPU samples: this run used the CPU backend (or NVML was unavailable).")
-    log = Path(now.run_dir or "") / "server.log"
-    if now.run_dir and log.is_file():
+    log = api.run_files(now).get("server.log")
+    if log is not None:
         st.markdown("**Server log** (last 40 lines)")
         st.code(tail(log, 40) or "(empty)", language="log", height=320)
 
@@ -138,7 +138,7 @@ else:
 
 if run.status in TERMINAL:
     st.subheader("Downloads")
-    files = data.raw_files(run)
+    files = api.run_files(run)
     cols = st.columns(4)
     downloads = [(name, (lambda p=path: Path(p).read_bytes()), name) for name, path in files.items()]
     if not db.samples_frame([run.id], max_points=1).empty:

@@ -243,3 +243,60 @@ def test_no_url_serves_the_database(live_dashboard, record) -> None:
            "no URL returns the database's bytes",
            f"{len(paths)} paths tried: HTTP {', '.join(map(str, codes))} (404 or Streamlit's own page), "
            "never the SQLite bytes", surface="dashboard")
+
+
+def test_delete_and_downloads_reach_nothing_outside_the_data_folder(env: Path, store: Store, tmp_path: Path,
+                                                                    monkeypatch, record) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    outside = tmp_path / "elsewhere"  # beside the data folder, as another host's /root/sl/data/runs/1 would be
+    outside.mkdir()
+    for name in ("bench-0-0.json", "server.log", "secret.txt"):
+        (outside / name).write_text(f"SECRET {name}\n")
+    (env / "runs").mkdir()
+    (env / "runs" / "2").symlink_to(outside, target_is_directory=True)  # inside by name, outside once resolved
+    mixed = env / "runs" / "3"
+    mixed.mkdir()
+    (mixed / "bench-0-0.json").write_text("{}")
+    (mixed / "leak.txt").symlink_to(outside / "secret.txt")
+    ended = dict(status=RunStatus.succeeded, model="org/model", phase="succeeded", finished_at=utcnow())
+    foreign = store.create_run(label="foreign", run_dir=str(outside), **ended)
+    linked = store.create_run(label="linked", run_dir=str(env / "runs" / "2"), **ended)
+    local = store.create_run(label="local", run_dir=str(mixed), **ended)
+
+    assert api.run_files(foreign) == {} and api.run_files(linked) == {}
+    assert api.run_files(local) == {"bench-0-0.json": (mixed / "bench-0-0.json").resolve()}
+
+    monkeypatch.setenv("SERVELAB_BACKEND", "cpu")
+    monkeypatch.delenv("SERVELAB_PASSWORD", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = str(foreign.id)
+    at.run()
+    at.switch_page("app_pages/run.py").run()
+    assert not at.exception
+    assert [d.label for d in at.download_button] == ["results.csv"]  # nothing of the folder outside
+    assert not any("SECRET" in c.value for c in at.code)  # nor its server.log in the log panel
+
+    for run in (foreign, linked, local):
+        api.delete_run(store, run.id)
+    assert store.list_runs() == []
+    assert sorted(p.name for p in outside.iterdir()) == ["bench-0-0.json", "secret.txt", "server.log"]
+    assert (outside / "secret.txt").read_text() == "SECRET secret.txt\n"
+    assert (env / "runs" / "2").is_symlink() and not mixed.exists()  # the local folder went, its link's target stayed
+    record("security", "runs whose run_dir is outside the data folder (a path elsewhere, a symlink out, a file "
+           "linked out)", "delete removes nothing outside the data folder; downloads serve nothing from outside",
+           "the outside folder and its 3 files survived the deletes; the Run page offered only results.csv; "
+           "run_files listed only the inside file", surface="api, dashboard")
+
+
+def test_reproduce_shows_no_internal_marks(store: Store) -> None:
+    from dashboard import run_view
+
+    spec = RunSpec(launch=LaunchSpec(model="org/model", env={"VLLM_LOGGING_LEVEL": "DEBUG"}), bench=[BenchSpec()])
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_LOGGING_LEVEL": "DEBUG", "SERVELAB_RUN_ID": "1",
+           "SERVELAB_STORE": "0123456789abcdef"}
+    run = store.create_run(label="r", spec_json=spec.model_dump_json(), env_json=json.dumps(env), port=8123,
+                           status=RunStatus.succeeded)
+    assert api.reproduce_env(run) == {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_LOGGING_LEVEL": "DEBUG"}
+    text = "\n".join(t for t, _ in run_view.reproduce(run).values())
+    assert "CUDA_VISIBLE_DEVICES=0,1" in text and "SERVELAB" not in text and "0123456789abcdef" not in text
