@@ -311,7 +311,8 @@ def test_cancel_in_each_state(store: Store) -> None:
         api.cancel(store, queued.id)
 
 
-def test_delete_run_removes_its_folder(store: Store, tmp_path: Path) -> None:
+def test_delete_run_removes_its_folder(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVELAB_DATA", str(tmp_path))  # a folder inside the data folder (outside: test_security)
     folder = tmp_path / "runs" / "1"
     folder.mkdir(parents=True)
     (folder / "server.log").write_text("log")
