@@ -10,6 +10,7 @@ from runner import compare as cmp
 HEADLINE = ["request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms"]
 """The rows of the seed's "DCP Gain Analysis" table."""
 BETTER, WORSE = "background-color: rgba(46, 160, 67, 0.22)", "background-color: rgba(248, 81, 73, 0.22)"
+FLAGGED = "color: #9a6700"
 
 
 def pick_rows(rows: list[cmp.GainRow], headline_only: bool) -> list[cmp.GainRow]:
@@ -25,28 +26,22 @@ def gain_frame(rows: list[cmp.GainRow], a_label: str, b_label: str) -> pd.DataFr
 
 
 def gain_styler(rows: list[cmp.GainRow], a_label: str, b_label: str) -> Styler:
-    """Change and Improvement(%) tinted green where the candidate is better, red where worse; metrics with
-    no direction (token counts, spreads) stay plain."""
+    """Change and Improvement(%) tinted green where the candidate is better, red where worse, and only where
+    the change is beyond the noise (`GainRow.colored`); flags in amber."""
     frame = gain_frame(rows, a_label, b_label)
-    colour = [BETTER if r.better else WORSE if r.better is False and r.change != 0 else "" for r in rows]
+    colour = [(BETTER if r.better else WORSE) if r.colored else "" for r in rows]
+    flagged = [FLAGGED if r.flags else "" for r in rows]
 
     def tint(column: pd.Series) -> list[str]:
-        return colour if column.name in ("Change", "Improvement(%)") else [""] * len(column)
+        if column.name in ("Change", "Improvement(%)"):
+            return colour
+        return flagged if column.name == cmp.FLAGS_COLUMN else [""] * len(column)
 
     return frame.style.apply(tint, axis=0).hide(axis="index")
 
 
-DROP, WITHIN, GAIN, UNKNOWN = "drop > 2σ", "within noise", "gain > 2σ", "no stderr"
-
-
-def accuracy_verdict(row: dict) -> str:
-    """The flag of one row of `api.compare_accuracy`: a drop beyond twice the combined stderr is the
-    warning; a rise beyond it is said too, so "within noise" means what it says."""
-    if row["flagged"] is None:
-        return UNKNOWN
-    if row["flagged"]:
-        return DROP
-    return GAIN if row["delta"] > 2.0 * row["stderr"] else WITHIN
+DROP, WITHIN, GAIN, UNKNOWN = cmp.ACC_DROP, cmp.ACC_WITHIN, cmp.ACC_GAIN, cmp.ACC_UNKNOWN
+accuracy_verdict = cmp.accuracy_verdict
 
 
 def accuracy_frame(rows: list[dict], a_label: str, b_label: str) -> pd.DataFrame:

@@ -6,10 +6,12 @@ Plain arguments in, values out; errors are `ServelabError`s with messages meant 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ import pandas as pd
 import sqlalchemy as sa
 
 from runner import compare as cmp
+from runner import noise
 from runner.config import LaunchSpec, RunSpec, Settings, SweepSpec
-from runner.errors import ParseError, StoreError
+from runner.errors import ParseError, ServelabError, StoreError
 from runner.execute import INTERNAL_ENV
 from runner.models import ACTIVE, TERMINAL, Run, RunSource, RunStatus, utcnow
 from runner.parsers import (
@@ -240,22 +243,100 @@ def label_of(run: Run) -> str:
     return run.label or f"run {run.id}"
 
 
-def compare_runs(store: Store, baseline: int, candidate: int) -> tuple[list[cmp.GainRow], str, str]:
-    """The gain table of `candidate` against `baseline`, with the two column labels."""
-    a, b = store.get_run(baseline), store.get_run(candidate)
-    ma, mb = store.run_metrics(baseline), store.run_metrics(candidate)
-    if not ma or not mb:
-        missing = baseline if not ma else candidate
-        raise StoreError(f"run {missing} has no benchmark results to compare; import or run a benchmark first")
+def default_pair(store: Store) -> tuple[int, int] | None:
+    """The pair a comparison opens on: the two newest succeeded runs (older as baseline). With one
+    succeeded run, it is the baseline against the newest other run; a failed run is never the baseline."""
+    runs = store.list_runs()  # newest first
+    done = [r.id for r in runs if r.status == RunStatus.succeeded and r.id is not None]
+    if len(done) >= 2:
+        return done[1], done[0]
+    others = [r.id for r in runs if done and r.id != done[0] and r.id is not None]
+    return (done[0], others[0]) if others else None
+
+
+@lru_cache(maxsize=64)
+def _requests_of_file(path: str, mtime_ns: int, size: int) -> noise.Requests | None:
+    try:
+        return noise.requests_from_arrays(parse_bench_json(Path(path).read_bytes()).arrays)
+    except (OSError, ParseError):
+        return None
+
+
+def bench_requests(store: Store, run_id: int) -> list[noise.Requests | None]:
+    """Per bench execution of a run, its per-request data (`--save-detailed` arrays of the stored result
+    file), or None where the result was a printed block, lacks the arrays, or its file is gone."""
+    out: list[noise.Requests | None] = []
+    for br in store.bench_results(run_id):
+        path = Path(br.raw_path) if br.raw_path else None
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            st = None
+        out.append(_requests_of_file(str(path), st.st_mtime_ns, st.st_size) if path and st else None)
+    return out
+
+
+def _side(store: Store, run_id: int) -> cmp.Side:
+    return cmp.Side(store.run_metrics(run_id), bench_requests(store, run_id))
+
+
+def _labels(a: Run, b: Run) -> tuple[str, str]:
     a_label, b_label = label_of(a), label_of(b)
     if a_label == b_label:
         a_label, b_label = f"{a_label} (#{a.id})", f"{b_label} (#{b.id})"
-    return cmp.gain_table(ma, mb), a_label, b_label
+    return a_label, b_label
+
+
+def compare_runs(store: Store, baseline: int, candidate: int) -> tuple[list[cmp.GainRow], str, str]:
+    """The gain table of `candidate` against `baseline` (with CIs, noise verdicts and flags), with the two
+    column labels."""
+    a, b = store.get_run(baseline), store.get_run(candidate)
+    sa, sb = _side(store, baseline), _side(store, candidate)
+    if not sa.metrics or not sb.metrics:
+        missing = baseline if not sa.metrics else candidate
+        raise StoreError(f"run {missing} has no benchmark results to compare; import or run a benchmark first")
+    return cmp.gain_table(sa, sb), *_labels(a, b)
+
+
+@dataclass
+class Comparison:
+    """Everything one candidate is compared on against a baseline; an empty section is one that either side
+    lacks."""
+
+    baseline: int
+    candidate: int
+    a_label: str
+    b_label: str
+    bench: list[cmp.GainRow]
+    notes: list[str]  # flaws of the benchmarks themselves (failed requests, stalls, short runs)
+    accuracy: list[dict[str, Any]]
+    kv: list[cmp.GainRow]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.bench or self.accuracy or self.kv)
+
+
+_KV_FIELDS = {"kv_cache_tokens": "kv_cache_tokens", "kv_cache_gib": "kv_cache_gib",
+              "max_concurrency": "kv_max_concurrency"}
+
+
+def compare_report(store: Store, baseline: int, candidate: int) -> Comparison:
+    """The benchmark gain table, the accuracy comparison and the KV capacity of `candidate` against `baseline`."""
+    a, b = store.get_run(baseline), store.get_run(candidate)
+    sa, sb = _side(store, baseline), _side(store, candidate)
+    bench = cmp.gain_table(sa, sb) if sa.metrics and sb.metrics else []
+    notes = cmp.run_flags(sa, sb) if bench else []
+    kv_a = {k: getattr(a, f) for f, k in _KV_FIELDS.items() if getattr(a, f) is not None}
+    kv_b = {k: getattr(b, f) for f, k in _KV_FIELDS.items() if getattr(b, f) is not None}
+    kv = [r for r in cmp.gain_table([kv_a], [kv_b]) if r.key in _KV_FIELDS.values()] if kv_a and kv_b else []
+    return Comparison(baseline, candidate, *_labels(a, b), bench, notes, compare_accuracy(store, baseline, candidate),
+                      kv)
 
 
 def compare_accuracy(store: Store, baseline: int, candidate: int) -> list[dict[str, Any]]:
     """Accuracy of `candidate` against `baseline` per task, filter and metric: both values with their
-    stderr, the delta, the combined stderr, and whether the drop exceeds twice that (flagged)."""
+    stderr, the delta, the combined stderr, whether the drop exceeds twice that (flagged), and the verdict."""
     a = {(e.task, e.filter, e.metric): e for e in store.eval_results(baseline)}
     rows = []
     for e in store.eval_results(candidate):
@@ -263,8 +344,9 @@ def compare_accuracy(store: Store, baseline: int, candidate: int) -> list[dict[s
         if base is None:
             continue
         delta = cmp.accuracy_delta(base.value, base.stderr, e.value, e.stderr)
-        rows.append({"task": e.task, "filter": e.filter, "metric": e.metric, "n_shot": e.n_shot,
-                     "a": base.value, "a_stderr": base.stderr, "b": e.value, "b_stderr": e.stderr, **delta})
+        row = {"task": e.task, "filter": e.filter, "metric": e.metric, "n_shot": e.n_shot,
+               "a": base.value, "a_stderr": base.stderr, "b": e.value, "b_stderr": e.stderr, **delta}
+        rows.append({**row, "verdict": cmp.accuracy_verdict(row)})
     return rows
 
 
@@ -301,8 +383,61 @@ def render_gain_table(rows: list[cmp.GainRow], a_label: str, b_label: str, fmt: 
         return cmp.to_markdown(rows, a_label, b_label)
     if fmt == "csv":
         return cmp.to_csv(rows, a_label, b_label)
+    if fmt != "table":
+        raise StoreError(f"unknown format {fmt!r}; choose table, markdown or csv")
     frame = cmp.to_frame(rows, a_label, b_label)
     return frame.to_string(index=False)
+
+
+def _accuracy_records(c: Comparison) -> list[dict[str, Any]]:
+    ca, cb = cmp.csv_fields(c.a_label, c.b_label)[3:5]
+    return [{"Metric": f"{r['task']} {r['filter']} {r['metric']}", "key": f"{r['task']}/{r['filter']}/{r['metric']}",
+             "unit": "", ca: r["a"], cb: r["b"], "Change": r["delta"], f"{ca} stderr": r["a_stderr"],
+             f"{cb} stderr": r["b_stderr"], "stderr of change": r["stderr"], "noise": r["verdict"],
+             "flags": "drop > 2σ" if r["flagged"] else ""} for r in c.accuracy]
+
+
+def comparison_csv(comparisons: list[Comparison]) -> str:
+    """Every section of every comparison as one CSV: `section` (benchmark, accuracy, kv_capacity), the
+    baseline and candidate ids, then the gain-table columns (numbers in canonical units)."""
+    frames = []
+    for c in comparisons:
+        parts = [("benchmark", cmp.csv_records(c.bench, c.a_label, c.b_label)), ("accuracy", _accuracy_records(c)),
+                 ("kv_capacity", cmp.csv_records(c.kv, c.a_label, c.b_label))]
+        for section, records in parts:
+            if records:
+                frame = pd.DataFrame(records)
+                frame.insert(0, "candidate", c.candidate)
+                frame.insert(0, "baseline", c.baseline)
+                frame.insert(0, "section", section)
+                frames.append(frame)
+    if not frames:
+        return ""
+    return frame_to_csv(pd.concat(frames, ignore_index=True))
+
+
+def render_comparison(c: Comparison, fmt: str = "table") -> str:
+    """One comparison as text (`table`, `markdown`) with a heading per section present, or as CSV."""
+    if fmt == "csv":
+        return comparison_csv([c])
+    if fmt not in ("table", "markdown"):
+        raise StoreError(f"unknown format {fmt!r}; choose table, markdown or csv")
+    md = fmt == "markdown"
+    out = [f"{'## ' if md else ''}{c.b_label} vs {c.a_label}"]
+    if c.bench:
+        out.append(f"{'### ' if md else ''}Benchmark")
+        out += [f"{'> ' if md else ''}flag: {n}" for n in c.notes]
+        out.append(render_gain_table(c.bench, c.a_label, c.b_label, fmt).rstrip("\n"))
+    if c.accuracy:
+        out.append(f"{'### ' if md else ''}Accuracy")
+        out.append(render_accuracy(c.accuracy, c.a_label, c.b_label))
+    if c.kv:
+        out.append(f"{'### ' if md else ''}KV capacity")
+        rows = [dataclasses.replace(r, verdict="", flags=()) for r in c.kv]
+        out.append(render_gain_table(rows, c.a_label, c.b_label, fmt).rstrip("\n"))
+    if c.empty:
+        out.append("nothing in common to compare: no benchmark, accuracy or KV capacity on both runs")
+    return "\n\n".join(out) + "\n"
 
 
 RUN_COLUMNS = ["id", "label", "status", "source", "model", "tensor_parallel_size", "decode_context_parallel_size",
@@ -310,10 +445,162 @@ RUN_COLUMNS = ["id", "label", "status", "source", "model", "tensor_parallel_size
                "created_at", "started_at", "finished_at", "failure_reason"]
 
 
+def one_line(text: object) -> object:
+    """Text with its line breaks shown as ⏎, so a CSV row stays one physical line; other values as they are."""
+    if not isinstance(text, str):
+        return text
+    return " ⏎ ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
 def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
-    """The Runs table: the columns of `RUN_COLUMNS` only, read as such (quick with thousands of runs)."""
+    """The Runs table: the columns of `RUN_COLUMNS` only, read as such (quick with thousands of runs); a
+    multi-line failure reason on one line."""
     frame = store.runs_frame(columns=RUN_COLUMNS, **filters)
-    return frame[[c for c in RUN_COLUMNS if c in frame.columns]]
+    frame = frame[[c for c in RUN_COLUMNS if c in frame.columns]]
+    if "failure_reason" in frame:
+        frame = frame.assign(failure_reason=frame["failure_reason"].map(one_line))
+    return frame
+
+
+_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 20, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
+              ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 10, ">"),
+              ("CREATED", 11, "<")]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    """`value` formatted; blank when unknown; no decimals from 1,000 on (a column stays narrow)."""
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
+        return ""
+    return "{:,.0f}".format(value) if abs(value) >= 1000 else fmt.format(value)
+
+
+def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
+    """`runs_table` as fixed columns within `width`: rounded numbers, blanks for what is unknown, one line a
+    run, the failure reason cut to what is left of the line."""
+    head = " ".join(f"{name:{align}{w}}" for name, w, align in _RUNS_TEXT)
+    lines = [(head + " REASON")[:width]]
+    for r in frame.to_dict("records"):
+        tp, dcp = r.get("tensor_parallel_size"), r.get("decode_context_parallel_size")
+        config = "" if tp is None or pd.isna(tp) else f"TP{int(tp)}" + (f"+DCP{int(dcp)}" if dcp and dcp > 1 else "")
+        created = r.get("created_at")
+        cells = [str(r["id"]), r["status"], str(r.get("label") or ""), config,
+                 _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}"),
+                 _cell(r.get("median_ttft_ms"), "{:,.1f}"), _cell(r.get("median_tpot_ms"), "{:.2f}"),
+                 _cell(r.get("kv_cache_tokens"), "{:,.0f}"),
+                 "" if created is None or pd.isna(created) else pd.Timestamp(created).strftime("%m-%d %H:%M")]
+        text = " ".join(f"{c[:w]:{align}{w}}" for c, (_, w, align) in zip(cells, _RUNS_TEXT))
+        reason = str(one_line(r.get("failure_reason") or ""))
+        room = width - len(text) - 1
+        if reason and room > 1:
+            text += " " + (reason if len(reason) <= room else reason[:room - 1] + "…")
+        lines.append(text.rstrip())
+    return "\n".join(lines)
+
+
+def run_commands(run: Run) -> dict[str, str]:
+    """Title → command line of a launched run: `vllm serve` as it ran, each `vllm bench serve`, `lm_eval`."""
+    from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
+    from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_tasks
+
+    if not run.spec_json:
+        return {}
+    spec = RunSpec.model_validate_json(run.spec_json)
+    launch = spec.launch.model_copy(update={"port": run.port}) if run.port else spec.launch
+    env = reproduce_env(run) or launch.env
+    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else serve_argv(launch)
+    base = f"http://{launch.host}:{launch.port}"
+    run_dir = Path(run.run_dir or f"data/runs/{run.id}")
+    out = {"vllm serve": display(serve, env)}
+    for i, bench in enumerate(spec.bench):
+        title = f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"
+        out[title] = display(bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json"))
+    if spec.eval is not None:
+        ev, include = spec.eval, None
+        if ev.dataset_path:
+            try:
+                ev = ev.model_copy(update={"tasks": local_tasks(ev.tasks)})
+            except ServelabError:
+                pass  # shown as given
+            include = run_dir / TASK_DIR
+        out["lm_eval"] = display(lm_eval_argv(ev, launch, base, run_dir / OUTPUT_DIR, include_path=include))
+        log = run_dir / LOG_NAME
+        first = log.read_text(errors="replace").split("\n", 1)[0] if log.is_file() else ""
+        if first.startswith("$ "):
+            out["lm_eval"] = first[2:].strip()  # the line the eval phase actually ran
+    return out
+
+
+def run_record(store: Store, run_id: int) -> dict[str, Any]:
+    """One run as plain JSON-able values: every stored field, its bench metrics and eval scores."""
+    run = store.get_run(run_id)
+    out = {k: v for k, v in run.model_dump(mode="json").items() if v not in (None, "")}
+    for key in ("spec_json", "serve_argv_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
+        if key in out:
+            out[key.removesuffix("_json")] = json.loads(out.pop(key))
+    out["bench"] = store.run_metrics(run_id)
+    out["eval"] = [s.model_dump(exclude={"id", "run_id"}) for s in store.eval_results(run_id)]
+    return out
+
+
+_SHOW_METRICS = [("completed", "requests", "{:,.0f}"), ("failed", "failed", "{:,.0f}"), ("duration", "s", "{:,.1f}"),
+                 ("output_throughput", "out tok/s", "{:,.1f}"), ("request_throughput", "req/s", "{:,.2f}"),
+                 ("median_ttft_ms", "median TTFT ms", "{:,.1f}"), ("median_tpot_ms", "median TPOT ms", "{:,.2f}"),
+                 ("median_itl_ms", "median ITL ms", "{:,.2f}"), ("p99_e2el_ms", "P99 E2EL ms", "{:,.1f}")]
+
+
+def run_text(store: Store, run_id: int) -> str:
+    """One run for a person: state, launch, times, KV capacity, commands, headline metrics, accuracy, reason."""
+    run = store.get_run(run_id)
+    lines = [f"run {run.id} · {run.status.value} · {label_of(run)}" + (f" · {run.phase}" if run.phase and
+                                                                       run.phase != run.status.value else "")]
+
+    def field(name: str, value: str) -> None:
+        lines.append(f"{name:<13}{value}")
+
+    field("source", run.source.value + (f", sweep #{run.sweep_id} ({run.sweep_cell})" if run.sweep_id else ""))
+    if run.model:
+        field("model", run.model)
+    if run.tensor_parallel_size:
+        par = [f"TP{run.tensor_parallel_size}"] + [f"{n}{v}" for n, v in (
+            ("DCP", run.decode_context_parallel_size), ("PP", run.pipeline_parallel_size),
+            ("DP", run.data_parallel_size)) if v and v > 1]
+        where = [f"vLLM {run.vllm_version}" if run.vllm_version else "", f"host {run.host}" if run.host else "",
+                 f"port {run.port}" if run.port else ""]
+        field("launch", " ".join(par) + "".join(f", {w}" for w in where if w))
+    times = [f"created {run.created_at:%Y-%m-%d %H:%M:%S} UTC"]
+    if run.started_at and run.ready_at:
+        times.append(f"ready after {(run.ready_at - run.started_at).total_seconds():.0f} s")
+    if run.started_at and run.finished_at:
+        times.append(f"finished after {(run.finished_at - run.started_at).total_seconds():.0f} s")
+    field("times", ", ".join(times))
+    if run.kv_cache_tokens is not None or run.kv_cache_gib is not None:
+        kv = [f"{run.kv_cache_tokens:,} tokens" if run.kv_cache_tokens else "",
+              f"{run.kv_cache_gib:.2f} GiB" if run.kv_cache_gib else "",
+              f"max concurrency {run.max_concurrency:,.2f}x" if run.max_concurrency else "",
+              f"DCP x{run.dcp_multiplier}" if run.dcp_multiplier and run.dcp_multiplier > 1 else ""]
+        field("KV capacity", ", ".join(k for k in kv if k))
+    if run.run_dir:
+        field("folder", run.run_dir)
+    try:
+        commands = run_commands(run)
+    except (ValueError, ServelabError) as exc:  # a stored spec this version cannot read
+        commands = {"stored spec": f"unreadable here: {exc}"}
+    for title, text in commands.items():
+        lines += ["", f"{title}:", "  " + text.replace("\n", "\n  ")]
+    metrics = store.run_metrics(run_id)
+    if metrics:
+        lines += ["", "benchmark" + (f" ({len(metrics)} executions)" if len(metrics) > 1 else "") + ":"]
+        for i, m in enumerate(metrics):
+            cells = [f"{fmt.format(m[k])} {name}" for k, name, fmt in _SHOW_METRICS if m.get(k) is not None]
+            lines.append(("  " if len(metrics) == 1 else f"  #{i + 1} ") + ", ".join(cells))
+    scores = store.eval_results(run_id)
+    if scores:
+        lines += ["", "accuracy:"]
+        lines += [f"  {e.task} {e.filter} {e.metric} {e.value:.4f}" + (f" ± {e.stderr:.4f}" if e.stderr is not None
+                                                                      else "") for e in scores]
+    if run.failure_reason:
+        lines += ["", "reason:", "  " + run.failure_reason.strip().replace("\n", "\n  ")]
+    return "\n".join(lines)
 
 
 def results_frame(store: Store, run_ids: list[int] | None = None) -> pd.DataFrame:
@@ -337,6 +624,7 @@ def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) ->
         frame = store.runs_frame()
         if run_ids:
             frame = frame[frame["id"].isin(run_ids)]
+        frame = frame.assign(**{c: frame[c].map(one_line) for c in frame.columns if frame[c].dtype == object})
     elif what == "samples":
         # streamed from the database to the file: millions of rows never become a DataFrame
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,8 @@ def import_(
 
 
 @app.command()
-def runs(fmt: str = typer.Option("table", "--format", help="table, csv or json")):
-    """List runs, newest first."""
+def runs(fmt: str = typer.Option("table", "--format", help="table (fits 120 columns), csv or json")):
+    """List runs, newest first: one line a run."""
     try:
         frame = api.runs_table(_store())
     except ServelabError as exc:
@@ -68,47 +68,57 @@ def runs(fmt: str = typer.Option("table", "--format", help="table, csv or json")
     elif fmt == "json":
         typer.echo(frame.to_json(orient="records", date_format="iso"))
     else:
-        typer.echo(frame.to_string(index=False) if len(frame) else "no runs yet")
+        typer.echo(api.runs_text(frame) if len(frame) else "no runs yet")
 
 
 @app.command()
-def show(run_id: int):
-    """Show one run: state, KV capacity, metrics, commands."""
+def show(run_id: int, as_json: bool = typer.Option(False, "--json", help="Every stored field as JSON.")):
+    """Show one run: state, launch, commands, KV capacity, headline metrics, accuracy, failure reason."""
     try:
         store = _store()
-        run = store.get_run(run_id)
-        metrics = store.run_metrics(run_id)
-        scores = store.eval_results(run_id)
+        if as_json:
+            typer.echo(json.dumps(api.run_record(store, run_id), indent=2, default=str))
+        else:
+            typer.echo(api.run_text(store, run_id))
     except ServelabError as exc:
         _fail(exc)
-    out = {k: v for k, v in run.model_dump(mode="json").items() if v not in (None, "")}
-    for key in ("spec_json", "serve_argv_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
-        if key in out:
-            out[key.removesuffix("_json")] = json.loads(out.pop(key))
-    out["bench"] = metrics
-    out["eval"] = [s.model_dump(exclude={"id", "run_id"}) for s in scores]
-    typer.echo(json.dumps(out, indent=2, default=str))
 
 
 @app.command()
 def compare(
-    baseline: int,
-    candidates: list[int],
+    baseline: Optional[int] = typer.Argument(None, help="Baseline run (default: the older of the two newest "
+                                             "succeeded runs)."),
+    candidates: Optional[list[int]] = typer.Argument(None, help="Candidate runs (default: the newest succeeded)."),
     fmt: str = typer.Option("table", "--format", help="table, markdown or csv"),
 ):
-    """Gain table of each candidate against the baseline (Metric, A, B, Change, Improvement(%))."""
+    """Each candidate against the baseline: benchmark gain table (95 % CIs, noise verdict, flags), accuracy,
+    KV capacity. CSV puts every section in one table with a `section` column."""
     try:
         store = _store()
-        for cand in candidates:
-            accuracy = api.compare_accuracy(store, baseline, cand)
-            if store.run_metrics(baseline) and store.run_metrics(cand) or not accuracy:
-                rows, a, b = api.compare_runs(store, baseline, cand)
-                typer.echo(api.render_gain_table(rows, a, b, fmt))
-            if accuracy and fmt != "csv":
-                a, b = api.label_of(store.get_run(baseline)), api.label_of(store.get_run(cand))
-                typer.echo("\n" + api.render_accuracy(accuracy, a, b))
+        if baseline is None:
+            pair = api.default_pair(store)
+            if pair is None:
+                raise ServelabError("no two runs to compare yet; give BASELINE CANDIDATE")
+            baseline, candidates = pair[0], [pair[1]]
+        if not candidates:
+            raise ServelabError("give at least one candidate run after the baseline")
+        reports = [api.compare_report(store, baseline, cand) for cand in candidates]
     except ServelabError as exc:
         _fail(exc)
+    if fmt == "csv":
+        text = api.comparison_csv(reports)
+        if not text:
+            _fail(ServelabError(f"runs {baseline} and {', '.join(map(str, candidates))} have no benchmark, "
+                                "accuracy or KV capacity in common"), code=1)
+        typer.echo(text, nl=False)
+        return
+    try:
+        texts = [api.render_comparison(r, fmt) for r in reports]
+    except ServelabError as exc:
+        _fail(exc)
+    typer.echo("\n".join(texts), nl=False)
+    if all(r.empty for r in reports):
+        raise typer.Exit(1)
 
 
 @app.command()

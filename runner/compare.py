@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from statistics import fmean, variance
 from typing import TYPE_CHECKING, Literal
 
+from runner import noise
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -49,6 +51,10 @@ def _registry() -> dict[str, MetricDef]:
         MetricDef("duration", "Benchmark Duration", "s", "lower", "latency"),
         MetricDef("total_input_tokens", "Total Input Tokens", "", None, "count"),
         MetricDef("total_output_tokens", "Total Output Tokens", "", None, "count"),
+        # KV capacity of a run (vLLM's startup lines), compared in a section of its own
+        MetricDef("kv_cache_tokens", "KV Cache", "tokens", "higher", "count"),
+        MetricDef("kv_cache_gib", "KV Cache Memory", "GiB", "higher", "count"),
+        MetricDef("kv_max_concurrency", "Max Concurrency at max-model-len", "x", "higher", "count"),
     ]
     for short, name in _LATENCIES:
         for stat, stat_label in _STATS:
@@ -65,7 +71,7 @@ CONFIG_KEYS = frozenset({"request_rate", "max_concurrency", "burstiness", "num_p
 """Canonical keys that describe the benchmark's configuration, not its outcome: never compared."""
 
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
-_MS_TO_S_AT = 10_000.0
+_MS_TO_S_AT = 10_000.0  # shown in s from here on (rendering only)
 
 
 def metric_def(key: str) -> MetricDef:
@@ -91,9 +97,20 @@ def _order(key: str) -> tuple[float, ...]:
     return (1, 0, 0.0)
 
 
+BEYOND, WITHIN, NO_CI = "beyond noise", "within noise", "no CI (single run)"
+"""The noise verdict of a gain row: its 95 % interval of the change excludes 0, includes it, or is unknown."""
+MIN_REQUESTS = 30
+SHORT_BENCH_S = 10.0
+
+
 @dataclass
 class GainRow:
-    """One metric compared. a, b, change and the CI are in `unit` (ms latencies may be shown as s)."""
+    """One metric compared, in the metric's canonical unit (ms, s, tok/s, req/s) whatever its size.
+
+    `ci95_low/high`: 95 % interval of b − a (Welch across repeats when both sides have ≥ 2, else a bootstrap
+    over the requests where the metric is a latency statistic with per-request data on both sides).
+    `ci_a`, `ci_b`: 95 % interval of each side's value, same method. `flags`: what makes the row doubtful.
+    """
 
     key: str
     label: str
@@ -109,6 +126,39 @@ class GainRow:
     ci95_high: float | None = None
     significant: bool | None = None
     kind: Kind = "count"
+    verdict: str = NO_CI
+    flags: tuple[str, ...] = ()
+    ci_a: tuple[float, float] | None = None
+    ci_b: tuple[float, float] | None = None
+
+    @property
+    def colored(self) -> bool:
+        """Only a judged change beyond the noise is shown in green or red."""
+        return self.verdict == BEYOND and self.better is not None
+
+
+@dataclass(frozen=True)
+class Side:
+    """What one side of a comparison holds: a dict of canonical metrics per bench execution, and the
+    per-request data of each execution where it was kept (None where it was not)."""
+
+    metrics: list[dict[str, float | None]]
+    requests: list[noise.Requests | None] | None = None
+
+    @property
+    def detailed(self) -> list[noise.Requests] | None:
+        reqs = self.requests or []
+        if not reqs or len(reqs) != len(self.metrics) or any(r is None for r in reqs):
+            return None
+        return [r for r in reqs if r is not None]
+
+    def total(self, key: str) -> float | None:
+        values = _values(self.metrics, key)
+        return sum(values) if values else None
+
+    def least(self, key: str) -> float | None:
+        values = _values(self.metrics, key)
+        return min(values) if values else None
 
 
 def _values(side: list[dict[str, float | None]], key: str) -> list[float]:
@@ -126,63 +176,99 @@ def _numeric_keys(side: list[dict[str, float | None]]) -> set[str]:
 
 
 def gain_table(
-    baseline: list[dict[str, float | None]],
-    candidate: list[dict[str, float | None]],
+    baseline: list[dict[str, float | None]] | Side,
+    candidate: list[dict[str, float | None]] | Side,
     metrics: list[str] | None = None,
 ) -> list[GainRow]:
     """Compare two sets of repeated bench executions (one dict of canonical metrics per execution).
 
     Each cell is the mean over the repeats that report the metric. Rows follow `METRICS` order and
-    only cover metrics present on both sides; unknown numeric keys come last and are neutral.
-    With `metrics`, only those keys are compared, in the order given. A 95 % Welch interval of
-    b − a is added when both sides have at least two repeats.
+    only cover metrics present on both sides; unknown numeric keys come last and are neutral; a row that
+    is 0 on both sides carries nothing and is left out (the failed-request count excepted). With
+    `metrics`, only those keys are compared, in the order given. Each row gets its 95 % intervals, its
+    noise verdict and its flags (see `GainRow`, `run_flags`).
     """
+    sa = baseline if isinstance(baseline, Side) else Side(baseline)
+    sb = candidate if isinstance(candidate, Side) else Side(candidate)
     if metrics is None:
-        keys = sorted(_numeric_keys(baseline) & _numeric_keys(candidate), key=lambda k: (_order(k), k))
+        keys = sorted(_numeric_keys(sa.metrics) & _numeric_keys(sb.metrics), key=lambda k: (_order(k), k))
     else:
         keys = list(metrics)
+    shared = run_flags(sa, sb)
     rows: list[GainRow] = []
     for key in keys:
-        va, vb = _values(baseline, key), _values(candidate, key)
-        if not va or not vb:
+        va, vb = _values(sa.metrics, key), _values(sb.metrics, key)
+        if not va or not vb or (metrics is None and key != "failed" and not any(va) and not any(vb)):
             continue
-        rows.append(_row(metric_def(key), va, vb))
+        rows.append(_row(metric_def(key), va, vb, sa, sb, shared))
     return rows
 
 
-def _row(d: MetricDef, va: list[float], vb: list[float]) -> GainRow:
+def run_flags(baseline: Side, candidate: Side) -> list[str]:
+    """Flaws of the two benchmarks themselves, shown at the top of the table and on each of its rows:
+    failed requests, a first request that stalled, a benchmark shorter than `SHORT_BENCH_S`."""
+    flags = []
+    fa, fb = baseline.total("failed") or 0, candidate.total("failed") or 0
+    if fa or fb:
+        flags.append(f"failed requests {fa:.0f} vs {fb:.0f}")
+    for name, side in (("baseline", baseline), ("candidate", candidate)):
+        stalls = [s for s in (noise.first_request_stall(r) for r in side.detailed or []) if s]
+        if stalls:
+            first, rest = stalls[0]
+            flags.append(f"first-request stall on {name} (TTFT {first:,.0f} ms vs median {rest:,.0f} ms)")
+        shortest = side.least("duration")
+        if shortest is not None and shortest < SHORT_BENCH_S:
+            flags.append(f"benchmark {shortest:.1f} s on {name} (< {SHORT_BENCH_S:.0f} s)")
+    return flags
+
+
+def _zero(x: float) -> bool:
+    return abs(x) < 0.005  # shows as 0.00
+
+
+def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, shared: list[str]) -> GainRow:
     a, b = fmean(va), fmean(vb)
+    flags = list(shared)
+    judged = d.better is not None
+    if d.unit == "ms" and d.better is not None and (_zero(a) or _zero(b)):
+        flags.append("0.00 on " + ("both" if _zero(a) and _zero(b) else "baseline" if _zero(a) else "candidate"))
+        judged = False  # a statistic of 0.00 is degenerate (bursts of tokens), not a gain
+    if d.kind != "count":
+        for name, side in (("baseline", sa), ("candidate", sb)):
+            least = side.least("completed")
+            if least is not None and least < MIN_REQUESTS:
+                flags.append(f"from {least:.0f} requests on {name} (< {MIN_REQUESTS})")
     improvement: float | None = None
     better: bool | None = None
-    if d.better is not None and math.isfinite(a) and math.isfinite(b):
+    if judged and math.isfinite(a) and math.isfinite(b):
         better = b > a if d.better == "higher" else b < a
         if abs(a) >= 0.005:  # a baseline that shows as 0.00 gives no meaningful percentage
             improvement = ((b - a) if d.better == "higher" else (a - b)) / abs(a) * 100.0
-    low = high = None
-    significant: bool | None = None
-    interval = welch_ci95(va, vb)
-    if interval is not None:
-        low, high = interval
-        significant = low > 0 or high < 0
-    label, unit, scale = d.label, d.unit, 1.0
-    if unit == "ms" and a >= _MS_TO_S_AT and b >= _MS_TO_S_AT:
-        unit, scale = "s", 1e-3
-    label = f"{label} ({unit})" if unit else label
+    interval, ci_a, ci_b = welch_ci95(va, vb), mean_ci95(va), mean_ci95(vb)
+    if interval is None and (ra := sa.detailed) and (rb := sb.detailed):
+        interval = noise.diff_ci(ra, rb, d.key)
+        ci_a, ci_b = noise.side_ci(ra, d.key), noise.side_ci(rb, d.key)
+    significant = None if interval is None else (interval[0] > 0 or interval[1] < 0)
+    verdict = NO_CI if significant is None else BEYOND if significant else WITHIN
     return GainRow(
         key=d.key,
-        label=label,
-        unit=unit,
-        a=a * scale,
-        b=b * scale,
-        change=(b - a) * scale,
+        label=f"{d.label} ({d.unit})" if d.unit else d.label,
+        unit=d.unit,
+        a=a,
+        b=b,
+        change=b - a,
         improvement_pct=improvement,
         better=better,
         n_a=len(va),
         n_b=len(vb),
-        ci95_low=None if low is None else low * scale,
-        ci95_high=None if high is None else high * scale,
+        ci95_low=None if interval is None else interval[0],
+        ci95_high=None if interval is None else interval[1],
         significant=significant,
         kind=d.kind,
+        verdict=verdict,
+        flags=tuple(flags),
+        ci_a=ci_a,
+        ci_b=ci_b,
     )
 
 
@@ -201,6 +287,14 @@ def welch_ci95(a: list[float], b: list[float]) -> tuple[float, float] | None:
     df = se2**2 / (qa**2 / (len(a) - 1) + qb**2 / (len(b) - 1))
     half = t_ppf(0.975, df) * math.sqrt(se2)
     return (diff - half, diff + half)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float] | None:
+    """95 % t-interval of the mean of repeated values; None with fewer than two."""
+    if len(values) < 2:
+        return None
+    m, half = fmean(values), t_ppf(0.975, len(values) - 1) * math.sqrt(variance(values) / len(values))
+    return (m - half, m + half)
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -273,15 +367,38 @@ def accuracy_delta(
     return {"delta": delta, "stderr": stderr, "flagged": flagged}
 
 
+ACC_DROP, ACC_WITHIN, ACC_GAIN, ACC_UNKNOWN = "drop > 2σ", "within noise", "gain > 2σ", "no stderr"
+
+
+def accuracy_verdict(row: dict[str, float | bool | None]) -> str:
+    """The verdict of one accuracy comparison (`accuracy_delta` plus `delta`): a drop beyond twice the combined
+    stderr is the warning; a rise beyond it is said too, so "within noise" means what it says."""
+    stderr, delta = row.get("stderr"), row.get("delta")
+    if row.get("flagged") is None or not isinstance(stderr, float) or not isinstance(delta, float):
+        return ACC_UNKNOWN
+    if row["flagged"]:
+        return ACC_DROP
+    return ACC_GAIN if delta > 2.0 * stderr else ACC_WITHIN
+
+
 # --- display ----------------------------------------------------------------------------------
 
 CI_COLUMN = "95% CI of change"
+NOISE_COLUMN, FLAGS_COLUMN = "Noise", "Flags"
 
 
-def _decimals(row: GainRow) -> int:
-    if row.unit == "s":
+def display_unit(row: GainRow) -> tuple[str, float]:
+    """The unit a row is shown in and the factor from its canonical unit: latencies of 10 s and more on
+    both sides read as s. Only rendering scales; rows, frames and CSV stay in the canonical unit."""
+    if row.unit == "ms" and abs(row.a) >= _MS_TO_S_AT and abs(row.b) >= _MS_TO_S_AT:
+        return "s", 1e-3
+    return row.unit, 1.0
+
+
+def _decimals(row: GainRow, unit: str) -> int:
+    if unit == "s":
         return 1
-    if row.unit == "" and row.kind == "count" and row.key in METRICS:
+    if unit in ("", "tokens") and row.kind == "count" and row.key in METRICS:
         return 0
     return 2
 
@@ -303,39 +420,54 @@ def _columns(a_label: str, b_label: str) -> tuple[str, str]:
     return a_label, b_label
 
 
+def _interval_text(ci: tuple[float, float] | None, scale: float, n: int, signed: bool) -> str:
+    if ci is None:
+        return ""
+    return f"[{_num(ci[0] * scale, n, signed)}, {_num(ci[1] * scale, n, signed)}]"
+
+
 def format_rows(rows: list[GainRow], a_label: str, b_label: str) -> list[dict[str, str]]:
-    """Rows as display strings: `Metric, <a_label>, <b_label>, Change, Improvement(%)` (+ CI if any).
+    """Rows as display strings: `Metric, <a_label>, <b_label>, Change, Improvement(%)`, then the 95 % intervals
+    where any row has one (of the change, and of each side), the noise verdict and the flags.
 
     Equal labels are told apart as "<label> (baseline)" and "<label> (candidate)".
     """
     ca, cb = _columns(a_label, b_label)
-    with_ci = any(r.ci95_low is not None for r in rows)
+    header = _header(rows, a_label, b_label)
     out: list[dict[str, str]] = []
     for r in rows:
-        n = _decimals(r)
+        unit, scale = display_unit(r)
+        n = _decimals(r, unit)
+        name = metric_def(r.key).label
         cells = {
-            "Metric": r.label,
-            ca: _num(r.a, n),
-            cb: _num(r.b, n),
-            "Change": _num(r.change, n, signed=True),
+            "Metric": f"{name} ({unit})" if unit else name,
+            ca: _num(r.a * scale, n),
+            cb: _num(r.b * scale, n),
+            "Change": _num(r.change * scale, n, signed=True),
             "Improvement(%)": "" if r.improvement_pct is None else _num(r.improvement_pct, 1, signed=True) + "%",
+            CI_COLUMN: _interval_text(None if r.ci95_low is None or r.ci95_high is None else (r.ci95_low, r.ci95_high),
+                                      scale, max(n, 1), True),
+            f"{ca} 95% CI": _interval_text(r.ci_a, scale, max(n, 1), False),
+            f"{cb} 95% CI": _interval_text(r.ci_b, scale, max(n, 1), False),
+            NOISE_COLUMN: r.verdict,
+            FLAGS_COLUMN: "; ".join(r.flags),
         }
-        if with_ci:
-            ci = ""
-            if r.ci95_low is not None and r.ci95_high is not None:
-                ci = f"[{_num(r.ci95_low, max(n, 1), True)}, {_num(r.ci95_high, max(n, 1), True)}]"
-            cells[CI_COLUMN] = ci
-        out.append(cells)
+        out.append({c: cells[c] for c in header})
     return out
 
 
 def _header(rows: list[GainRow], a_label: str, b_label: str) -> list[str]:
-    cols = ["Metric", *_columns(a_label, b_label), "Change", "Improvement(%)"]
-    return cols + [CI_COLUMN] if any(r.ci95_low is not None for r in rows) else cols
+    ca, cb = _columns(a_label, b_label)
+    cols = ["Metric", ca, cb, "Change", "Improvement(%)"]
+    if any(r.ci95_low is not None for r in rows):
+        cols.append(CI_COLUMN)
+    if any(r.ci_a is not None or r.ci_b is not None for r in rows):
+        cols += [f"{ca} 95% CI", f"{cb} 95% CI"]
+    return [*cols, NOISE_COLUMN, FLAGS_COLUMN]
 
 
 def to_markdown(rows: list[GainRow], a_label: str, b_label: str) -> str:
-    """GitHub-flavoured table, as in vLLM's recipes ("DCP Gain Analysis")."""
+    """GitHub-flavoured table, as in vLLM's recipes ("DCP Gain Analysis"), with the noise verdict and flags."""
     header = _header(rows, a_label, b_label)
 
     def line(cells: list[str]) -> str:
@@ -346,33 +478,43 @@ def to_markdown(rows: list[GainRow], a_label: str, b_label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_FIELDS = ["Metric", "key", "unit", "{a}", "{b}", "Change", "Improvement(%)", "CI low", "CI high",
+              "{a} CI low", "{a} CI high", "{b} CI low", "{b} CI high", "noise", "flags"]
+
+
+def csv_records(rows: list[GainRow], a_label: str, b_label: str) -> list[dict[str, object]]:
+    """Rows as numbers in the canonical unit (blank where unknown): what the CSV and numeric frames hold."""
+    ca, cb = _columns(a_label, b_label)
+    return [
+        {"Metric": r.label, "key": r.key, "unit": r.unit, ca: r.a, cb: r.b, "Change": r.change,
+         "Improvement(%)": r.improvement_pct, "CI low": r.ci95_low, "CI high": r.ci95_high,
+         f"{ca} CI low": r.ci_a[0] if r.ci_a else None, f"{ca} CI high": r.ci_a[1] if r.ci_a else None,
+         f"{cb} CI low": r.ci_b[0] if r.ci_b else None, f"{cb} CI high": r.ci_b[1] if r.ci_b else None,
+         "noise": r.verdict, "flags": "; ".join(r.flags)}
+        for r in rows
+    ]  # fmt: skip
+
+
+def csv_fields(a_label: str, b_label: str) -> list[str]:
+    ca, cb = _columns(a_label, b_label)
+    return [f.format(a=ca, b=cb) for f in CSV_FIELDS]
+
+
 def to_csv(rows: list[GainRow], a_label: str, b_label: str) -> str:
-    """The formatted table as CSV text (same cells as `format_rows`)."""
+    """The table as CSV numbers: canonical units whatever the magnitude, `Improvement(%)` a number, blanks
+    where there is no value, the noise verdict and the flags (`; `-separated) as text."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_header(rows, a_label, b_label), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=csv_fields(a_label, b_label), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(format_rows(rows, a_label, b_label))
+    for rec in csv_records(rows, a_label, b_label):
+        writer.writerow({k: "" if v is None else v for k, v in rec.items()})
     return buf.getvalue()
 
 
 def to_frame(rows: list[GainRow], a_label: str, b_label: str, numeric: bool = False) -> pd.DataFrame:
-    """The table as a DataFrame: display strings, or with `numeric=True` the unrounded numbers."""
+    """The table as a DataFrame: display strings, or with `numeric=True` the numbers of `to_csv`."""
     import pandas as pd
 
-    header = _header(rows, a_label, b_label)
     if not numeric:
-        return pd.DataFrame(format_rows(rows, a_label, b_label), columns=header)
-    ca, cb = _columns(a_label, b_label)
-    records = [
-        {
-            "Metric": r.label,
-            ca: r.a,
-            cb: r.b,
-            "Change": r.change,
-            "Improvement(%)": r.improvement_pct,
-            "CI low": r.ci95_low,
-            "CI high": r.ci95_high,
-        }
-        for r in rows
-    ]
-    return pd.DataFrame(records, columns=[*header[:5], "CI low", "CI high"])
+        return pd.DataFrame(format_rows(rows, a_label, b_label), columns=_header(rows, a_label, b_label))
+    return pd.DataFrame(csv_records(rows, a_label, b_label), columns=csv_fields(a_label, b_label))

@@ -30,23 +30,24 @@ def by_metric(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
 
 def test_reproduces_the_seed_dcp_gain_analysis(seed_metrics) -> None:
     rows = format_rows(gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS), "TP8", "TP8+DCP8")
+    seed = {"Noise": "no CI (single run)", "Flags": "failed requests 2 vs 6"}
     assert rows == [
-        {"Metric": "Request Throughput (req/s)", "TP8": "1.25", "TP8+DCP8": "1.57", "Change": "+0.32", "Improvement(%)": "+25.6%"},
-        {"Metric": "Output Token Throughput (tok/s)", "TP8": "485.78", "TP8+DCP8": "695.13", "Change": "+209.35", "Improvement(%)": "+43.1%"},
-        {"Metric": "Mean TTFT (s)", "TP8": "271.2", "TP8+DCP8": "227.8", "Change": "-43.4", "Improvement(%)": "+16.0%"},
-        {"Metric": "Median TTFT (s)", "TP8": "227.4", "TP8+DCP8": "227.1", "Change": "-0.3", "Improvement(%)": "+0.1%"},
+        {"Metric": "Request Throughput (req/s)", "TP8": "1.25", "TP8+DCP8": "1.57", "Change": "+0.32", "Improvement(%)": "+25.6%", **seed},
+        {"Metric": "Output Token Throughput (tok/s)", "TP8": "485.78", "TP8+DCP8": "695.13", "Change": "+209.35", "Improvement(%)": "+43.1%", **seed},
+        {"Metric": "Mean TTFT (s)", "TP8": "271.2", "TP8+DCP8": "227.8", "Change": "-43.4", "Improvement(%)": "+16.0%", **seed},
+        {"Metric": "Median TTFT (s)", "TP8": "227.4", "TP8+DCP8": "227.1", "Change": "-0.3", "Improvement(%)": "+0.1%", **seed},
     ]  # fmt: skip
 
 
 def test_seed_markdown_has_the_seed_shape(seed_metrics) -> None:
     md = to_markdown(gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS), "TP8", "TP8+DCP8")
     assert md.splitlines() == [
-        "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) |",
-        "|---|---|---|---|---|",
-        "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% |",
-        "| Output Token Throughput (tok/s) | 485.78 | 695.13 | +209.35 | +43.1% |",
-        "| Mean TTFT (s) | 271.2 | 227.8 | -43.4 | +16.0% |",
-        "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |",
+        "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) | Noise | Flags |",
+        "|---|---|---|---|---|---|---|",
+        "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% | no CI (single run) | failed requests 2 vs 6 |",
+        "| Output Token Throughput (tok/s) | 485.78 | 695.13 | +209.35 | +43.1% | no CI (single run) | failed requests 2 vs 6 |",
+        "| Mean TTFT (s) | 271.2 | 227.8 | -43.4 | +16.0% | no CI (single run) | failed requests 2 vs 6 |",
+        "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% | no CI (single run) | failed requests 2 vs 6 |",
     ]
 
 
@@ -56,12 +57,14 @@ def test_full_table_order_units_and_directions(seed_metrics) -> None:
     expected = [k for k in METRICS if k in seed_metrics["TP8"]]
     assert keys == expected  # registry order; request_rate is configuration, never compared
     table = by_metric(format_rows(rows, "TP8", "TP8+DCP8"))
+    seed = {"Noise": "no CI (single run)", "Flags": "failed requests 2 vs 6"}
     assert table["Failed Requests"] == {
         "Metric": "Failed Requests",
         "TP8": "2",
         "TP8+DCP8": "6",
         "Change": "+4",
         "Improvement(%)": "-200.0%",
+        **seed,
     }
     assert table["Successful Requests"]["Change"] == "-4"
     assert table["Total Input Tokens"]["Improvement(%)"] == ""  # neutral
@@ -72,6 +75,7 @@ def test_full_table_order_units_and_directions(seed_metrics) -> None:
         "TP8+DCP8": "631.4",
         "Change": "-168.9",
         "Improvement(%)": "+21.1%",
+        **seed,
     }
     # Below 10 s latencies stay in ms, with two decimals.
     assert table["Mean TPOT (ms)"] == {
@@ -80,10 +84,13 @@ def test_full_table_order_units_and_directions(seed_metrics) -> None:
         "TP8+DCP8": "398.60",
         "Change": "+17.31",
         "Improvement(%)": "-4.5%",
+        **seed,
     }
+    # Shown in s from 10 s on; the row itself stays in ms (units are data, scaling is rendering).
+    assert table["P99 TTFT (s)"]["TP8"] == "686.3"
     p99 = next(r for r in rows if r.key == "p99_ttft_ms")
-    assert (p99.unit, p99.better, p99.significant, p99.ci95_low) == ("s", True, None, None)
-    assert math.isclose(p99.a, 686.29446) and math.isclose(p99.change, (451255.55 - 686294.46) / 1000)
+    assert (p99.label, p99.unit, p99.better, p99.significant, p99.ci95_low) == ("P99 TTFT (ms)", "ms", True, None, None)
+    assert (p99.a, p99.b, p99.change) == (686294.46, 451255.55, 451255.55 - 686294.46)
     assert next(r for r in rows if r.key == "mean_tpot_ms").better is False
     assert next(r for r in rows if r.key == "total_input_tokens").better is None
 
@@ -91,6 +98,21 @@ def test_full_table_order_units_and_directions(seed_metrics) -> None:
 def test_seconds_only_when_both_sides_reach_ten_seconds() -> None:
     (row,) = gain_table([{"mean_ttft_ms": 9_999.0}], [{"mean_ttft_ms": 20_000.0}])
     assert (row.label, row.unit, row.a) == ("Mean TTFT (ms)", "ms", 9_999.0)
+    assert format_rows([row], "a", "b")[0]["Metric"] == "Mean TTFT (ms)"
+    (row,) = gain_table([{"mean_ttft_ms": 10_000.0}], [{"mean_ttft_ms": 20_000.0}])
+    assert (row.label, row.unit, row.a, row.b) == ("Mean TTFT (ms)", "ms", 10_000.0, 20_000.0)
+    assert [format_rows([row], "a", "b")[0][c] for c in ("Metric", "a", "b")] == ["Mean TTFT (s)", "10.0", "20.0"]
+
+
+@pytest.mark.parametrize("ms", [50.0, 50_000.0])
+def test_csv_keeps_milliseconds_whatever_the_magnitude(ms: float) -> None:
+    (row,) = gain_table([{"median_ttft_ms": ms}], [{"median_ttft_ms": ms / 2}])
+    [rec] = list(csv.DictReader(io.StringIO(to_csv([row], "A", "B"))))
+    assert (rec["Metric"], rec["unit"], float(rec["A"]), float(rec["B"]), float(rec["Change"])) == (
+        "Median TTFT (ms)", "ms", ms, ms / 2, -ms / 2)
+    assert float(rec["Improvement(%)"]) == 50.0  # a number, not "+50.0%"
+    numeric = to_frame([row], "A", "B", numeric=True)
+    assert (numeric.loc[0, "unit"], numeric.loc[0, "A"], numeric.loc[0, "Improvement(%)"]) == ("ms", ms, 50.0)
 
 
 def test_missing_none_and_unknown_keys() -> None:
@@ -138,7 +160,7 @@ def test_repeats_give_means_and_a_welch_interval() -> None:
     base = [{"output_throughput": v} for v in (100.0, 102.0, 98.0)]
     cand = [{"output_throughput": v} for v in (120.0, 125.0, 118.0, 121.0)]
     (row,) = gain_table(base, cand)
-    assert (row.n_a, row.n_b, row.a, row.significant) == (3, 4, 100.0, True)
+    assert (row.n_a, row.n_b, row.a, row.significant, row.verdict) == (3, 4, 100.0, True, "beyond noise")
     assert math.isclose(row.b, 121.0) and math.isclose(row.change, 21.0)
     ref = scipy.stats.ttest_ind([120.0, 125.0, 118.0, 121.0], [100.0, 102.0, 98.0], equal_var=False)
     low, high = ref.confidence_interval(0.95)
@@ -151,11 +173,12 @@ def test_repeats_give_means_and_a_welch_interval() -> None:
 def test_overlapping_repeats_are_not_significant() -> None:
     (row,) = gain_table([{"mean_itl_ms": v} for v in (10.0, 14.0)], [{"mean_itl_ms": v} for v in (11.0, 13.5)])
     assert row.significant is False and row.ci95_low < 0 < row.ci95_high
+    assert (row.verdict, row.colored) == ("within noise", False)
 
 
 def test_single_repeat_on_one_side_has_no_interval() -> None:
     (row,) = gain_table([{"completed": 10}, {"completed": 11}], [{"completed": 12}])
-    assert (row.ci95_low, row.ci95_high, row.significant) == (None, None, None)
+    assert (row.ci95_low, row.ci95_high, row.significant, row.verdict) == (None, None, None, "no CI (single run)")
     assert row.a == 10.5
     assert format_rows([row], "a", "b")[0]["a"] == "10.5"  # a fractional mean of counts is not hidden
     assert CI_COLUMN not in format_rows([row], "a", "b")[0]
@@ -170,15 +193,23 @@ def test_welch_with_zero_spread_and_t_quantiles() -> None:
     assert math.isclose(t_ppf(0.975, 1e6), 1.959966, rel_tol=1e-5)
 
 
-def test_csv_and_frame_carry_the_same_cells(seed_metrics) -> None:
+def test_csv_and_numeric_frame_carry_the_same_numbers(seed_metrics) -> None:
     rows = gain_table([seed_metrics["TP8"]], [seed_metrics["TP8+DCP8"]], SEED_KEYS)
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, "TP8", "TP8+DCP8"))))
-    assert parsed == format_rows(rows, "TP8", "TP8+DCP8")
-    frame = to_frame(rows, "TP8", "TP8+DCP8")
-    assert list(frame.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)"]
-    assert frame.iloc[2].tolist() == ["Mean TTFT (s)", "271.2", "227.8", "-43.4", "+16.0%"]
+    assert list(parsed[2].items()) == [
+        ("Metric", "Mean TTFT (ms)"), ("key", "mean_ttft_ms"), ("unit", "ms"), ("TP8", "271196.67"),
+        ("TP8+DCP8", "227780.13"), ("Change", str(227780.13 - 271196.67)),
+        ("Improvement(%)", str((271196.67 - 227780.13) / 271196.67 * 100)), ("CI low", ""), ("CI high", ""),
+        ("TP8 CI low", ""), ("TP8 CI high", ""), ("TP8+DCP8 CI low", ""), ("TP8+DCP8 CI high", ""),
+        ("noise", "no CI (single run)"), ("flags", "failed requests 2 vs 6"),
+    ]  # fmt: skip
     numeric = to_frame(rows, "TP8", "TP8+DCP8", numeric=True)
+    assert list(numeric.columns) == list(parsed[0])
+    assert [float(r["TP8"]) for r in parsed] == numeric["TP8"].tolist() == [1.25, 485.78, 271196.67, 227389.87]
     assert math.isclose(numeric.loc[0, "Improvement(%)"], 25.6) and numeric["CI low"].isna().all()
+    frame = to_frame(rows, "TP8", "TP8+DCP8")
+    assert list(frame.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)", "Noise", "Flags"]
+    assert frame.iloc[2].tolist()[:5] == ["Mean TTFT (s)", "271.2", "227.8", "-43.4", "+16.0%"]
 
 
 def test_equal_labels_and_pipes_stay_readable() -> None:
@@ -189,6 +220,8 @@ def test_equal_labels_and_pipes_stay_readable() -> None:
         "run (candidate)",
         "Change",
         "Improvement(%)",
+        "Noise",
+        "Flags",
     ]
     assert "a\\|b" in to_markdown(rows, "a|b", "c").splitlines()[0]
 
@@ -213,4 +246,4 @@ def test_no_percentage_against_a_baseline_that_rounds_to_zero():
     from runner.compare import gain_table
 
     [row] = gain_table([{"median_itl_ms": 0.001}], [{"median_itl_ms": 26.0}], metrics=["median_itl_ms"])
-    assert row.improvement_pct is None and row.better is False
+    assert (row.improvement_pct, row.better, row.flags) == (None, None, ("0.00 on baseline",))
