@@ -462,8 +462,8 @@ def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
     return frame
 
 
-_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 20, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
-              ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 10, ">"),
+_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 18, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
+              ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 9, ">"),
               ("CREATED", 11, "<")]
 
 
@@ -471,7 +471,7 @@ def _cell(value: Any, fmt: str) -> str:
     """`value` formatted; blank when unknown; no decimals from 1,000 on (a column stays narrow)."""
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
         return ""
-    return "{:,.0f}".format(value) if abs(value) >= 1000 else fmt.format(value)
+    return f"{value:,.0f}" if abs(value) >= 1000 else fmt.format(value)
 
 
 def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
@@ -489,7 +489,8 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
                  _cell(r.get("kv_cache_tokens"), "{:,.0f}"),
                  "" if created is None or pd.isna(created) else pd.Timestamp(created).strftime("%m-%d %H:%M")]
         text = " ".join(f"{c[:w]:{align}{w}}" for c, (_, w, align) in zip(cells, _RUNS_TEXT))
-        reason = str(one_line(r.get("failure_reason") or ""))
+        reason = r.get("failure_reason")
+        reason = str(one_line(reason)) if isinstance(reason, str) else ""
         room = width - len(text) - 1
         if reason and room > 1:
             text += " " + (reason if len(reason) <= room else reason[:room - 1] + "…")
@@ -624,7 +625,8 @@ def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) ->
         frame = store.runs_frame()
         if run_ids:
             frame = frame[frame["id"].isin(run_ids)]
-        frame = frame.assign(**{c: frame[c].map(one_line) for c in frame.columns if frame[c].dtype == object})
+        frame = frame.assign(**{c: frame[c].map(one_line) for c in frame.columns
+                                if frame[c].map(lambda v: isinstance(v, str)).any()})
     elif what == "samples":
         # streamed from the database to the file: millions of rows never become a DataFrame
         out.parent.mkdir(parents=True, exist_ok=True)

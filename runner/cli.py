@@ -108,7 +108,7 @@ def compare(
     if fmt == "csv":
         text = api.comparison_csv(reports)
         if not text:
-            _fail(ServelabError(f"runs {baseline} and {', '.join(map(str, candidates))} have no benchmark, "
+            _fail(ServelabError(f"runs {baseline} and {', '.join(str(r.candidate) for r in reports)} have no benchmark, "
                                 "accuracy or KV capacity in common"), code=1)
         typer.echo(text, nl=False)
         return

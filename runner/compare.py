@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import fmean, variance
 from typing import TYPE_CHECKING, Literal
@@ -370,7 +371,7 @@ def accuracy_delta(
 ACC_DROP, ACC_WITHIN, ACC_GAIN, ACC_UNKNOWN = "drop > 2σ", "within noise", "gain > 2σ", "no stderr"
 
 
-def accuracy_verdict(row: dict[str, float | bool | None]) -> str:
+def accuracy_verdict(row: Mapping[str, object]) -> str:
     """The verdict of one accuracy comparison (`accuracy_delta` plus `delta`): a drop beyond twice the combined
     stderr is the warning; a rise beyond it is said too, so "within noise" means what it says."""
     stderr, delta = row.get("stderr"), row.get("delta")

@@ -17,9 +17,11 @@ if len(runs) < 2:
     st.stop()
 ids = [r.id for r in runs]
 titles = {r.id: run_title(r) for r in runs}
+pair = api.default_pair(db)  # the two newest succeeded runs: never a failed run as the baseline
 a = query_int("a")
-a = a if a in ids else ids[0]
-wanted = [b for b in query_ints("b") if b in ids and b != a] or [i for i in ids if i != a][:1]
+a = a if a in ids else pair[0] if pair else ids[0]
+wanted = [b for b in query_ints("b") if b in ids and b != a] or (
+    [pair[1]] if pair and pair[1] != a else [i for i in ids if i != a][:1])
 c1, c2 = st.columns([1, 2])
 baseline = c1.selectbox("Baseline", ids, index=ids.index(a), format_func=titles.get)
 candidates = c2.multiselect("Candidates", [i for i in ids if i != baseline],
@@ -41,16 +43,21 @@ if no_bench:
     st.caption(f"No benchmark results, so no gain table (see Accuracy and the other sections): {', '.join(no_bench)}.")
 for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline in set(benched["run_id"])):
     try:
-        rows, a_label, b_label = api.compare_runs(db, baseline, cand)
+        report = api.compare_report(db, baseline, cand)
     except ServelabError as exc:
         st.info(f"#{cand} vs #{baseline}: {exc}")
         continue
-    rows = tables.pick_rows(rows, headline)
+    rows, a_label, b_label = tables.pick_rows(report.bench, headline), report.a_label, report.b_label
     st.subheader(f"{b_label} vs {a_label}")
+    for note in report.notes:
+        st.warning(note[0].upper() + note[1:] + ".", icon=":material/flag:")
     shown, markdown = st.tabs(["Table", "Markdown"])
     shown.table(tables.gain_styler(rows, a_label, b_label), hide_index=True)
-    shown.caption("Green: the candidate is better; red: worse (higher throughput, lower latency). "
-                  "Improvement(%) is signed so that positive is always better.")
+    shown.caption("Green: the candidate is better; red: worse (higher throughput, lower latency), and only where "
+                  "the 95 % interval of the change excludes 0 (beyond noise). Intervals: a bootstrap over the "
+                  "requests of a single run (latency statistics), Welch across repeats (2+ on both sides). "
+                  "Improvement(%) is signed so that positive is always better. What the flags mean: "
+                  "docs/measurement.md.")
     shown.download_button("Gain table (CSV)", api.render_gain_table(rows, a_label, b_label, "csv"),
                           f"gain-{baseline}-vs-{cand}.csv", "text/csv", key=f"gain{cand}", on_click="ignore")
     markdown.code(api.render_gain_table(rows, a_label, b_label, "markdown"), language="markdown")

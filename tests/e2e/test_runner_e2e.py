@@ -83,7 +83,12 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
     assert keys[:2] == ["request_throughput", "output_throughput"]
     out = subprocess.run([*CLI, "compare", str(runs[0].id), str(runs[1].id), "--format", "csv"],
                          capture_output=True, text=True, env=os.environ)
-    assert out.returncode == 0 and out.stdout.startswith("Metric,tp: TP1,tp: TP2,Change,Improvement(%)")
+    assert out.returncode == 0 and out.stdout.startswith(
+        "section,baseline,candidate,Metric,key,unit,tp: TP1,tp: TP2,Change,Improvement(%),CI low,CI high,")
+    # single runs with per-request data: a bootstrap interval and a noise verdict on every latency statistic
+    latency = [r for r in rows if r.key.endswith("_ms") and not r.key.startswith("std_")]
+    assert latency and all(r.ci95_low is not None and r.ci_a is not None and r.ci_b is not None for r in latency)
+    assert {r.verdict for r in latency} <= {"beyond noise", "within noise"}
 
     # re-running the sweep resumes: both cells are done, nothing new is queued or started
     again = subprocess.run([*CLI, "sweep", str(sweep)], capture_output=True, text=True, timeout=120, env=os.environ)

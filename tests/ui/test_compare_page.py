@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
-from runner import api
+from runner import api, noise
 from runner.models import RunSource, RunStatus
+from runner.parsers import parse_bench_json
+from tests.conftest import FIXTURES
 from tests.ui.conftest import SEED
 
 SEED_ROWS = {
@@ -25,14 +27,19 @@ def test_gain_table_of_the_seeds_two_runs(open_page, seeded) -> None:
     at = open_page("compare", a=1, b=2)
     assert at.subheader[0].value == "TP8+DCP8 vs TP8"
     table = at.table[0].value
-    assert list(table.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)"]
+    assert list(table.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)", "Noise", "Flags"]
     cells = {row["Metric"]: [row["TP8"], row["TP8+DCP8"], row["Change"], row["Improvement(%)"]]
              for _, row in table.iterrows()}
     for metric, expected in SEED_ROWS.items():
         assert cells[metric] == expected, metric
+    # the seed's 2 and 6 failed requests: at the top and on every row; single runs: no CI, so nothing coloured
+    assert [w.value for w in at.warning] == ["Failed requests 2 vs 6."]
+    assert set(table["Flags"]) == {"failed requests 2 vs 6"} and set(table["Noise"]) == {"no CI (single run)"}
+    css = at.table[0].proto.arrow_data.styler.styles
+    assert "46, 160, 67" not in css and "248, 81, 73" not in css
     markdown = next(c for c in at.code if c.language == "markdown").value
-    assert "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% |" in markdown
-    assert "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |" in markdown
+    assert "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% | no CI (single run) |" in markdown
+    assert "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% | no CI (single run) |" in markdown
     downloads = [d.label for d in at.download_button]
     assert downloads[:2] == ["Gain table (CSV)", "Metrics of these runs (CSV)"]
 
@@ -43,12 +50,13 @@ def test_headline_toggle_gives_exactly_the_seeds_table(open_page, seeded) -> Non
     table = at.table[0].value
     assert list(table["Metric"]) == list(SEED_ROWS)
     markdown = next(c for c in at.code if c.language == "markdown").value
+    flag = " no CI (single run) | failed requests 2 vs 6 |"
     assert markdown + "\n" == (
-        "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) |\n|---|---|---|---|---|\n"
-        "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% |\n"
-        "| Output Token Throughput (tok/s) | 485.78 | 695.13 | +209.35 | +43.1% |\n"
-        "| Mean TTFT (s) | 271.2 | 227.8 | -43.4 | +16.0% |\n"
-        "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |\n")
+        "| Metric | TP8 | TP8+DCP8 | Change | Improvement(%) | Noise | Flags |\n|---|---|---|---|---|---|---|\n"
+        f"| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% |{flag}\n"
+        f"| Output Token Throughput (tok/s) | 485.78 | 695.13 | +209.35 | +43.1% |{flag}\n"
+        f"| Mean TTFT (s) | 271.2 | 227.8 | -43.4 | +16.0% |{flag}\n"
+        f"| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% |{flag}\n")
 
 
 def accuracy_tables(at) -> list:
@@ -123,3 +131,26 @@ def test_kv_capacity_and_pareto_once_configuration_is_known(open_page, seeded) -
 def test_runs_without_results_and_a_single_run(open_page, store) -> None:
     at = open_page("compare")
     assert "Comparing needs two runs" in at.info[0].value
+
+
+def test_opens_on_the_two_newest_succeeded_runs_with_bootstrap_intervals(open_page, store) -> None:
+    """Issue 13: Compare opened on a failed run as baseline. Two real vLLM-CPU results with per-request data,
+    a failed run between and after them."""
+    detailed = (FIXTURES / "cpu_0.32" / "bench_detailed.json").read_bytes()
+    api.import_files(store, [("bench.json", detailed)], label="A")
+    store.create_run(label="broken", status=RunStatus.failed, failure_reason="vLLM exited")
+    api.import_files(store, [("bench.json", detailed)], label="B")
+    store.create_run(label="broken again", status=RunStatus.failed, failure_reason="vLLM exited")
+    at = open_page("compare")
+    assert (at.selectbox[0].value, at.multiselect[0].value) == (1, [3])
+    table = at.table[0].value
+    assert list(table.columns) == ["Metric", "A", "B", "Change", "Improvement(%)", "95% CI of change", "A 95% CI",
+                                   "B 95% CI", "Noise", "Flags"]
+    row = table.set_index("Metric").loc["Median TTFT (ms)"]
+    low, high = noise.side_ci([noise.requests_from_arrays(parse_bench_json(detailed).arrays)], "median_ttft_ms")
+    assert (row["A"], row["A 95% CI"], row["B 95% CI"], row["Noise"]) == (
+        "141.79", f"[{low:.2f}, {high:.2f}]", f"[{low:.2f}, {high:.2f}]", "within noise")
+    assert row["Flags"] == "benchmark 0.3 s on baseline (< 10 s); benchmark 0.3 s on candidate (< 10 s)"
+    assert set(table.set_index("Metric").loc["Output Token Throughput (tok/s)", ["Noise"]]) == {"no CI (single run)"}
+    assert [w.value for w in at.warning] == ["Benchmark 0.3 s on baseline (< 10 s).",
+                                             "Benchmark 0.3 s on candidate (< 10 s)."]

@@ -78,23 +78,38 @@ def test_commands_are_the_exact_lines() -> None:
     assert base in cmds["lm_eval"]
 
 
-def test_gain_colours_follow_the_direction_of_better(seeded) -> None:
-    rows, a, b = api.compare_runs(seeded, 1, 2)
+def _colours(rows, a: str, b: str) -> dict[str, str]:
     styler = tables.gain_styler(rows, a, b)
     styles = styler._compute().ctx  # {(row, col): [(prop, value)]}
-    metric = {r.label: i for i, r in enumerate(rows)}
     change = list(styler.data.columns).index("Change")
+    return {r.label: (styles.get((i, change)) or [("", "")])[0][1] for i, r in enumerate(rows)}
 
-    def colour(label: str) -> str:
-        cell = styles.get((metric[label], change), [])
-        return cell[0][1] if cell else ""
 
-    assert "46, 160, 67" in colour("Output Token Throughput (tok/s)")  # higher is better: green
-    assert "46, 160, 67" in colour("Mean TTFT (s)")  # lower latency is better: green although negative
-    assert "248, 81, 73" in colour("Failed Requests")  # more failures: red
-    assert "248, 81, 73" in colour("Mean TPOT (ms)")
-    assert colour("Total Input Tokens") == ""  # no direction: plain
+def test_only_changes_beyond_noise_are_coloured(seeded, store) -> None:
+    rows, a, b = api.compare_runs(seeded, 1, 2)  # the seed: single runs, no per-request data, so no CI
+    assert set(_colours(rows, a, b).values()) == {""}
     assert [r.key for r in tables.pick_rows(rows, True)] == tables.HEADLINE
+    # two repeats a side: Welch intervals; coloured by the direction of better where beyond noise
+    base = [{"output_throughput": 100.0, "mean_tpot_ms": 10.0, "failed": 0, "median_ttft_ms": 100.0,
+             "total_input_tokens": 5000}, {"output_throughput": 101.0, "mean_tpot_ms": 10.2, "failed": 0,
+                                            "median_ttft_ms": 140.0, "total_input_tokens": 5000}]
+    cand = [{"output_throughput": 120.0, "mean_tpot_ms": 12.0, "failed": 3, "median_ttft_ms": 110.0,
+             "total_input_tokens": 5100}, {"output_throughput": 121.0, "mean_tpot_ms": 12.1, "failed": 3,
+                                            "median_ttft_ms": 130.0, "total_input_tokens": 5300}]
+    for label, side in (("base", base), ("cand", cand)):
+        run = store.create_run(label=label)
+        for i, m in enumerate(side):
+            store.add_bench_result(run.id, m, repeat=i)
+    rows, a, b = api.compare_runs(store, 3, 4)
+    assert {r.label: r.verdict for r in rows} == {
+        "Output Token Throughput (tok/s)": "beyond noise", "Failed Requests": "beyond noise",
+        "Total Input Tokens": "within noise", "Median TTFT (ms)": "within noise", "Mean TPOT (ms)": "beyond noise"}
+    colours = _colours(rows, a, b)
+    assert "46, 160, 67" in colours["Output Token Throughput (tok/s)"]  # higher is better: green
+    assert "248, 81, 73" in colours["Failed Requests"]  # more failures: red
+    assert "248, 81, 73" in colours["Mean TPOT (ms)"]  # higher latency: red
+    assert colours["Median TTFT (ms)"] == ""  # better on average, within noise: plain
+    assert colours["Total Input Tokens"] == ""  # no direction: plain
 
 
 def test_describe_imported_runs(seeded) -> None:
