@@ -196,13 +196,25 @@ def gain_table(
     else:
         keys = list(metrics)
     shared = run_flags(sa, sb)
+    boot: tuple[noise.Bootstrap, noise.Bootstrap] | None = None
+    if (ra := sa.detailed) and (rb := sb.detailed):  # independent resamples: a seed each
+        boot = noise.Bootstrap(ra, keys, seed=noise.SEED), noise.Bootstrap(rb, keys, seed=noise.SEED + 1)
     rows: list[GainRow] = []
     for key in keys:
         va, vb = _values(sa.metrics, key), _values(sb.metrics, key)
-        if not va or not vb or (metrics is None and key != "failed" and not any(va) and not any(vb)):
+        if not va or not vb or (metrics is None and _carries_nothing(key, va, vb, sa, sb)):
             continue
-        rows.append(_row(metric_def(key), va, vb, sa, sb, shared))
+        rows.append(_row(metric_def(key), va, vb, sa, sb, shared, boot))
     return rows
+
+
+def _carries_nothing(key: str, va: list[float], vb: list[float], sa: Side, sb: Side) -> bool:
+    """0 on both sides (`rtfx` without audio), or P50 beside the median vLLM also writes."""
+    if key != "failed" and not any(va) and not any(vb):
+        return True
+    m = _PCT.match(key)
+    return bool(m and float(m.group(1)) == 50 and all(
+        _values(s.metrics, f"median_{m.group(2)}_ms") for s in (sa, sb)))
 
 
 def run_flags(baseline: Side, candidate: Side) -> list[str]:
@@ -223,17 +235,22 @@ def run_flags(baseline: Side, candidate: Side) -> list[str]:
     return flags
 
 
+ZERO_MS = 0.05
+"""A latency statistic below this (50 µs) is degenerate: tokens that arrived in one burst, not a speed."""
+
+
 def _zero(x: float) -> bool:
-    return abs(x) < 0.005  # shows as 0.00
+    return abs(x) < ZERO_MS
 
 
-def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, shared: list[str]) -> GainRow:
+def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, shared: list[str],
+         boot: tuple[noise.Bootstrap, noise.Bootstrap] | None) -> GainRow:
     a, b = fmean(va), fmean(vb)
     flags = list(shared)
     judged = d.better is not None
     if d.unit == "ms" and d.better is not None and (_zero(a) or _zero(b)):
-        flags.append("0.00 on " + ("both" if _zero(a) and _zero(b) else "baseline" if _zero(a) else "candidate"))
-        judged = False  # a statistic of 0.00 is degenerate (bursts of tokens), not a gain
+        flags.append("≈0 ms on " + ("both" if _zero(a) and _zero(b) else "baseline" if _zero(a) else "candidate"))
+        judged = False  # a statistic of (nearly) 0 is degenerate (bursts of tokens), not a gain
     if d.kind != "count":
         for name, side in (("baseline", sa), ("candidate", sb)):
             least = side.least("completed")
@@ -246,9 +263,10 @@ def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, sha
         if abs(a) >= 0.005:  # a baseline that shows as 0.00 gives no meaningful percentage
             improvement = ((b - a) if d.better == "higher" else (a - b)) / abs(a) * 100.0
     interval, ci_a, ci_b = welch_ci95(va, vb), mean_ci95(va), mean_ci95(vb)
-    if interval is None and (ra := sa.detailed) and (rb := sb.detailed):
-        interval = noise.diff_ci(ra, rb, d.key)
-        ci_a, ci_b = noise.side_ci(ra, d.key), noise.side_ci(rb, d.key)
+    if interval is None and boot is not None:
+        ra, rb = boot[0].replicates(d.key), boot[1].replicates(d.key)
+        if ra is not None and rb is not None:
+            interval, ci_a, ci_b = noise.interval(rb - ra), noise.interval(ra), noise.interval(rb)
     significant = None if interval is None else (interval[0] > 0 or interval[1] < 0)
     verdict = NO_CI if significant is None else BEYOND if significant else WITHIN
     return GainRow(

@@ -8,6 +8,8 @@ the statistic is recomputed on each resample, and the 2.5 % and 97.5 % points of
 not tokens, are resampled for ITL: the inter-token gaps of one request are not independent of each other, so a
 resampled request brings all of its gaps into the pool (a cluster bootstrap). For executions repeated on a
 side, each repeat is resampled on its own and the statistic is the mean over repeats, as in the gain table.
+The interval of a change (candidate − baseline) resamples the two sides independently (a seed each) and takes
+the difference resample by resample.
 """
 
 from __future__ import annotations
@@ -99,21 +101,25 @@ class _Pool:
         order = np.argsort(values, kind="stable")
         self.values, self.owner = values[order], owner[order]
 
-    def statistic(self, stat: str, counts: np.ndarray) -> np.ndarray:
-        """`stat` of each resample, given how often each request was drawn (`counts`: resamples × requests).
-        Percentiles interpolate linearly, as `np.percentile` (and vLLM) do on the pooled values."""
+    def statistics(self, stats: Sequence[str], counts: np.ndarray) -> dict[str, np.ndarray]:
+        """Each of `stats` per resample, given how often each request was drawn (`counts`: resamples ×
+        requests). Percentiles interpolate linearly, as `np.percentile` (and vLLM) do on the pooled values."""
         weights = counts[:, self.owner]
         cum = np.cumsum(weights, axis=1)
         total = cum[:, -1]
-        if stat == "mean":
-            return (weights * self.values).sum(axis=1) / total
-        q = 50.0 if stat == "median" else float(stat[1:])
-        pos = q / 100.0 * (total - 1)
-        lo = np.floor(pos)
-        hi = np.minimum(lo + 1, total - 1)
-        at_lo = self.values[(cum <= lo[:, None]).sum(axis=1)]
-        at_hi = self.values[(cum <= hi[:, None]).sum(axis=1)]
-        return at_lo + (pos - lo) * (at_hi - at_lo)
+        out = {}
+        for stat in stats:
+            if stat == "mean":
+                out[stat] = (weights * self.values).sum(axis=1) / total
+                continue
+            q = 50.0 if stat == "median" else float(stat[1:])
+            pos = q / 100.0 * (total - 1)
+            lo = np.floor(pos)
+            hi = np.minimum(lo + 1, total - 1)
+            at_lo = self.values[(cum <= lo[:, None]).sum(axis=1)]
+            at_hi = self.values[(cum <= hi[:, None]).sum(axis=1)]
+            out[stat] = at_lo + (pos - lo) * (at_hi - at_lo)
+        return out
 
 
 def _pools(side: Sequence[Requests], latency: str) -> list[_Pool] | None:
@@ -126,9 +132,11 @@ def _pools(side: Sequence[Requests], latency: str) -> list[_Pool] | None:
     return pools or None
 
 
-def _replicates(pools: list[_Pool], stat: str, rng: np.random.Generator, resamples: int) -> np.ndarray:
-    """The bootstrap distribution of the mean over `pools` of `stat`; each pool's draws in turn from `rng`."""
-    total = np.zeros(resamples)
+def _replicates(pools: list[_Pool], stats: Sequence[str], rng: np.random.Generator,
+                resamples: int) -> dict[str, np.ndarray]:
+    """The bootstrap distribution of the mean over `pools` of each of `stats`, all from the same resamples;
+    each pool's draws in turn from `rng`."""
+    total = {stat: np.zeros(resamples) for stat in stats}
     for pool in pools:
         idx = rng.integers(0, pool.n, (resamples, pool.n))  # one draw, as scipy.stats.bootstrap makes it
         chunk = max(1, 4_000_000 // max(1, len(pool.values)))
@@ -136,18 +144,44 @@ def _replicates(pools: list[_Pool], stat: str, rng: np.random.Generator, resampl
             part = idx[start:start + chunk]
             rows = np.arange(len(part))[:, None] * pool.n
             counts = np.bincount((part + rows).ravel(), minlength=len(part) * pool.n).reshape(len(part), pool.n)
-            total[start:start + chunk] += pool.statistic(stat, counts)
-    return total / len(pools)
+            for stat, values in pool.statistics(stats, counts).items():
+                total[stat][start:start + chunk] += values
+    return {stat: values / len(pools) for stat, values in total.items()}
 
 
-def _interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+def interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of a bootstrap distribution."""
     alpha = (1.0 - confidence) / 2.0
     low, high = np.percentile(replicates, [alpha * 100.0, (1.0 - alpha) * 100.0])
     return float(low), float(high)
 
 
-def _affordable(sides: Sequence[list[_Pool]], resamples: int) -> bool:
-    return sum(len(p.values) for side in sides for p in side) * resamples <= MAX_WORK
+class Bootstrap:
+    """The bootstrap distributions of the latency statistics `keys` of one side, each latency's computed
+    once (all its statistics from the same resamples), when first asked for."""
+
+    def __init__(self, side: Sequence[Requests], keys: Sequence[str], *, seed: int = SEED,
+                 resamples: int = RESAMPLES) -> None:
+        self.side, self.seed, self.resamples = list(side), seed, resamples
+        self.wanted: dict[str, list[str]] = {}
+        for key in keys:
+            if which := statistic_of(key):
+                self.wanted.setdefault(which[1], []).append(which[0])
+        self._done: dict[str, dict[str, np.ndarray] | None] = {}
+
+    def replicates(self, key: str) -> np.ndarray | None:
+        """The distribution of `key` over the resamples; None where it cannot be computed here."""
+        which = statistic_of(key)
+        if which is None or which[0] not in self.wanted.get(which[1], []):
+            return None
+        stat, latency = which
+        if latency not in self._done:
+            pools = _pools(self.side, latency)
+            work = sum(len(p.values) for p in pools or []) * self.resamples
+            self._done[latency] = None if pools is None or work > MAX_WORK else _replicates(
+                pools, sorted(set(self.wanted[latency])), np.random.default_rng(self.seed), self.resamples)
+        done = self._done[latency]
+        return None if done is None else done[stat]
 
 
 def point(side: Sequence[Requests], key: str) -> float | None:
@@ -156,33 +190,22 @@ def point(side: Sequence[Requests], key: str) -> float | None:
     pools = _pools(side, which[1]) if which else None
     if which is None or pools is None:
         return None
-    return float(np.mean([p.statistic(which[0], np.ones((1, p.n)))[0] for p in pools]))
+    return float(np.mean([p.statistics([which[0]], np.ones((1, p.n)))[which[0]][0] for p in pools]))
 
 
 def side_ci(side: Sequence[Requests], key: str, *, resamples: int = RESAMPLES, seed: int = SEED,
             confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the statistic `key` of one side; None where it cannot be computed."""
-    which = statistic_of(key)
-    pools = _pools(side, which[1]) if which else None
-    if which is None or pools is None or not _affordable([pools], resamples):
-        return None
-    return _interval(_replicates(pools, which[0], np.random.default_rng(seed), resamples), confidence)
+    reps = Bootstrap(side, [key], seed=seed, resamples=resamples).replicates(key)
+    return None if reps is None else interval(reps, confidence)
 
 
-def diff_ci(baseline: Sequence[Requests], candidate: Sequence[Requests], key: str, *, resamples: int = RESAMPLES,
-            seed: int = SEED, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of candidate − baseline for the statistic `key`: both sides resampled
-    independently (baseline first) from one generator, the difference taken per resample."""
-    which = statistic_of(key)
-    if which is None:
-        return None
-    pa, pb = _pools(baseline, which[1]), _pools(candidate, which[1])
-    if pa is None or pb is None or not _affordable([pa, pb], resamples):
-        return None
-    rng = np.random.default_rng(seed)
-    a = _replicates(pa, which[0], rng, resamples)
-    b = _replicates(pb, which[0], rng, resamples)
-    return _interval(b - a, confidence)
+def diff_ci(baseline: Bootstrap, candidate: Bootstrap, key: str,
+            confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of candidate − baseline for `key`: the two sides resampled independently
+    (give them different seeds), the difference taken resample by resample."""
+    a, b = baseline.replicates(key), candidate.replicates(key)
+    return None if a is None or b is None else interval(b - a, confidence)
 
 
 def first_request_stall(reqs: Requests, factor: float = STALL_FACTOR) -> tuple[float, float] | None:

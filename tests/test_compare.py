@@ -246,4 +246,4 @@ def test_no_percentage_against_a_baseline_that_rounds_to_zero():
     from runner.compare import gain_table
 
     [row] = gain_table([{"median_itl_ms": 0.001}], [{"median_itl_ms": 26.0}], metrics=["median_itl_ms"])
-    assert (row.improvement_pct, row.better, row.flags) == (None, None, ("0.00 on baseline",))
+    assert (row.improvement_pct, row.better, row.flags) == (None, None, ("≈0 ms on baseline",))

@@ -9,6 +9,19 @@ from runner import api
 from runner.errors import ServelabError
 
 db = store()
+
+
+@st.cache_data(ttl=3600, show_spinner="Bootstrapping the confidence intervals…", max_entries=64)
+def comparison(_db, baseline: int, candidate: int, versions: tuple) -> api.Comparison:
+    """The comparison of two runs, recomputed only when either run changes (`versions`)."""
+    return api.compare_report(_db, baseline, candidate)
+
+
+def version(run_id: int) -> tuple:
+    run = db.get_run(run_id)
+    return str(db.url), run.id, run.status.value, run.finished_at, len(db.bench_results(run_id))
+
+
 st.title("Compare runs")
 runs = sorted(db.list_runs(), key=lambda r: r.id)
 if len(runs) < 2:
@@ -43,7 +56,7 @@ if no_bench:
     st.caption(f"No benchmark results, so no gain table (see Accuracy and the other sections): {', '.join(no_bench)}.")
 for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline in set(benched["run_id"])):
     try:
-        report = api.compare_report(db, baseline, cand)
+        report = comparison(db, baseline, cand, (version(baseline), version(cand)))
     except ServelabError as exc:
         st.info(f"#{cand} vs #{baseline}: {exc}")
         continue
