@@ -12,10 +12,11 @@ import types
 from collections.abc import Callable, MutableMapping
 from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import streamlit as st
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+
+from runner.errors import Problem
 
 Kind = Literal["bool", "choice", "int", "text", "list", "dict"]
 Widget = Callable[[str, str, str], None]  # (state key, label, help) -> draws the widget
@@ -43,16 +44,6 @@ def field_kind(info: FieldInfo) -> Kind:
     if get_origin(base) is dict:
         return "dict"
     return "text"
-
-
-def bounds(info: FieldInfo) -> tuple[float | None, float | None]:
-    lo = hi = None
-    for m in info.metadata:
-        if isinstance(m, annotated_types.Ge):
-            lo = m.ge
-        elif isinstance(m, annotated_types.Le):
-            hi = m.le
-    return lo, hi
 
 
 def flag_label(name: str) -> str:
@@ -113,10 +104,10 @@ def load(spec: BaseModel, prefix: str, state: MutableMapping[str, Any], only_mis
         state[key] = to_widget(getattr(spec, name), field_kind(info))
 
 
-def collect(model: type[BaseModel], prefix: str, state: MutableMapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The widget values under `prefix` as spec input, and the conversion problems."""
+def collect(model: type[BaseModel], prefix: str, state: MutableMapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The widget values under `prefix` as spec input, and the conversion problems (named by form key)."""
     data: dict[str, Any] = {}
-    problems: list[str] = []
+    problems: list[Problem] = []
     for name, info in model.model_fields.items():
         key = f"{prefix}.{name}"
         if key not in state:
@@ -124,27 +115,33 @@ def collect(model: type[BaseModel], prefix: str, state: MutableMapping[str, Any]
         try:
             data[name] = from_widget(state[key], field_kind(info), info)
         except ValueError as exc:
-            problems.append(f"`{flag_label(name)}`: {exc}.")
+            problems.append(Problem(f"{flag_label(name)}: {exc}.", key))
     return data, problems
 
 
 def render(model: type[BaseModel], prefix: str, names: list[str], columns: int = 3,
-           custom: dict[str, Widget] | None = None, wide: tuple[str, ...] = ("model",)) -> None:
+           custom: dict[str, Widget] | None = None, wide: tuple[str, ...] = ("model",),
+           errors: dict[str, list[str]] | None = None) -> None:
     """Draw the widgets of `names` row by row in a grid; list/dict fields and `wide` ones take a whole row;
-    `custom` replaces the generated widget of a field."""
-    custom = custom or {}
+    `custom` replaces the generated widget of a field; `errors` (form key → messages) shows under each field."""
+    custom, errors = custom or {}, errors or {}
     row: list[str] = []
+
+    def draw(name: str) -> None:
+        _widget(model, prefix, name, custom)
+        for message in errors.get(f"{prefix}.{name}", []):
+            st.error(message, icon=":material/error:")
 
     def flush() -> None:
         for cell, name in zip(st.columns(columns), row):
             with cell:
-                _widget(model, prefix, name, custom)
+                draw(name)
         row.clear()
 
     for name in names:
         if name in wide or field_kind(model.model_fields[name]) in ("list", "dict"):
             flush()
-            _widget(model, prefix, name, custom)
+            draw(name)
             continue
         row.append(name)
         if len(row) == columns:
@@ -163,9 +160,8 @@ def _widget(model: type[BaseModel], prefix: str, name: str, custom: dict[str, Wi
         st.checkbox(label, key=key, help=help_)
     elif kind == "choice":
         st.selectbox(label, get_args(_parts(info)[0]), key=key, help=help_)
-    elif kind == "int":
-        lo, hi = bounds(info)
-        st.number_input(label, min_value=lo, max_value=hi, step=1, key=key, help=help_)
+    elif kind == "int":  # no widget bounds: the spec says what is out of range, in words, beside the field
+        st.number_input(label, step=1, key=key, help=help_)
     else:
         placeholder = {"list": "--flag value …", "dict": "NAME=value …"}.get(kind, "unset" if _parts(info)[1] else "")
         st.text_input(label, key=key, help=help_, placeholder=placeholder)

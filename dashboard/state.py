@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import streamlit as st
 
 from runner import api
+from runner.config import Host
 from runner.execute import cpu_backend
 from runner.models import Run
 from runner.store import Store, default_db_url
@@ -48,6 +49,14 @@ class Machine:
     def gpu_count(self) -> int | None:
         """The count the specs validate against; None on the CPU backend (no GPU limit)."""
         return None if self.cpu else (len(self.gpus) or None)
+
+    @property
+    def host(self) -> Host | None:
+        """This machine as launches are checked against: its GPUs, or the CPU backend's cores; None when
+        NVML sees no GPU on a GPU build (nothing to check against)."""
+        if self.cpu:
+            return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
+        return Host(gpus=len(self.gpus)) if self.gpus else None
 
     @property
     def tp_options(self) -> list[int]:

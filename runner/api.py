@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 
 from runner import compare as cmp
 from runner import noise
-from runner.config import LaunchSpec, RunSpec, Settings, SweepSpec
+from runner.config import Host, LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, ServelabError, StoreError
 from runner.execute import INTERNAL_ENV
 from runner.models import ACTIVE, TERMINAL, Run, RunSource, RunStatus, utcnow
@@ -151,25 +152,40 @@ def _run_fields(spec: RunSpec) -> dict[str, Any]:
     )
 
 
-def queue_run(store: Store, spec: RunSpec, gpu_count: int | None = None, **fields: Any) -> Run:
-    """Validate `spec` (raises SpecError listing every problem) and queue it."""
-    spec.check(gpu_count)
+def this_host() -> Host:
+    """This machine as launches see it: its GPUs (NVML), or vLLM's CPU backend and its cores."""
+    from runner.execute import cpu_backend
+    from runner.telemetry import GpuReader, load_nvml
+
+    if cpu_backend():
+        return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
+    reader = GpuReader(load_nvml())
+    try:
+        return Host(gpus=len(reader.handles))
+    finally:
+        reader.close()
+
+
+def queue_run(store: Store, spec: RunSpec, host: Host | None = None, **fields: Any) -> Run:
+    """Validate `spec` for `host` (raises SpecError listing every problem) and queue it. A run for
+    another worker (`spec.other_worker`) is checked without this machine."""
+    spec.check(host)
     return store.create_run(**{**_run_fields(spec), **fields})
 
 
-def queue_sweep(store: Store, sweep: SweepSpec, gpu_count: int | None = None) -> tuple[int, list[Run]]:
+def queue_sweep(store: Store, sweep: SweepSpec, host: Host | None = None) -> tuple[int, list[Run]]:
     """Queue the runs of a sweep. Re-queuing the same sweep (same name and spec) resumes it: cells
     that succeeded or are still queued/running are kept, the others get a new run."""
     cells = sweep.cells()
     for _, spec in cells:  # every cell valid before any is queued
-        spec.check(gpu_count)
+        spec.check(host)
     spec_json = sweep.model_dump_json()
     existing = next((s for s in store.list_sweeps() if s.name == sweep.name and s.spec_json == spec_json), None)
     sweep_row = existing or store.create_sweep(sweep.name, spec_json)
     keep = {RunStatus.succeeded, RunStatus.queued, *ACTIVE}
     done = {r.sweep_cell for r in store.list_runs(sweep_id=sweep_row.id) if r.status in keep}
     queued = [
-        queue_run(store, spec, gpu_count, sweep_id=sweep_row.id, sweep_cell=cell, label=cell_label(sweep, spec))
+        queue_run(store, spec, host, sweep_id=sweep_row.id, sweep_cell=cell, label=cell_label(sweep, spec))
         for cell, spec in cells
         if cell not in done
     ]

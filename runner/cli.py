@@ -15,7 +15,7 @@ import typer
 
 from runner import api
 from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, Settings, load_run_spec, load_sweep_spec
-from runner.errors import ServelabError
+from runner.errors import ServelabError, SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Launch, benchmark and compare vLLM configs.")
 _state: dict[str, str | None] = {"db": None}
@@ -26,7 +26,11 @@ def _store():
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    problems = exc.problems if isinstance(exc, SpecError) else []
+    if len(problems) > 1:
+        typer.echo(f"error: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems), err=True)
+    else:
+        typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code)
 
 
@@ -182,17 +186,28 @@ def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
 _SET_HELP = "Override a field: FIELD=VALUE with vLLM's flag names, e.g. --set tensor-parallel-size=2 --set bench.num-prompts=50."
 
 
+_ELSEWHERE_HELP = ("Queue the run for a worker on another machine with the GPUs this one lacks (same --db), "
+                   "and exit without running it here.")
+
+
 @app.command()
 def run(
     spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, eval: sections."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    other_worker: bool = typer.Option(False, "--for-another-worker", help=_ELSEWHERE_HELP),
 ):
-    """Launch, benchmark (and evaluate) one run; exits non-zero when it fails."""
+    """Launch, benchmark (and evaluate) one run; exits non-zero when it fails or cannot run here."""
     from runner.models import RunStatus
 
     try:
         store = _store()
-        queued = api.queue_run(store, load_run_spec(spec_file, overrides), _gpu_count())
+        spec = load_run_spec(spec_file, overrides)
+        if other_worker:
+            spec = spec.model_copy(update={"other_worker": True})
+        queued = api.queue_run(store, spec, api.this_host())
+        if other_worker:
+            typer.echo(f"queued run {queued.id} for another worker")
+            return
         _drive(store, [queued.id])
         final = store.get_run(queued.id)
     except ServelabError as exc:
@@ -206,13 +221,20 @@ def run(
 def sweep(
     spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, matrix: sections."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    other_worker: bool = typer.Option(False, "--for-another-worker", help=_ELSEWHERE_HELP),
 ):
     """Run every cell of a sweep (re-running resumes: finished cells are kept)."""
     from runner.models import RunStatus
 
     try:
         store = _store()
-        sweep_id, queued = api.queue_sweep(store, load_sweep_spec(spec_file, overrides), _gpu_count())
+        spec = load_sweep_spec(spec_file, overrides)
+        if other_worker:
+            spec = spec.model_copy(update={"other_worker": True})
+        sweep_id, queued = api.queue_sweep(store, spec, api.this_host())
+        if other_worker:
+            typer.echo(f"queued sweep {sweep_id} ({len(queued)} runs) for another worker")
+            return
         _drive(store, [r.id for r in queued])
         runs = store.list_runs(sweep_id=sweep_id)
     except ServelabError as exc:
@@ -314,15 +336,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the `finally` of `dashboard` still covers SIGTERM
         pass
-
-
-def _gpu_count() -> int | None:
-    from runner.execute import cpu_backend
-    from runner.telemetry import GpuReader, load_nvml
-
-    if cpu_backend():
-        return None
-    return len(GpuReader(load_nvml()).handles) or None
 
 
 if __name__ == "__main__":

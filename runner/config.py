@@ -13,14 +13,19 @@ import math
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runner.errors import SpecError
+from runner.errors import Problem, SpecError
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Upper bounds that keep a typo from becoming a benchmark that runs for days or a launch vLLM refuses late.
+MAX_PROMPTS = 1_000_000
+MAX_SEQS = 65_536
+MAX_TOKENS = 16_777_216  # 16 Mi tokens: above every context length a model declares today
 
 
 def _underscore_keys(data: Any) -> Any:
@@ -51,17 +56,106 @@ class _Spec(BaseModel):
         return "--" + name.replace("_", "-")
 
 
-def describe_validation_error(exc: ValidationError, where: str) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or where
-        if err["type"] == "extra_forbidden":
-            problems.append(f"Unknown key `{loc}` in {where}; check the spelling against `servelab fields`.")
-        elif err["type"] == "missing":
-            problems.append(f"`{loc}` is required in {where}.")
-        else:
-            problems.append(f"`{loc}` = {err.get('input')!r}: {err['msg']}.")
-    return problems
+def describe_validation_error(exc: ValidationError, where: str) -> list[Problem]:
+    """pydantic's errors in plain words, each naming the field as vLLM's flag, the value and the fix."""
+    return [_plain(err, where) for err in exc.errors()]
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, int) or v.is_integer():
+        return f"{int(v):,}" if abs(v) >= 100_000 else str(int(v))  # 1,000,000 prompts; port 65535
+    return f"{v:g}"
+
+
+def _plain(err: Any, where: str) -> Problem:
+    loc = [p for p in err["loc"] if isinstance(p, str)]
+    index = next((p for p in err["loc"] if isinstance(p, int)), None)
+    field = ".".join(loc) or None
+    flag = loc[-1].replace("_", "-") if loc else where
+    if index:  # the second benchmark onwards: say which
+        flag += f" (benchmark {index + 1})"
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return Problem(f"Unknown key `{'.'.join(map(str, err['loc']))}` in {where}; check the spelling against "
+                       "`servelab fields`.", None)
+    if kind == "missing":
+        return Problem(f"{flag} is required in {where}; add it.", field)
+    if kind == "value_error":  # our validators' messages are already written for a person
+        return Problem(str(ctx.get("error", err["msg"])), field)
+    lo, hi = _bounds(field)
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than") and lo is not None \
+            and hi is not None:
+        return Problem(f"{flag} must be between {_number(lo)} and {_number(hi)}; it is {_number(value)}.", field)
+    if kind in ("greater_than_equal", "greater_than"):
+        word = "at least" if kind == "greater_than_equal" else "above"
+        bound = ctx.get("ge", ctx.get("gt"))
+        return Problem(f"{flag} must be {word} {_number(bound)}; it is {_number(value)}.", field)
+    if kind in ("less_than_equal", "less_than"):
+        word = "at most" if kind == "less_than_equal" else "below"
+        bound = ctx.get("le", ctx.get("lt"))
+        return Problem(f"{flag} must be {word} {_number(bound)}; it is {_number(value)}.", field)
+    if kind.startswith("int_") or kind == "int_from_float":
+        return Problem(f"{flag} must be a whole number; {value!r} is not.", field)
+    if kind.startswith("float_"):
+        return Problem(f"{flag} must be a number (or inf where allowed); {value!r} is not.", field)
+    if kind.startswith("bool_"):
+        return Problem(f"{flag} must be true or false; {value!r} is not.", field)
+    if kind == "literal_error":
+        return Problem(f"{flag} must be one of {ctx.get('expected', '')}; {value!r} is not.", field)
+    return Problem(f"{flag} {value!r}: {err['msg']}.", field)
+
+
+def _bounds(field: str | None) -> tuple[float | None, float | None]:
+    """(ge, le) of a spec field named `launch.port`, `bench.num_prompts` or `port`."""
+    if not field:
+        return None, None
+    section, _, name = field.rpartition(".")
+    models: dict[str, type[BaseModel]] = {"launch": LaunchSpec, "bench": BenchSpec, "eval": EvalSpec}
+    for model in ([models[section]] if section in models else models.values()):
+        if name in model.model_fields:
+            lo = hi = None
+            for m in model.model_fields[name].metadata:
+                lo = getattr(m, "ge", lo)
+                hi = getattr(m, "le", hi)
+            return lo, hi
+    return None, None
+
+
+CPU_DCP = ("vLLM's CPU backend cannot run decode context parallel: its attention does not return the softmax LSE "
+           "that DCP merges; DCP needs a GPU backend.")
+
+
+@dataclass(frozen=True)
+class Host:
+    """The machine a launch would run on: its GPUs, or on vLLM's CPU backend its cores (one per rank)."""
+
+    gpus: int = 0
+    cpu_backend: bool = False
+    cores: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """How many TP×PP×DP ranks fit at once."""
+        return self.cores if self.cpu_backend else self.gpus
+
+    def problems(self, launch: LaunchSpec) -> list[Problem]:
+        """What keeps `launch` from running on this machine, whatever the model."""
+        out = []
+        if self.cpu_backend and launch.decode_context_parallel_size > 1:
+            out.append(Problem(CPU_DCP, "decode_context_parallel_size"))
+        if launch.gpus_needed > self.ranks:
+            sizes = (f"TP×PP×DP = {launch.tensor_parallel_size}×{launch.pipeline_parallel_size}×"
+                     f"{launch.data_parallel_size} = {launch.gpus_needed}")
+            here = (f"this machine has no GPU and vLLM's CPU backend runs one rank per core on its {self.cores} "
+                    f"core{'s' if self.cores != 1 else ''}" if self.cpu_backend
+                    else f"this machine has {self.gpus} GPU{'s' if self.gpus != 1 else ''}")
+            out.append(Problem(f"{sizes} ranks, but {here}; lower the sizes to fit {self.ranks}, or queue it for a "
+                               f"worker on a machine with {launch.gpus_needed} GPUs.", "tensor_parallel_size"))
+        return out
 
 
 class LaunchSpec(_Spec):
@@ -76,12 +170,14 @@ class LaunchSpec(_Spec):
     pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
     data_parallel_size: int = Field(1, ge=1, le=64, description="Data-parallel size (replicas).")
     enable_expert_parallel: bool = Field(False, description="Use expert parallelism for MoE layers.")
-    max_model_len: int | None = Field(None, ge=16, description="Maximum context length (prompt + output).")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_TOKENS, description="Maximum context length (prompt + output).")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (0–1)."
     )
-    max_num_seqs: int | None = Field(None, ge=1, description="Maximum sequences per batch.")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="Maximum tokens per batch step.")
+    max_num_seqs: int | None = Field(None, ge=1, le=MAX_SEQS, description="Maximum sequences per batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Maximum tokens per batch step.")
     kv_cache_dtype: str | None = Field(None, description="KV-cache data type (auto, fp8, fp8_e4m3, …).")
     dtype: str | None = Field(None, description="Model weight/activation data type (auto, bfloat16, float16, …).")
     load_format: str | None = Field(None, description="Weight loading format (auto, safetensors, dummy, …).")
@@ -100,7 +196,7 @@ class LaunchSpec(_Spec):
     @classmethod
     def _model_not_blank(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("the model must be a Hugging Face id or a local path")
+            raise ValueError("Model: enter a model name (a Hugging Face id such as org/name) or a local path.")
         return v.strip()
 
     @field_validator("env")
@@ -156,56 +252,61 @@ class LaunchSpec(_Spec):
         return None
 
     # -- validation before anything starts -------------------------------------------------------
-    def problems(self, gpu_count: int | None = None) -> list[str]:
-        """Everything wrong with this launch, each message naming the value and the fix."""
-        out: list[str] = []
+    def problems(self, host: Host | None = None) -> list[Problem]:
+        """Everything wrong with this launch, each message naming the value and the fix. `host` is the
+        machine it would run on; None checks the launch alone (an import, a worker elsewhere)."""
+        out: list[Problem] = []
         tp, dcp = self.tensor_parallel_size, self.decode_context_parallel_size
         if tp % dcp:
             divisors = ", ".join(str(d) for d in range(1, tp + 1) if tp % d == 0)
-            out.append(f"DCP size {dcp} does not divide TP size {tp}; pick one of {divisors}.")
-        if gpu_count is not None and self.gpus_needed > gpu_count:
-            out.append(
-                f"TP×PP×DP = {tp}×{self.pipeline_parallel_size}×{self.data_parallel_size} = {self.gpus_needed} "
-                f"GPUs, but {gpu_count} are visible; lower the sizes to fit {gpu_count}."
-            )
+            out.append(Problem(f"DCP size {dcp} does not divide TP size {tp}; pick one of {divisors}.",
+                               "decode_context_parallel_size"))
+        if host is not None:
+            out += host.problems(self)
         local = self.local_model_path()
         if local is not None:
             if not local.exists():
-                out.append(f"Model path {self.model} does not exist; give an existing folder or a Hugging Face id.")
+                out.append(Problem(f"Model path {self.model} does not exist; give an existing folder or a Hugging "
+                                   "Face id.", "model"))
             else:
                 cfg = _model_config(local)
                 out += self._context_problems(cfg)
+                out += _head_problems(cfg, tp)
                 kv_heads = _kv_heads(cfg)
-                if dcp > 1 and kv_heads is not None and tp <= kv_heads:
-                    out.append(
+                cpu = host is not None and host.cpu_backend
+                if dcp > 1 and not cpu and kv_heads is not None and tp <= kv_heads:
+                    out.append(Problem(
                         f"DCP {dcp} needs TP greater than the model's {kv_heads} KV heads (GQA/MQA), but TP is {tp}; "
-                        f"raise TP above {kv_heads} or set DCP to 1."
-                    )
+                        f"raise TP above {kv_heads} or set DCP to 1.", "decode_context_parallel_size"))
         out += _repeated_flags(self.extra_args, type(self))
         if "," in self.api_model_name:
-            out.append(f"Model name {self.api_model_name!r} contains a comma, which lm-eval cannot pass; set served-model-name.")
+            out.append(Problem(f"Model name {self.api_model_name!r} contains a comma, which lm-eval cannot pass; "
+                               "set served-model-name.", "served_model_name" if self.served_model_name else "model"))
         return out
 
-    def _context_problems(self, cfg: dict[str, Any]) -> list[str]:
+    def _context_problems(self, cfg: dict[str, Any]) -> list[Problem]:
         """max-model-len beyond what a local model's config.json declares: vLLM refuses to start."""
         limit = _max_positions(cfg)
         if (self.max_model_len is None or limit is None or self.max_model_len <= limit
                 or self.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1"):
             return []
-        return [f"max-model-len {self.max_model_len} exceeds the model's max_position_embeddings {limit} "
-                f"(its config.json), which vLLM refuses; set max-model-len to {limit} or less."]
+        return [Problem(f"max-model-len {self.max_model_len} exceeds the model's max_position_embeddings {limit} "
+                        f"(its config.json), which vLLM refuses; set max-model-len to {limit} or less.",
+                        "max_model_len")]
 
-    def check(self, gpu_count: int | None = None) -> LaunchSpec:
+    def check(self, host: Host | None = None) -> LaunchSpec:
         """Raise `SpecError` listing every problem; return self when the launch can start."""
-        if problems := self.problems(gpu_count):
+        if problems := self.problems(host):
             raise SpecError(problems)
         return self
 
     # -- paste a command -------------------------------------------------------------------------
     @classmethod
     def from_command(cls, command: str) -> LaunchSpec:
-        """Understand a pasted `vllm serve …` line (long and short forms, `VAR=value` prefixes).
+        """Understand a pasted `vllm serve …` line (`VAR=value` prefixes become `env`).
 
+        vLLM's own parser reads it whenever vLLM is importable (`runner.vllm_args`): options may come
+        before the model, short and prefix forms are vLLM's. Without vLLM, a simple rule stands in.
         Flags that are not spec fields go to `extra_args`, verbatim and in order.
         """
         try:
@@ -222,7 +323,32 @@ class LaunchSpec(_Spec):
             tokens = tokens[1:]
         else:
             raise SpecError("A pasted command must start with `vllm serve`; e.g. `vllm serve MODEL -tp 8`.")
-        data: dict[str, Any] = {"env": env, "extra_args": []}
+        from runner.vllm_args import VllmRefused, parse_serve
+
+        fields = [n for n in cls.model_fields if n not in _NOT_FLAGS]
+        try:
+            parsed = parse_serve(tokens, fields)
+        except VllmRefused as exc:
+            raise SpecError(f"vLLM refuses this command: {exc}") from None
+        if parsed is None:
+            data = cls._hand_parse(tokens)
+        else:
+            values, extra = parsed
+            data = {**values, "extra_args": extra}
+            names = data.get("served_model_name")
+            if isinstance(names, list):  # vLLM takes several names; servelab serves under one
+                if len(names) != 1:
+                    raise SpecError(f"served-model-name lists {len(names)} names; give one.")
+                data["served_model_name"] = names[0]
+        if "model" not in data:
+            raise SpecError("No model in the command; write `vllm serve MODEL …`.")
+        return cls.parse({**data, "env": env})
+
+    @classmethod
+    def _hand_parse(cls, tokens: list[str]) -> dict[str, Any]:
+        """The fall-back when vLLM is not importable: the first bare word is the model, a flag takes the
+        next word unless it is a spec boolean (an unknown boolean flag before the model misleads it)."""
+        data: dict[str, Any] = {"extra_args": []}
         bools = {n for n, f in cls.model_fields.items() if f.annotation is bool}
         i = 0
         while i < len(tokens):
@@ -255,9 +381,7 @@ class LaunchSpec(_Spec):
                 raise SpecError(f"`{name}` needs a value; e.g. `{name} 8`.")
             data[field] = value
             i += 1
-        if "model" not in data:
-            raise SpecError("No model in the command; write `vllm serve MODEL …`.")
-        return cls.parse(data)
+        return data
 
 
 SHORT_FLAGS = {
@@ -279,15 +403,15 @@ def _flag_to_field(flag: str, spec: type[_Spec]) -> str | None:
     return None
 
 
-def _repeated_flags(extra_args: list[str], spec: type[_Spec]) -> list[str]:
+def _repeated_flags(extra_args: list[str], spec: type[_Spec]) -> list[Problem]:
     out = []
     for arg in extra_args:
         if arg.startswith("-"):
             field = _flag_to_field(arg.split("=", 1)[0], spec)
             if field is not None:
-                out.append(
-                    f"`{arg}` in extra args repeats the spec field `{field}`; set `{field}` instead of passing it twice."
-                )
+                out.append(Problem(
+                    f"`{arg}` in extra args repeats the spec field `{field}`; set `{field}` instead of passing it twice.",
+                    "extra_args"))
     return out
 
 
@@ -309,6 +433,28 @@ def _kv_heads(cfg: dict[str, Any]) -> int | None:
     return int(heads) if isinstance(heads, int) else None
 
 
+def _head_problems(cfg: dict[str, Any], tp: int) -> list[Problem]:
+    """vLLM's rules for splitting attention over TP ranks, from a local config.json: the attention heads
+    divide evenly, and the KV heads either divide evenly or are replicated a whole number of times."""
+    heads, kv = cfg.get("num_attention_heads"), _kv_heads(cfg)
+    if not isinstance(heads, int) or heads < 1:
+        return []
+
+    def fits(t: int) -> bool:
+        return heads % t == 0 and (kv is None or (kv % t == 0 if t < kv else t % kv == 0))
+
+    if fits(tp):
+        return []
+    choices = [t for t in range(1, heads + 1) if fits(t)]
+    shown = ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}" if len(choices) > 1 else str(choices[0])
+    if heads % tp:
+        why = f"TP {tp} does not divide the model's {heads} attention heads (its config.json)"
+    else:
+        why = (f"the model's {kv} KV heads (its config.json) cannot be split over TP {tp}: vLLM needs TP to divide "
+               "them or be a multiple of them")
+    return [Problem(f"{why}; pick TP {shown}.", "tensor_parallel_size")]
+
+
 def _max_positions(cfg: dict[str, Any]) -> int | None:
     """The context length a local model's config.json declares; None when unknown or when a RoPE
     scaling entry lets vLLM derive a longer one."""
@@ -327,11 +473,12 @@ class BenchSpec(_Spec):
 
     dataset_name: DatasetName = Field("random", description="Dataset: random tokens, sharegpt or custom by path.")
     dataset_path: str | None = Field(None, description="Path of the sharegpt/custom dataset file.")
-    random_input_len: int = Field(1024, ge=1, description="Input tokens per request (random dataset).")
-    random_output_len: int = Field(128, ge=1, description="Output tokens per request (random dataset).")
+    random_input_len: int = Field(1024, ge=1, le=MAX_TOKENS, description="Input tokens per request (random dataset).")
+    random_output_len: int = Field(
+        128, ge=1, le=MAX_TOKENS, description="Output tokens per request (random dataset).")
     request_rate: float = Field(math.inf, gt=0, description="Requests per second; inf sends all at once.")
-    max_concurrency: int | None = Field(None, ge=1, description="Most requests in flight at once.")
-    num_prompts: int = Field(200, ge=1, description="Number of requests to send.")
+    max_concurrency: int | None = Field(None, ge=1, le=MAX_PROMPTS, description="Most requests in flight at once.")
+    num_prompts: int = Field(200, ge=1, le=MAX_PROMPTS, description="Number of requests to send.")
     burstiness: float = Field(1.0, gt=0, description="Burstiness of arrivals (1 = Poisson).")
     seed: int = Field(0, description="Random seed of the dataset and arrivals.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS, so every request has its full output.")
@@ -360,12 +507,14 @@ class BenchSpec(_Spec):
                 raise ValueError(f"percentile {p!r} is not a number between 0 and 100; write e.g. 50,90,99")
         return v
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out = _repeated_flags(self.extra_args, type(self))
         if self.dataset_name in {"sharegpt", "custom"} and not self.dataset_path:
-            out.append(f"Dataset {self.dataset_name} needs dataset-path; give the file or use the random dataset.")
+            out.append(Problem(f"Dataset {self.dataset_name} needs dataset-path; give the file or use the random "
+                               "dataset.", "dataset_path"))
         if self.dataset_path and not Path(self.dataset_path).expanduser().exists():
-            out.append(f"Dataset path {self.dataset_path} does not exist; give an existing file.")
+            out.append(Problem(f"Dataset path {self.dataset_path} does not exist; give an existing file.",
+                               "dataset_path"))
         return out
 
 
@@ -392,6 +541,9 @@ class RunSpec(_Spec):
     launch: LaunchSpec
     bench: list[BenchSpec] = Field(default_factory=lambda: [BenchSpec()], description="Benchmarks to run.")
     eval: EvalSpec | None = Field(None, description="Accuracy evaluation (lm-eval), or none.")
+    other_worker: bool = Field(
+        False, description="Queued for a worker on another machine that has the GPUs this one lacks: not checked "
+        "against this machine, and this machine's worker leaves it queued instead of failing it.")
 
     @field_validator("bench", mode="before")
     @classmethod
@@ -404,16 +556,18 @@ class RunSpec(_Spec):
     def display_label(self) -> str:
         return self.label or self.launch.short_label()
 
-    def problems(self, gpu_count: int | None = None) -> list[str]:
-        out = self.launch.problems(gpu_count)
+    def problems(self, host: Host | None = None) -> list[Problem]:
+        """Every problem of the launch (on `host`, unless the run is queued for another worker), its
+        benchmarks and its evaluation; fields named `launch.…`, `bench.…`."""
+        out = [p.under("launch") for p in self.launch.problems(None if self.other_worker else host)]
         for b in self.bench:
-            out += b.problems()
+            out += [p.under("bench") for p in b.problems()]
         if not self.bench and self.eval is None:
-            out.append("The run has neither a benchmark nor an evaluation; add a bench: or eval: section.")
+            out.append(Problem("The run has neither a benchmark nor an evaluation; add a bench: or eval: section."))
         return out
 
-    def check(self, gpu_count: int | None = None) -> RunSpec:
-        if problems := self.problems(gpu_count):
+    def check(self, host: Host | None = None) -> RunSpec:
+        if problems := self.problems(host):
             raise SpecError(problems)
         return self
 
@@ -429,6 +583,7 @@ class SweepSpec(_Spec):
     matrix: dict[str, list[Any]] = Field(
         default_factory=dict, description="Field → values, e.g. decode-context-parallel-size: [1, 8]."
     )
+    other_worker: bool = Field(False, description="Every run queued for a worker on another machine (see RunSpec).")
 
     @field_validator("bench", mode="before")
     @classmethod
@@ -463,7 +618,8 @@ class SweepSpec(_Spec):
             values = dict(zip(launch_keys, combo))
             launch = LaunchSpec.parse({**self.launch.model_dump(), **values})
             key = ",".join(f"{k}={v}" for k, v in values.items()) or "base"
-            cells.append((key, RunSpec(launch=launch, bench=benches or self.bench, eval=self.eval)))
+            cells.append((key, RunSpec(launch=launch, bench=benches or self.bench, eval=self.eval,
+                                       other_worker=self.other_worker)))
         return cells
 
 

@@ -1,15 +1,37 @@
 """The one small exception hierarchy of servelab. Turned into `st.error` or a CLI exit at the edge only."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
 
 class ServelabError(Exception):
     """Base of every error servelab raises on purpose."""
 
 
+class Problem(str):
+    """One thing wrong with a spec, in plain words, and the field it is about (`launch.model`,
+    `bench.num_prompts`; None when it is about the whole spec), so a form can show it beside that field.
+    It is the message itself for everyone else."""
+
+    field: str | None
+
+    def __new__(cls, message: str, field: str | None = None) -> Self:
+        obj = super().__new__(cls, message)
+        obj.field = field
+        return obj
+
+    def under(self, section: str) -> Problem:
+        """The same problem, its field named within `section` (`launch`, `bench`, `eval`)."""
+        return Problem(self, f"{section}.{self.field}" if self.field else None)
+
+
 class SpecError(ServelabError):
     """A launch, bench, eval or sweep spec is invalid. The message names the value and the fix."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+    def __init__(self, problems: Sequence[str] | str):
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from runner.config import RunSpec, Settings
+from runner.config import Host, RunSpec, Settings
 from runner.execute import RUN_ENV_MARK, STORE_ENV_MARK, Allocation, RunExecutor, cpu_backend, store_mark
 from runner.models import ACTIVE, RunStatus, utcnow
 from runner.server import free_port, kill_group
@@ -108,6 +108,8 @@ class Worker:
         self.settings = settings or Settings.from_env()
         if gpu_ids is None:
             gpu_ids = [] if cpu_backend() else list(GpuReader(load_nvml()).handles)
+        # no GPU given: vLLM's CPU backend, one rank per core
+        self.host = Host(gpus=len(gpu_ids)) if gpu_ids else Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
         self.allocator = Allocator(gpu_ids)
         self.poll_s = poll_s
         self.executor_factory = executor_factory
@@ -155,14 +157,12 @@ class Worker:
                 self.store.update_run(run.id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
                                       failure_reason=f"its stored spec is unreadable: {exc}")
                 continue
-            needed = 0 if not self.allocator.gpu_ids else spec.launch.gpus_needed
-            if self.allocator.gpu_ids and needed > len(self.allocator.gpu_ids):
-                self.store.update_run(
-                    run.id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
-                    failure_reason=f"needs {needed} GPUs but this machine has {len(self.allocator.gpu_ids)}; "
-                    "lower TP×PP×DP",
-                )
+            if refused := self.host.problems(spec.launch):  # never launched where it cannot run
+                if not spec.other_worker:  # meant for here: say why it cannot run; else leave it to its worker
+                    self.store.update_run(run.id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
+                                          failure_reason="cannot run on this machine: " + " ".join(refused))
                 continue
+            needed = 0 if not self.allocator.gpu_ids else spec.launch.gpus_needed
             with self._lock:
                 alloc = self.allocator.take(run.id, needed, spec.launch.port)
             if alloc is None:

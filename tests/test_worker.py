@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -21,7 +20,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from runner import api
-from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings, SweepSpec
+from runner.config import CPU_DCP, BenchSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, SpecError, StoreError
 from runner.execute import Allocation, RunExecutor
 from runner.models import RunStatus, utcnow
@@ -146,7 +145,40 @@ def test_a_run_larger_than_the_machine_fails_with_the_reason(store: Store, setti
     assert worker.step() == []
     failed = store.get_run(run.id)
     assert failed.status is RunStatus.failed and recorder.calls == []
-    assert "needs 16 GPUs" in failed.failure_reason and "has 8" in failed.failure_reason
+    assert failed.failure_reason == (
+        "cannot run on this machine: TP×PP×DP = 16×1×1 = 16 ranks, but this machine has 8 GPUs; lower the sizes to "
+        "fit 8, or queue it for a worker on a machine with 16 GPUs.")
+
+
+def test_the_cpu_worker_refuses_tp8_and_dcp_at_claim_instead_of_launching(store: Store, settings: Settings,
+                                                                        recorder):
+    """A CPU-only machine: a TP=8 run (queued by an older version, or by hand) and a DCP run fail with
+    their reason before anything starts; a run that fits starts."""
+    big, dcp, fits = api.queue_run(store, spec(tp=8)), api.queue_run(store, spec(tp=2, dcp=2)), \
+        api.queue_run(store, spec(tp=1))
+    worker = Worker(store, settings, gpu_ids=[], executor_factory=recorder)
+    worker.host = Host(cpu_backend=True, cores=2)  # this machine's cores, whatever runs the test
+
+    assert worker.step() == [fits.id]
+    assert [(store.get_run(r.id).status, store.get_run(r.id).failure_reason) for r in (big, dcp)] == [
+        (RunStatus.failed, "cannot run on this machine: TP×PP×DP = 8×1×1 = 8 ranks, but this machine has no GPU "
+                           "and vLLM's CPU backend runs one rank per core on its 2 cores; lower the sizes to fit 2, "
+                           "or queue it for a worker on a machine with 8 GPUs."),
+        (RunStatus.failed, f"cannot run on this machine: {CPU_DCP}")]
+    assert [run_id for run_id, _ in recorder.calls] == [fits.id]
+    finish_all(worker, recorder)
+
+
+def test_a_run_queued_for_another_worker_waits_for_it(store: Store, settings: Settings, recorder):
+    cpu_only = Host(cpu_backend=True, cores=2)
+    run = api.queue_run(store, spec(tp=8).model_copy(update={"other_worker": True}), cpu_only)
+    here = Worker(store, settings, gpu_ids=[], executor_factory=recorder)
+    here.host = cpu_only
+    assert here.step() == [] and store.get_run(run.id).status is RunStatus.queued  # left for its worker
+    there = Worker(store, settings, gpu_ids=range(8), executor_factory=recorder)
+    assert there.step() == [run.id]
+    finish_all(there, recorder)
+    assert store.get_run(run.id).status is RunStatus.succeeded
 
 
 def test_a_run_that_does_not_fit_does_not_block_a_smaller_one(store: Store, settings: Settings, recorder):
@@ -274,15 +306,18 @@ def test_reconcile_ignores_a_malformed_run_mark(store, settings, alone_on_this_h
 
 # -- api: queue, cancel, delete ------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("run_spec", "gpu_count", "message"),
+    ("run_spec", "host", "message"),
     [
         (spec(tp=8, dcp=3), None, "DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8."),
-        (spec(tp=8), 4, "= 8 GPUs, but 4 are visible"),
+        (spec(tp=8), Host(gpus=4), "TP×PP×DP = 8×1×1 = 8 ranks, but this machine has 4 GPUs; lower the sizes to fit "
+                                   "4, or queue it for a worker on a machine with 8 GPUs."),
+        (spec(tp=2, dcp=2), Host(cpu_backend=True, cores=2), CPU_DCP),
     ],
 )
-def test_queue_run_validates_before_writing(store: Store, run_spec: RunSpec, gpu_count, message: str) -> None:
-    with pytest.raises(SpecError, match=re.escape(message)):
-        api.queue_run(store, run_spec, gpu_count)
+def test_queue_run_validates_before_writing(store: Store, run_spec: RunSpec, host, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        api.queue_run(store, run_spec, host)
+    assert err.value.problems == [message]
     assert store.list_runs() == []
 
 

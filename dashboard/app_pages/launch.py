@@ -26,7 +26,8 @@ def _on_preset() -> None:
 
 def _on_paste() -> None:
     try:
-        lf.apply_command(ss.get("form.paste", ""), ss)
+        with st.spinner("Reading the command with vLLM's own parser (the first time loads vLLM: seconds)…"):
+            lf.apply_command(ss.get("form.paste", ""), ss)
         ss["form.paste_problems"] = []
     except SpecError as exc:
         ss["form.paste_problems"] = exc.problems
@@ -66,24 +67,25 @@ with top_left:
     for problem in ss.get("form.paste_problems", []):
         st.error(problem)
 
+# Checked before drawing: the widgets' values are in the session state already, so each field can
+# carry its own problem beside it.
+checked = lf.read(ss, box.host)
+by_field = checked.by_field()
 with st.container(border=True):
     st.subheader("Launch — `vllm serve`")
     st.text_input("label", key="run.label", placeholder="default: e.g. TP8+DCP8",
                   help="Name shown in tables and charts.")
-    form.render(LaunchSpec, "launch", list(LaunchSpec.model_fields), custom={
+    form.render(LaunchSpec, "launch", list(LaunchSpec.model_fields), errors=by_field, custom={
         "tensor_parallel_size": _tp, "decode_context_parallel_size": _dcp})
 with st.container(border=True):
     st.subheader("Benchmark — `vllm bench serve`")
-    form.render(BenchSpec, "bench", list(BenchSpec.model_fields))
+    form.render(BenchSpec, "bench", list(BenchSpec.model_fields), errors=by_field)
 with st.container(border=True):
     st.subheader("Accuracy — `lm_eval` (local-completions)")
     st.checkbox("Evaluate accuracy after the benchmark", key="eval.enabled")
     if ss.get("eval.enabled"):
-        form.render(EvalSpec, "eval", list(EvalSpec.model_fields))
+        form.render(EvalSpec, "eval", list(EvalSpec.model_fields), errors=by_field)
 
-checked = lf.read(ss, box.gpu_count, box.tp_options)
-for problem in checked.problems:
-    st.error(problem, icon=":material/block:")
 for note in checked.notes:
     st.info(note)
 if checked.spec is None or checked.problems:
@@ -94,11 +96,19 @@ else:
         st.caption(title)
         st.code(line, language="bash", wrap_lines=True)
 
+if lf.cannot_run_here(checked.spec, box.host) or ss.get("run.other_worker"):
+    st.checkbox("Queue it for a worker on another machine that has the GPUs (same database); this machine's worker "
+                "leaves it queued", key="run.other_worker")
+if checked.problems:
+    count = len(checked.problems)
+    st.error(f"**{count} problem{'s' if count > 1 else ''} keep{'' if count > 1 else 's'} this run from queueing** "
+             "(each is also shown beside its field):\n" + "\n".join(f"- {p}" for p in checked.problems),
+             icon=":material/block:")
 if st.button("Queue run", type="primary", disabled=bool(checked.problems) or checked.spec is None):
     try:
         with st.spinner("Writing the demo model (first use only)…"):
             lf.ensure_demo_model(checked.spec)
-        run = api.queue_run(store(), checked.spec, box.gpu_count)
+        run = api.queue_run(store(), checked.spec, box.host)
         st.success(f"Queued run #{run.id} ({api.label_of(run)}).")
         st.page_link(PAGES["run"], label=f"Watch run #{run.id} →", query_params={"run": run.id})
     except ServelabError as exc:
@@ -129,7 +139,7 @@ with st.expander("Sweep — a matrix of runs around this form"):
     else:
         try:
             sweep = lf.sweep(ss.get("sweep.name") or "", checked.spec, matrix)
-            cells = lf.sweep_cells(sweep, box.gpu_count, box.tp_options)
+            cells = lf.sweep_cells(sweep, box.host)
         except SpecError as exc:
             sweep, cells = None, None
             for problem in exc.problems:
@@ -143,7 +153,7 @@ with st.expander("Sweep — a matrix of runs around this form"):
                 try:
                     with st.spinner("Writing the demo model (first use only)…"):
                         lf.ensure_demo_model(checked.spec)
-                    sweep_id, runs = api.queue_sweep(store(), sweep, box.gpu_count)
+                    sweep_id, runs = api.queue_sweep(store(), sweep, box.host)
                     kept = len(cells) - len(runs)
                     st.success(f"Sweep #{sweep_id}: queued {len(runs)} runs" + (f", kept {kept} done" if kept else "."))
                     st.page_link(PAGES["runs"], label="See them on Runs →")

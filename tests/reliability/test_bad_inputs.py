@@ -24,7 +24,7 @@ import yaml
 
 from runner import api
 from runner.commands import serve_argv
-from runner.config import LaunchSpec, RunSpec, SweepSpec, load_run_spec
+from runner.config import CPU_DCP, Host, LaunchSpec, RunSpec, SweepSpec, load_run_spec
 from runner.errors import ServelabError
 from runner.execute import Allocation, RunExecutor, server_env
 from runner.models import RunStatus
@@ -144,8 +144,8 @@ def spec(launch: dict | None = None, **sections: Any) -> dict:
     return {"launch": {"model": "org/model", **(launch or {})}, **sections}
 
 
-def check_spec(data: dict, gpu_count: int | None = None) -> Callable[[], Any]:
-    return lambda: RunSpec.parse(data).check(gpu_count)
+def check_spec(data: dict, host: Host | None = None) -> Callable[[], Any]:
+    return lambda: RunSpec.parse(data).check(host)
 
 
 # -- accepted inputs --------------------------------------------------------------------------------------
@@ -230,7 +230,9 @@ def tp_larger_than_the_workers_gpus(c: Ctx) -> Outcome:
     assert worker.step() == [] and not worker.threads
     failed = c.store.get_run(run.id)
     assert failed.status == RunStatus.failed and failed.finished_at is not None and failed.server_pid is None
-    assert "needs 4 GPUs but this machine has 2; lower TP×PP×DP" in failed.failure_reason
+    assert failed.failure_reason == ("cannot run on this machine: TP×PP×DP = 4×1×1 = 4 ranks, but this machine has "
+                                     "2 GPUs; lower the sizes to fit 2, or queue it for a worker on a machine with 4 "
+                                     "GPUs.")
     return Outcome(f"run {run.id} failed before start: {failed.failure_reason}", rows={"run": 1})
 
 
@@ -259,8 +261,23 @@ CASES = [
          lambda c: refused(check_spec(spec({"tensor-parallel-size": 8, "decode-context-parallel-size": 3})),
                            "DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8.")),
     Case("tp-larger-than-gpus", "spec", "refused: TP 8 on 2 visible GPUs, says to lower the sizes",
-         lambda c: refused(check_spec(spec({"tensor-parallel-size": 8}), gpu_count=2),
-                           "= 8 GPUs, but 2 are visible; lower the sizes to fit 2.")),
+         lambda c: refused(check_spec(spec({"tensor-parallel-size": 8}), Host(gpus=2)),
+                           "= 8 ranks, but this machine has 2 GPUs; lower the sizes to fit 2, or queue it for a "
+                           "worker on a machine with 8 GPUs.")),
+    Case("tp-larger-than-cpu-cores", "spec", "refused: TP 8 on a CPU-only machine of 2 cores, the way out named",
+         lambda c: refused(check_spec(spec({"tensor-parallel-size": 8}), Host(cpu_backend=True, cores=2)),
+                           "= 8 ranks, but this machine has no GPU and vLLM's CPU backend runs one rank per core on "
+                           "its 2 cores; lower the sizes to fit 2, or queue it for a worker on a machine with 8 GPUs.")),
+    Case("dcp-on-the-cpu-backend", "spec", "refused: the CPU backend's attention returns no LSE; DCP needs a GPU",
+         lambda c: refused(check_spec(spec({"tensor-parallel-size": 2, "decode-context-parallel-size": 2}),
+                                      Host(cpu_backend=True, cores=2)), CPU_DCP)),
+    Case("tp-does-not-divide-heads", "spec", "refused: TP 3 for 16 attention heads, the TP sizes that fit named",
+         lambda c: refused(check_spec(spec({"model": str(c.model(4)), "tensor-parallel-size": 3})),
+                           "TP 3 does not divide the model's 16 attention heads (its config.json); pick TP 1, 2, 4, "
+                           "8 or 16.")),
+    Case("num-prompts-absurd", "spec", "refused: 999,999,999,999 prompts, the bound of 1,000,000 said",
+         lambda c: refused(check_spec(spec(bench={"num-prompts": 999999999999})),
+                           "num-prompts must be between 1 and 1,000,000; it is 999,999,999,999.")),
     Case("dcp-on-gqa-model", "spec", "refused: DCP 2 with TP 4 ≤ the model's 8 KV heads (local config.json)",
          lambda c: refused(check_spec(spec({"model": str(c.model(8)), "tensor-parallel-size": 4,
                                             "decode-context-parallel-size": 2})),
@@ -272,28 +289,28 @@ CASES = [
                            "Hugging Face id.")),
     Case("tp-not-a-number", "spec", "refused: 'eight' named, an integer asked for",
          lambda c: refused(check_spec(spec({"tensor-parallel-size": "eight"})),
-                           "`launch.tensor_parallel_size` = 'eight'", "valid integer")),
+                           "tensor-parallel-size must be a whole number; 'eight' is not.")),
     Case("tp-fractional", "spec", "refused: 2.5 is not a whole GPU count",
          lambda c: refused(check_spec(spec({"tensor-parallel-size": 2.5})),
-                           "`launch.tensor_parallel_size` = 2.5", "valid integer")),
+                           "tensor-parallel-size must be a whole number; 2.5 is not.")),
     Case("tp-zero", "spec", "refused: 0 named, the bound ≥ 1 given",
          lambda c: refused(check_spec(spec({"tensor-parallel-size": 0})),
-                           "`launch.tensor_parallel_size` = 0: Input should be greater than or equal to 1.")),
+                           "tensor-parallel-size must be between 1 and 64; it is 0.")),
     Case("negative-num-prompts", "spec", "refused: -5 named, the bound ≥ 1 given",
          lambda c: refused(check_spec(spec(bench={"num-prompts": -5})),
-                           "`bench.0.num_prompts` = -5: Input should be greater than or equal to 1.")),
+                           "num-prompts must be between 1 and 1,000,000; it is -5.")),
     Case("gpu-memory-utilization-over-1", "spec", "refused: 1.5 named, the bound ≤ 1 given",
          lambda c: refused(check_spec(spec({"gpu-memory-utilization": 1.5})),
-                           "`launch.gpu_memory_utilization` = 1.5: Input should be less than or equal to 1.")),
+                           "gpu-memory-utilization must be at most 1; it is 1.5.")),
     Case("privileged-port", "spec", "refused: port 80 named, the bound ≥ 1024 given",
          lambda c: refused(check_spec(spec({"port": 80})),
-                           "`launch.port` = 80: Input should be greater than or equal to 1024.")),
+                           "port must be between 1024 and 65535; it is 80.")),
     Case("request-rate-not-a-number", "spec", "refused: 'fast' named, a number asked for",
          lambda c: refused(check_spec(spec(bench={"request-rate": "fast"})),
-                           "`bench.0.request_rate` = 'fast'", "valid number")),
+                           "request-rate must be a number (or inf where allowed); 'fast' is not.")),
     Case("request-rate-negative-infinity", "spec", "refused: '-inf' named, > 0 asked for",
          lambda c: refused(check_spec(spec(bench={"request-rate": "-inf"})),
-                           "`bench.0.request_rate` = '-inf': Input should be greater than 0.")),
+                           "request-rate must be above 0; it is -inf.")),
     Case("bad-percentiles", "spec", "refused: 'abc' named, an example given",
          lambda c: refused(check_spec(spec(bench={"metric-percentiles": "50,abc"})),
                            "percentile 'abc' is not a number between 0 and 100; write e.g. 50,90,99")),
@@ -318,7 +335,7 @@ CASES = [
          lambda c: refused(check_spec(spec({"extra-args": ["a\x00b"]})), "extra args may not contain NUL bytes")),
     Case("blank-model", "spec", "refused: a model id or path asked for",
          lambda c: refused(check_spec(spec({"model": "   "})),
-                           "the model must be a Hugging Face id or a local path")),
+                           "Model: enter a model name (a Hugging Face id such as org/name) or a local path.")),
     Case("comma-in-model-name", "spec", "refused: lm-eval cannot pass it; served-model-name suggested",
          lambda c: refused(check_spec(spec({"model": "org/a,b"})),
                            "Model name 'org/a,b' contains a comma, which lm-eval cannot pass; set served-model-name.")),
@@ -337,9 +354,9 @@ CASES = [
     Case("pasted-command-not-vllm-serve", "spec", "refused: an example of the expected form",
          lambda c: refused(lambda: LaunchSpec.from_command("python -m vllm serve org/model"),
                            "A pasted command must start with `vllm serve`; e.g. `vllm serve MODEL -tp 8`.")),
-    Case("pasted-flag-without-value", "spec", "refused: the flag named with an example value",
+    Case("pasted-flag-without-value", "spec", "refused by vLLM's own parser: the flag named",
          lambda c: refused(lambda: LaunchSpec.from_command("vllm serve org/model -tp"),
-                           "`-tp` needs a value; e.g. `-tp 8`.")),
+                           "vLLM refuses this command: argument --tensor-parallel-size/-tp: expected one argument")),
     Case("pasted-command-without-model", "spec", "refused: the form with MODEL shown",
          lambda c: refused(lambda: LaunchSpec.from_command("vllm serve --enforce-eager"),
                            "No model in the command; write `vllm serve MODEL …`.")),
@@ -389,7 +406,7 @@ CASES = [
     Case("cli-run-dcp-does-not-divide", "CLI", "exit 2, the divisors offered, no run queued",
          lambda c: cli_refused(c, ["run", str(c.yaml(spec({"tensor-parallel-size": 4,
                                                            "decode-context-parallel-size": 3})))],
-                               "error: DCP size 3 does not divide TP size 4; pick one of 1, 2, 4.")),
+                               "DCP size 3 does not divide TP size 4; pick one of 1, 2, 4.")),
     Case("cli-run-missing-model", "CLI", "exit 2, the path named",
          lambda c: cli_refused(c, ["run", str(c.yaml(spec({"model": "/nonexistent/servelab-model"})))],
                                "Model path /nonexistent/servelab-model does not exist")),
@@ -401,10 +418,10 @@ CASES = [
                                "`--port` in extra args repeats the spec field `port`")),
     Case("cli-run-non-numeric-override", "CLI", "exit 2, the value named",
          lambda c: cli_refused(c, ["run", str(c.yaml(spec())), "--set", "tensor-parallel-size=abc"],
-                               "`launch.tensor_parallel_size` = 'abc'")),
+                               "tensor-parallel-size must be a whole number; 'abc' is not.")),
     Case("cli-run-negative-override", "CLI", "exit 2, the value and bound named",
          lambda c: cli_refused(c, ["run", str(c.yaml(spec())), "--set", "bench.num-prompts=-1"],
-                               "`bench.0.num_prompts` = -1: Input should be greater than or equal to 1.")),
+                               "num-prompts must be between 1 and 1,000,000; it is -1.")),
     Case("cli-run-unknown-override", "CLI", "exit 2, `servelab fields` pointed to",
          lambda c: cli_refused(c, ["run", str(c.yaml(spec())), "--set", "no-such-field=1"],
                                "`--set no-such-field`: no such launch, bench or eval field; `servelab fields` lists "
@@ -444,7 +461,7 @@ CASES = [
          lambda c: dashboard_refused(c, fields={"launch.max_model_len": "lots"}, must="'lots'")),
     Case("dashboard-negative-field", "dashboard", "error naming -3 and the bound, Queue disabled",
          lambda c: dashboard_refused(c, fields={"launch.max_num_seqs": "-3"},
-                                     must="= '-3': Input should be greater than or equal to 1")),
+                                     must="max-num-seqs must be between 1 and 65536; it is -3.")),
     Case("dashboard-unbalanced-quote-in-extra-args", "dashboard", "error: check its quotes, Queue disabled",
          lambda c: dashboard_refused(c, fields={"launch.extra_args": "--chat-template 'oops"},
                                      must="check its quotes")),

@@ -11,7 +11,7 @@ from dashboard import launch_form as lf
 from dashboard import presets, tables
 from dashboard import spec_form as form
 from runner import api, queries
-from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec
+from runner.config import BenchSpec, EvalSpec, Host, LaunchSpec, RunSpec
 from runner.errors import SpecError, StoreError
 
 
@@ -29,7 +29,7 @@ def test_every_spec_survives_the_form_round_trip() -> None:
                  RunSpec(launch=LaunchSpec(model="m", env={"A": "x y"}, extra_args=["--x", "a b"]), bench=[])]:
         state: dict = {}
         lf.apply(spec, state)
-        checked = lf.read(state, gpu_count=8, offered_tp=list(range(1, 9)))
+        checked = lf.read(state, Host(gpus=8))
         assert checked.spec is not None, checked.problems
         assert checked.spec.launch == spec.launch
         if spec.bench:
@@ -65,7 +65,7 @@ def test_presets_are_the_seeds_launches_and_the_cpu_demo(data_dir: Path) -> None
     assert demo.bench[0].request_rate == 40
     assert presets.default_preset(None) == presets.CPU_DEMO and presets.default_preset(8) == presets.TP8
     for spec in (p[presets.TP8], dcp8):
-        assert spec.problems(8) == []
+        assert spec.problems(Host(gpus=8)) == []
 
 
 def test_commands_are_the_exact_lines() -> None:

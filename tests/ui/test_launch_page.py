@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from runner.config import BenchSpec, EvalSpec, LaunchSpec
+from runner.config import CPU_DCP, BenchSpec, EvalSpec, LaunchSpec
 from runner.models import RunStatus
 
 
@@ -17,6 +18,33 @@ def labels(at) -> set[str]:
 
 def errors(at) -> list[str]:
     return [e.value for e in at.error]
+
+
+def beside(at, key: str) -> list[str]:
+    """The error messages drawn right under the widget of `key`, in the same block (its grid cell, or its row)."""
+    def walk(block) -> list[str] | None:
+        kids = [block.children[i] for i in sorted(block.children)]
+        for i, node in enumerate(kids):
+            if getattr(node, "key", None) == key:
+                out = []
+                for after in kids[i + 1:]:
+                    if getattr(after, "type", None) != "error":
+                        break
+                    out.append(after.value)
+                return out
+            if hasattr(node, "children") and (found := walk(node)) is not None:
+                return found
+        return None
+
+    found = walk(at._tree)
+    assert found is not None, f"no widget {key}"
+    return found
+
+
+def summary(at) -> str:
+    """The summary of problems next to the Queue button."""
+    return next(e.value for e in at.error if "keep this run from queueing" in e.value
+                or "keeps this run from queueing" in e.value)
 
 
 def test_form_is_generated_from_the_specs_with_vllm_flag_names(open_page, data_dir: Path) -> None:
@@ -60,17 +88,27 @@ def test_seed_presets_fill_launch_bench_and_eval(open_page, data_dir: Path) -> N
     assert at.number_input(key="bench.num_prompts").value == 1000
     assert at.checkbox(key="eval.enabled").value is True
     assert at.number_input(key="eval.num_fewshot").value == 5
+    # meant for 8 GPUs: this CPU-only machine cannot run it; queueing it for another worker is the way
+    ranks = (f"TP×PP×DP = 8×1×1 = 8 ranks, but this machine has no GPU and vLLM's CPU backend runs one rank per "
+             f"core on its {len(os.sched_getaffinity(0))} cores; lower the sizes to fit "
+             f"{len(os.sched_getaffinity(0))}, or queue it for a worker on a machine with 8 GPUs.")
+    assert beside(at, "launch.tensor_parallel_size") == [ranks]
+    assert beside(at, "launch.decode_context_parallel_size") == [CPU_DCP]
+    assert next(b for b in at.button if b.label == "Queue run").disabled
+    at.checkbox(key="run.other_worker").check().run()
+    assert not errors(at) and not next(b for b in at.button if b.label == "Queue run").disabled
+    assert any("Queued for another worker" in i.value and "8 GPUs" in i.value for i in at.info)
     codes = [c.value for c in at.code]
     assert codes[0] == ("vllm serve moonshotai/Kimi-K2-Thinking --host 127.0.0.1 --port 8000 --tensor-parallel-size 8 "
                         "--decode-context-parallel-size 8 --reasoning-parser kimi_k2 --tool-call-parser kimi_k2 "
                         "--trust-remote-code --enable-auto-tool-choice")
     assert "--random-input-len 8000 --random-output-len 4000 --num-prompts 1000 --request-rate 100" in codes[1]
     assert codes[2].startswith("lm_eval --model local-completions") and "--tasks gsm8k --num_fewshot 5" in codes[2]
-    # meant for 8 GPUs: said, not blocked (the CPU backend has no GPU count to check against)
-    assert any("TP 8 is more than this machine offers" in i.value for i in at.info)
 
     at.selectbox(key="form.preset").select_index(1).run()  # TP8 low latency
     assert at.selectbox(key="launch.decode_context_parallel_size").value == 1
+    assert at.checkbox(key="run.other_worker").value is False  # a preset starts from this machine again
+    at.checkbox(key="run.other_worker").check().run()
     assert "--decode-context-parallel-size" not in at.code[0].value
 
 
@@ -97,37 +135,72 @@ def test_accuracy_section_has_every_eval_field_and_shows_the_lm_eval_line(open_p
     assert "--tasks gsm8k_local --num_fewshot 2" in line and "--include_path 'data/runs/<run id>/eval_tasks'" in line
 
 
+def paste(at, command: str):
+    at.text_area(key="form.paste").set_value(command)
+    return next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
+
+
 def test_pasted_command_fills_the_form_and_bad_dcp_is_explained_before_queueing(open_page, data_dir: Path) -> None:
-    at = open_page()
-    at.text_area(key="form.paste").set_value("vllm serve moonshotai/Kimi-K2-Thinking -tp 8 -dcp 3 --max-num-seqs 64 "
-                                             "--enable-auto-tool-choice")
-    next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
+    at = paste(open_page(), "vllm serve moonshotai/Kimi-K2-Thinking -tp 2 -dcp 3 --max-num-seqs 64 "
+                            "--enable-auto-tool-choice")
     assert at.text_input(key="launch.model").value == "moonshotai/Kimi-K2-Thinking"
     assert at.text_input(key="launch.max_num_seqs").value == "64"
     assert at.text_input(key="launch.extra_args").value == "--enable-auto-tool-choice"
     dcp = at.selectbox(key="launch.decode_context_parallel_size")
-    assert dcp.value == 3 and "3 — does not divide TP 8" in dcp.options
-    assert "DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8." in errors(at)
+    assert dcp.value == 3 and "3 — does not divide TP 2" in dcp.options
+    assert beside(at, "launch.decode_context_parallel_size") == [
+        "DCP size 3 does not divide TP size 2; pick one of 1, 2.", CPU_DCP]
+    assert summary(at).startswith("**2 problems keep this run from queueing**")
     assert next(b for b in at.button if b.label == "Queue run").disabled
     assert not at.code  # no commands for a launch that cannot run
 
-    dcp.set_value(4).run()
+    dcp.set_value(1).run()
     assert not errors(at)
-    assert "--decode-context-parallel-size 4" in at.code[0].value
+    assert at.code[0].value.endswith("--tensor-parallel-size 2 --max-num-seqs 64 --enable-auto-tool-choice")
+
+
+def test_paste_with_options_before_the_model_fills_the_form(open_page, data_dir: Path) -> None:
+    at = paste(open_page(), "vllm serve --enable-prefix-caching org/m -tp 2")
+    assert not errors(at)
+    assert (at.text_input(key="launch.model").value, at.selectbox(key="launch.tensor_parallel_size").value,
+            at.text_input(key="launch.extra_args").value) == ("org/m", 2, "--enable-prefix-caching")
+    assert at.code[0].value == ("vllm serve org/m --host 127.0.0.1 --port 8000 --tensor-parallel-size 2 "
+                                "--enable-prefix-caching")
+
+
+def test_bad_values_are_explained_beside_their_fields(open_page, data_dir: Path, demo_model: Path) -> None:
+    (demo_model / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 4}')
+    at = paste(open_page(), f"vllm serve {demo_model} -tp 3")
+    assert beside(at, "launch.tensor_parallel_size") == [
+        f"TP×PP×DP = 3×1×1 = 3 ranks, but this machine has no GPU and vLLM's CPU backend runs one rank per core on "
+        f"its {len(os.sched_getaffinity(0))} cores; lower the sizes to fit {len(os.sched_getaffinity(0))}, or queue "
+        "it for a worker on a machine with 3 GPUs.",
+        "TP 3 does not divide the model's 4 attention heads (its config.json); pick TP 1, 2 or 4."]
+    at.number_input(key="bench.num_prompts").set_value(999999999999)
+    at.text_input(key="launch.model").set_value("").run()
+    assert beside(at, "launch.model") == ["Model: enter a model name (a Hugging Face id such as org/name) or a local "
+                                          "path."]
+    assert beside(at, "bench.num_prompts") == ["num-prompts must be between 1 and 1,000,000; it is 999,999,999,999."]
+    assert beside(at, "launch.tensor_parallel_size") == []  # without a model, nothing to check TP against
+    assert summary(at) == (
+        "**2 problems keep this run from queueing** (each is also shown beside its field):\n"
+        "- Model: enter a model name (a Hugging Face id such as org/name) or a local path.\n"
+        "- num-prompts must be between 1 and 1,000,000; it is 999,999,999,999.")
+    assert next(b for b in at.button if b.label == "Queue run").disabled
 
 
 def test_paste_errors_and_field_errors_name_the_value_and_the_fix(open_page, data_dir: Path) -> None:
-    at = open_page()
-    at.text_area(key="form.paste").set_value("python -m vllm serve x")
-    next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
-    assert any("must start with `vllm serve`" in e for e in errors(at))
+    at = paste(open_page(), "python -m vllm serve x")
+    assert "A pasted command must start with `vllm serve`; e.g. `vllm serve MODEL -tp 8`." in errors(at)
+    at = paste(open_page(), "vllm serve org/m --no-such-flag")
+    assert "vLLM refuses this command: unrecognized arguments: --no-such-flag" in errors(at)
 
     at = open_page()
     at.text_input(key="launch.max_model_len").set_value("lots").run()
-    assert any("max_model_len" in e and "'lots'" in e for e in errors(at))
+    assert beside(at, "launch.max_model_len") == ["max-model-len must be a whole number; 'lots' is not."]
     at.text_input(key="launch.max_model_len").set_value("2048").run()
     at.text_input(key="launch.env").set_value("JUSTANAME").run()
-    assert any("`env`" in e and "NAME=value" in e for e in errors(at))
+    assert beside(at, "launch.env") == ["env: 'JUSTANAME' is not NAME=value; write e.g. VLLM_LOGGING_LEVEL=DEBUG."]
 
 
 def test_dcp_offers_the_divisors_of_tp(open_page, data_dir: Path) -> None:
@@ -158,7 +231,7 @@ def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model
     cells = at.dataframe[-1].value
     assert list(cells["run"]) == ["TP1", "TP1+DCP2", "TP2", "TP2+DCP2"]
     assert "DCP size 2 does not divide TP size 1" in cells["problems"].iloc[1]
-    assert "needs TP greater than the model's 4 KV heads" in cells["problems"].iloc[3]  # the demo model is GQA
+    assert cells["problems"].iloc[3] == CPU_DCP  # the CPU backend's reason, not the GQA rule's
     assert next(b for b in at.button if b.label.startswith("Queue sweep")).disabled
 
     at.multiselect(key="sweep.dcp").set_value([1])
