@@ -24,7 +24,8 @@ from runner import noise
 from runner.config import Host, LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, ServelabError, StoreError
 from runner.execute import INTERNAL_ENV
-from runner.models import ACTIVE, TERMINAL, Run, RunSource, RunStatus, utcnow
+from runner.models import ACTIVE, TERMINAL, BenchWindow, Run, RunSource, RunStatus, utcnow
+from runner.outputs import FLAG_BELOW_PCT, OutputAgreement, compare_answers
 from runner.parsers import (
     BenchParse,
     EvalScore,
@@ -366,6 +367,31 @@ def compare_accuracy(store: Store, baseline: int, candidate: int) -> list[dict[s
     return rows
 
 
+def compare_outputs(store: Store, baseline: int, candidate: int,
+                    threshold_pct: float | None = None) -> OutputAgreement | None:
+    """The candidate's output-check answers against the baseline's: share identical, median position of
+    the first differing token, flagged below `threshold_pct` (default 90 %). None when either run has no
+    answers or they answered different prompt sets (another count, seed or token budget)."""
+    a, b = store.output_answers(baseline), store.output_answers(candidate)
+    if not a or not b or (a[0].seed, a[0].max_tokens) != (b[0].seed, b[0].max_tokens):
+        return None
+    return compare_answers({x.idx: (x.prompt, json.loads(x.token_ids_json)) for x in a},
+                           {x.idx: (x.prompt, json.loads(x.token_ids_json)) for x in b},
+                           FLAG_BELOW_PCT if threshold_pct is None else threshold_pct)
+
+
+def output_check_summary(agreement: OutputAgreement | None, a_label: str, b_label: str) -> str:
+    """One line for the CLI and the Compare page."""
+    if agreement is None:
+        return "Output check: no common answers (a run without the check, or checks with other settings)."
+    first = ("" if agreement.median_first_diff is None
+             else f"; differing answers first differ at token {agreement.median_first_diff:g} (median)")
+    flag = f" — FLAGGED: below {agreement.threshold_pct:g} % identical" if agreement.flagged else ""
+    note = f" ({agreement.note})" if agreement.note else ""
+    return (f"Output check, {b_label} against {a_label}: {agreement.identical}/{agreement.compared} answers "
+            f"identical ({agreement.identical_pct:.1f} %){first}{flag}{note}.")
+
+
 def render_accuracy(rows: list[dict[str, Any]], a_label: str, b_label: str) -> str:
     """The accuracy comparison as a Markdown table (value ± stderr, delta, flag)."""
     def pm(v: float, se: float | None) -> str:
@@ -625,14 +651,54 @@ def results_frame(store: Store, run_ids: list[int] | None = None) -> pd.DataFram
     runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
     rows = []
     for run in runs:
+        windows = store.bench_windows(run.id)
         for br in store.bench_results(run.id):
             rows.append({"run_id": run.id, "label": label_of(run), "kind": "bench", "repeat": br.repeat,
-                         **json.loads(br.metrics_json)})
+                         **json.loads(br.metrics_json), **window_columns(windows.get(br.id))})
         for er in store.eval_results(run.id):
             rows.append({"run_id": run.id, "label": label_of(run), "kind": "eval", "task": er.task,
                          "filter": er.filter, "metric": er.metric, "value": er.value, "stderr": er.stderr,
                          "n_shot": er.n_shot, "samples": er.samples})
     return pd.DataFrame(rows)
+
+
+def cache_state_text(state: str | None) -> str:
+    """How a result's prefix-cache state reads beside it: as-is and results without a window are unknown."""
+    if state in ("cold", "warm"):
+        return state
+    if state == "as-is":
+        return "unknown (as-is)"
+    return "unknown"
+
+
+def window_columns(window: BenchWindow | None) -> dict[str, Any]:
+    """A bench result's window facts as export columns: cache state, energy source and counter values."""
+    if window is None:
+        return {"prefix_cache_state": cache_state_text(None)}
+    detail = json.loads(window.detail_json)
+    gpus = (detail.get("energy") or {}).get("gpus") or {}
+    sources = sorted({g["source"] for g in gpus.values() if g.get("source")})
+    counters = "; ".join(f"GPU {i}: {g['start_mj']:.0f} → {g['end_mj']:.0f} mJ" for i, g in gpus.items()
+                         if g.get("start_mj") is not None and g.get("end_mj") is not None)
+    return {"prefix_cache_state": cache_state_text(window.prefix_cache_state),
+            "energy_source": ", ".join(sources) or None, "energy_counters": counters or None}
+
+
+WINDOW_COLUMNS = ["label", "repeat", "prefix_cache_state", "prefix_cache_hit_pct", "preemptions",
+                  "finished_stop", "finished_length", "finished_abort", "finished_error",
+                  "est_p50_queue_ms", "est_p99_queue_ms", "est_p50_prefill_ms", "est_p99_prefill_ms",
+                  "est_p50_decode_ms", "est_p99_decode_ms", "spec_decode_acceptance_pct",
+                  "j_per_output_token", "mean_power_w_per_gpu", "output_tok_per_s_per_w", "energy_source"]
+
+
+def window_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
+    """One row per bench execution: its cache state and what its window measured (server counters,
+    histogram estimates, energy). Missing values stay NaN: blank, never 0."""
+    frame = results_frame(store, run_ids)
+    if frame.empty or "kind" not in frame:
+        return pd.DataFrame(columns=WINDOW_COLUMNS)
+    frame = frame[frame["kind"] == "bench"]
+    return frame.reindex(columns=["run_id", *WINDOW_COLUMNS]).reset_index(drop=True)
 
 
 def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 Better = Literal["higher", "lower"] | None
-Kind = Literal["throughput", "latency", "count", "accuracy"]
+Kind = Literal["throughput", "latency", "count", "accuracy", "energy", "server"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,37 @@ def _registry() -> dict[str, MetricDef]:
             # The spread of a latency is reported, not judged: a lower std is not an improvement on its own.
             better: Better = None if stat == "std" else "lower"
             defs.append(MetricDef(f"{stat}_{short}_ms", f"{stat_label} {name}", "ms", better, "latency"))
+    defs += _window_defs()
     return {d.key: d for d in defs}
+
+
+def _window_defs() -> list[MetricDef]:
+    """Metrics of a benchmark window (runner.window): energy on the run's GPUs and vLLM's own counters.
+    Totals that only follow the workload (tokens, queries, energy in J) are reported, not judged."""
+    defs = [
+        MetricDef("j_per_output_token", "Energy per Output Token", "J/tok", "lower", "energy"),
+        MetricDef("output_tok_per_s_per_w", "Output Throughput per Watt", "tok/s/W", "higher", "energy"),
+        MetricDef("mean_power_w_per_gpu", "Mean Power per GPU", "W", None, "energy"),
+        MetricDef("energy_j", "Energy (all GPUs)", "J", None, "energy"),
+        MetricDef("prefix_cache_hit_pct", "Prefix Cache Hit Rate", "%", "higher", "server"),
+        MetricDef("prefix_cache_queries", "Prefix Cache Queries", "tokens", None, "server"),
+        MetricDef("prefix_cache_hits", "Prefix Cache Hits", "tokens", None, "server"),
+        MetricDef("preemptions", "Preemptions", "", "lower", "server"),
+        MetricDef("server_prompt_tokens", "Server Prompt Tokens", "tokens", None, "server"),
+        MetricDef("server_generation_tokens", "Server Generation Tokens", "tokens", None, "server"),
+        MetricDef("spec_decode_acceptance_pct", "Spec-Decode Acceptance Rate", "%", "higher", "server"),
+        MetricDef("spec_decode_mean_acceptance_len", "Spec-Decode Mean Acceptance Length", "tokens", "higher", "server"),
+        MetricDef("spec_decode_drafts", "Spec-Decode Drafts", "", None, "server"),
+        MetricDef("spec_decode_draft_tokens", "Spec-Decode Draft Tokens", "tokens", None, "server"),
+        MetricDef("spec_decode_accepted_tokens", "Spec-Decode Accepted Tokens", "tokens", None, "server"),
+    ]
+    for phase in ("queue", "prefill", "decode"):
+        title = phase.capitalize()
+        defs.append(MetricDef(f"server_mean_{phase}_ms", f"Mean {title} Time (server)", "ms", "lower", "server"))
+        for q in (50, 99):
+            defs.append(MetricDef(f"est_p{q}_{phase}_ms", f"P{q} {title} Time (server, estimate from buckets)",
+                                  "ms", "lower", "server"))
+    return defs
 
 
 METRICS: dict[str, MetricDef] = _registry()
@@ -72,6 +102,8 @@ CONFIG_KEYS = frozenset({"request_rate", "max_concurrency", "burstiness", "num_p
 """Canonical keys that describe the benchmark's configuration, not its outcome: never compared."""
 
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
+_FINISHED = re.compile(r"^finished_(\w+)$")
+_FAILED_REASONS = frozenset({"abort", "error"})
 _MS_TO_S_AT = 10_000.0  # shown in s from here on (rendering only)
 
 
@@ -83,6 +115,10 @@ def metric_def(key: str) -> MetricDef:
     if m:
         name = dict(_LATENCIES)[m.group(2)]
         return MetricDef(key, f"P{m.group(1)} {name}", "ms", "lower", "latency")
+    m = _FINISHED.match(key)
+    if m:  # vLLM's finished_reason label: stop, length, abort, error, repetition, …
+        better: Better = "lower" if m.group(1) in _FAILED_REASONS else None
+        return MetricDef(key, f"Finished Requests ({m.group(1)})", "", better, "server")
     return MetricDef(key, key, "", None, "count")
 
 
@@ -95,6 +131,8 @@ def _order(key: str) -> tuple[float, ...]:
         return (0, anchor, float(m.group(1)) - 99.0)  # p90 before p99, p99.9 after it
     if key in METRICS:
         return (0, keys.index(key), 0.0)
+    if _FINISHED.match(key):
+        return (0, len(keys), 0.0)
     return (1, 0, 0.0)
 
 
@@ -419,6 +457,10 @@ def _decimals(row: GainRow, unit: str) -> int:
         return 1
     if unit in ("", "tokens") and row.kind == "count" and row.key in METRICS:
         return 0
+    if row.kind == "server" and unit in ("", "tokens") and not row.key.endswith("_len"):
+        return 0  # counter deltas are whole numbers
+    if unit == "J/tok":
+        return 4  # a small model spends hundredths of a joule per token
     return 2
 
 

@@ -466,6 +466,7 @@ def _max_positions(cfg: dict[str, Any]) -> int | None:
 
 
 DatasetName = Literal["random", "sharegpt", "custom", "sonnet", "hf"]
+PrefixCacheState = Literal["cold", "warm", "as-is"]
 
 
 class BenchSpec(_Spec):
@@ -486,6 +487,11 @@ class BenchSpec(_Spec):
     metric_percentiles: str = Field("50,90,99", description="Percentiles to report, comma separated.")
     goodput: list[str] = Field(default_factory=list, description="SLOs for goodput, e.g. ttft:500 tpot:50 (ms).")
     repeats: int = Field(1, ge=1, le=100, description="How many times to run this benchmark on the same server.")
+    prefix_cache: PrefixCacheState = Field(
+        "as-is",
+        description="Prefix cache before each execution: cold resets it (the server then runs with "
+        "VLLM_SERVER_DEV_MODE=1), warm runs the benchmark once unrecorded first, as-is leaves it.",
+    )
     extra_args: list[str] = Field(default_factory=list, description="More `vllm bench serve` arguments, verbatim.")
 
     @field_validator("request_rate", mode="before")
@@ -534,6 +540,23 @@ class EvalSpec(_Spec):
     )
 
 
+class OutputCheckSpec(_Spec):
+    """A fixed set of prompts answered greedily by every run, so two launches' answers can be compared."""
+
+    prompts: int = Field(32, ge=1, le=1000, description="How many fixed prompts to answer.")
+    max_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per answer (greedy, temperature 0).")
+    seed: int = Field(0, description="Seed of the prompt set and of the requests.")
+
+
+def _output_check(v: Any) -> Any:
+    """`output-check: off` (or false/null) turns the check off; true or `on` keeps the defaults."""
+    if v is None or v is False or (isinstance(v, str) and v.strip().lower() in {"off", "false", "no", "none"}):
+        return None
+    if v is True or (isinstance(v, str) and v.strip().lower() in {"on", "true", "yes"}):
+        return OutputCheckSpec()
+    return v
+
+
 class RunSpec(_Spec):
     """One run: a launch, the benchmarks run against it, and an optional evaluation."""
 
@@ -544,6 +567,15 @@ class RunSpec(_Spec):
     other_worker: bool = Field(
         False, description="Queued for a worker on another machine that has the GPUs this one lacks: not checked "
         "against this machine, and this machine's worker leaves it queued instead of failing it.")
+    output_check: OutputCheckSpec | None = Field(
+        default_factory=OutputCheckSpec,
+        description="Fixed prompts answered greedily after the benchmarks, compared between runs; off to skip.",
+    )
+
+    @field_validator("output_check", mode="before")
+    @classmethod
+    def _check_switch(cls, v: Any) -> Any:
+        return _output_check(v)
 
     @field_validator("bench", mode="before")
     @classmethod
@@ -562,8 +594,9 @@ class RunSpec(_Spec):
         out = [p.under("launch") for p in self.launch.problems(None if self.other_worker else host)]
         for b in self.bench:
             out += [p.under("bench") for p in b.problems()]
-        if not self.bench and self.eval is None:
-            out.append(Problem("The run has neither a benchmark nor an evaluation; add a bench: or eval: section."))
+        if not self.bench and self.eval is None and self.output_check is None:
+            out.append(Problem("The run has neither a benchmark nor an evaluation nor an output check; "
+                               "add a bench: or eval: section."))
         return out
 
     def check(self, host: Host | None = None) -> RunSpec:
@@ -580,6 +613,7 @@ class SweepSpec(_Spec):
     launch: LaunchSpec
     bench: list[BenchSpec] = Field(default_factory=lambda: [BenchSpec()])
     eval: EvalSpec | None = None
+    output_check: OutputCheckSpec | None = Field(default_factory=OutputCheckSpec)
     matrix: dict[str, list[Any]] = Field(
         default_factory=dict, description="Field → values, e.g. decode-context-parallel-size: [1, 8]."
     )
@@ -589,6 +623,11 @@ class SweepSpec(_Spec):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else (v or [])
+
+    @field_validator("output_check", mode="before")
+    @classmethod
+    def _check_switch(cls, v: Any) -> Any:
+        return _output_check(v)
 
     @field_validator("matrix", mode="before")
     @classmethod
@@ -619,7 +658,7 @@ class SweepSpec(_Spec):
             launch = LaunchSpec.parse({**self.launch.model_dump(), **values})
             key = ",".join(f"{k}={v}" for k, v in values.items()) or "base"
             cells.append((key, RunSpec(launch=launch, bench=benches or self.bench, eval=self.eval,
-                                       other_worker=self.other_worker)))
+                                       other_worker=self.other_worker, output_check=self.output_check)))
         return cells
 
 

@@ -18,13 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.commands import bench_argv, serve_argv, vllm_prefix
-from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings
+from runner.config import BenchSpec, LaunchSpec, OutputCheckSpec, RunSpec, Settings
 from runner.errors import Cancelled, ParseError, RunError
 from runner.models import RunStatus, utcnow
 from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
 from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, tail
 from runner.store import Store
 from runner.telemetry import Sampler, gpu_memory_used_mib
+from runner.window import (
+    Reading,
+    WindowProbe,
+    dev_mode_env,
+    main_run_started,
+    needs_power_samples,
+    reset_prefix_cache,
+    window_metrics,
+)
 
 RUN_ENV_MARK = "SERVELAB_RUN_ID"  # marks every process of a run, so a restarted worker finds orphans
 STORE_ENV_MARK = "SERVELAB_STORE"  # …of which store: run ids of two databases collide
@@ -140,10 +149,13 @@ class RunExecutor:
         self.cpu = cpu_backend()
         self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id),
                     STORE_ENV_MARK: store_mark(store)}
+        self.dev_mode = dev_mode_env(b.prefix_cache for b in self.spec.bench)
+        self.env.update(self.dev_mode)
         self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
         self.server: VllmServer | None = None
         self._gpu_idle: dict[int, float] = {}
         self.sampler: Sampler | None = None
+        self.window: WindowProbe | None = None
         self._last_cancel_check = 0.0
         self._cancelled = False
 
@@ -180,6 +192,8 @@ class RunExecutor:
             benches = [(i, r, b) for i, b in enumerate(self.spec.bench) for r in range(b.repeats)]
             for n, (i, r, bench) in enumerate(benches):
                 self._benchmark(bench, i, r, n, len(benches))
+            if self.spec.output_check is not None:
+                self._output_check()
             if self.spec.eval is not None:
                 self._evaluate()
             status = RunStatus.succeeded
@@ -213,7 +227,10 @@ class RunExecutor:
         self._gpu_idle = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
         pid = self.server.start()
         self.store.update_run(self.run_id, server_pid=pid)
-        self._mark("launched", _gpu_note("GPU memory used before launch", self._gpu_idle))
+        dev_note = ("VLLM_SERVER_DEV_MODE=1: a cold prefix-cache benchmark resets the cache through /reset_prefix_cache"
+                    if self.dev_mode else "")
+        self._mark("launched", "; ".join(n for n in (_gpu_note("GPU memory used before launch", self._gpu_idle),
+                                                    dev_note) if n))
         self.sampler = Sampler(
             self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
             metrics_url=self.server.base_url + "/metrics", server_pid=pid,
@@ -234,26 +251,14 @@ class RunExecutor:
 
     def _benchmark(self, bench: BenchSpec, index: int, repeat: int, n: int, total: int) -> None:
         name = f"bench-{index}-{repeat}"
-        argv = bench_argv(bench, self.launch, self.server.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
-        proc = ManagedProcess(argv, self.env, self.run_dir / f"{name}.log")
         share = (1 - _STARTUP_SHARE - (_EVAL_SHARE if self.spec.eval else 0)) / total
         base = _STARTUP_SHARE + n * share
         self._set(RunStatus.benchmarking, base, f"benchmark {n + 1}/{total}: starting")
+        self._prepare_cache(bench, name, n, total)
         self._mark("bench_start", name)
-        proc.start()
-        try:
-            while proc.poll() is None:
-                if not self.server.alive():
-                    raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
-                if self.cancelled():
-                    raise Cancelled("cancelled during the benchmark")
-                done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
-                if done and done[1]:
-                    self._set(progress=base + share * done[0] / done[1],
-                              phase=f"benchmark {n + 1}/{total}: {done[0]}/{done[1]} requests")
-                proc.wait(self.tick_s)  # returns as soon as the benchmark exits
-        finally:
-            proc.stop(grace_s=10)
+        proc, start, end = self._bench_process(bench, name, lambda done: self._set(
+            progress=base + share * done[0] / done[1],
+            phase=f"benchmark {n + 1}/{total}: {done[0]}/{done[1]} requests"))
         self._mark("bench_end", name)
         result = self.run_dir / f"{name}.json"
         if proc.poll() != 0 or not result.exists():
@@ -268,8 +273,88 @@ class RunExecutor:
             # vllm bench exits 0 even when every request failed
             raise RunError(f"no benchmark request succeeded ({parsed.metrics.get('failed') or 0:.0f} failed):\n"
                            + tail(proc.log_path, 8))
-        self.store.add_bench_result(self.run_id, parsed.metrics, repeat=repeat,
-                                    bench_spec_json=bench.model_dump_json(), raw_path=str(result))
+        scalars, detail = window_metrics(start, end, parsed.metrics, self._power_samples(start, end))
+        row = self.store.add_bench_result(self.run_id, {**parsed.metrics, **scalars}, repeat=repeat,
+                                          bench_spec_json=bench.model_dump_json(), raw_path=str(result))
+        self.store.add_bench_window(row.id, bench.prefix_cache, detail)
+
+    def _prepare_cache(self, bench: BenchSpec, name: str, n: int, total: int) -> None:
+        """Put the prefix cache in the state the benchmark asks for: emptied, or warmed by one unrecorded run."""
+        if bench.prefix_cache == "cold":
+            seconds = reset_prefix_cache(self.server.base_url)
+            self._mark("cache_reset", f"{name}: prefix cache emptied in {seconds:.2f} s")
+        elif bench.prefix_cache == "warm":
+            self._set(phase=f"benchmark {n + 1}/{total}: warming the prefix cache (unrecorded run)")
+            self._mark("warmup_start", name)
+            proc, _, _ = self._bench_process(bench, name + "-warmup", lambda done: None)
+            self._mark("warmup_end", name)
+            if proc.poll() != 0:
+                if not self.server.alive():
+                    raise RunError("vLLM server exited during the warm-up run: " + self.server.failure_reason())
+                raise RunError(f"the warm-up run of {name} failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
+
+    def _bench_process(
+        self, bench: BenchSpec, name: str, on_progress: Callable[[tuple[int, int]], None]
+    ) -> tuple[ManagedProcess, Reading, Reading]:
+        """Run one `vllm bench serve` to its end; the window readings at its measured requests' start
+        (its "Starting main benchmark run" line; the process start if that line was missed) and end."""
+        argv = bench_argv(bench, self.launch, self.server.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
+        # unbuffered: the main-run line must reach the log when printed, not when the process exits
+        proc = ManagedProcess(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
+        if self.window is None:
+            self.window = WindowProbe(self.server.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
+        start = self.window.read()
+        proc.start()
+        main_seen = False
+        try:
+            while proc.poll() is None:
+                if not self.server.alive():
+                    raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
+                if self.cancelled():
+                    raise Cancelled("cancelled during the benchmark")
+                if not main_seen and main_run_started(tail(proc.log_path, lines=40, max_bytes=16000)):
+                    start, main_seen = self.window.read(), True
+                done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
+                if done and done[1]:
+                    on_progress(done)
+                # until the measured requests start, look often: the window opens at most 0.1 s late
+                proc.wait(self.tick_s if main_seen else min(0.1, self.tick_s))
+        finally:
+            proc.stop(grace_s=10)
+        end = self.window.read()
+        if not main_seen:
+            start.note = "window opened at the benchmark process start (its main-run line was not seen)"
+        return proc, start, end
+
+    def _power_samples(self, start: Reading, end: Reading) -> list[tuple[float, int, float | None]]:
+        """(t, gpu, watts) samples of the window, read only when an energy counter is missing."""
+        if not needs_power_samples(start, end) or self.sampler is None:
+            return []
+        self.sampler.flush()
+        frame = self.store.samples_frame([self.run_id])
+        frame = frame[frame.gpu_index.notna() & (frame.t >= start.t) & (frame.t <= end.t)]
+        return [(float(t), int(g), None if w != w else float(w)) for t, g, w in
+                zip(frame.t, frame.gpu_index, frame.power_w, strict=True)]
+
+    def _output_check(self) -> None:
+        """Answer the fixed prompts (runner.outputs) and store the answers; a failure is recorded, not fatal."""
+        from runner.outputs import answer_prompts
+
+        spec = self.spec.output_check or OutputCheckSpec()
+        self._set(phase=f"output check: {spec.prompts} fixed prompts, greedy, {spec.max_tokens} tokens")
+        self._mark("outputs_start")
+        t0 = time.monotonic()
+        try:
+            answers = answer_prompts(self.server.base_url, self.launch.served_model_name or self.launch.model, spec,
+                                     cancelled=self.cancelled)
+        except RunError as exc:
+            self._mark("outputs_end", f"failed: {exc}")
+            self.store.update_run(self.run_id, failure_reason=f"output check failed: {exc}")
+            if not self.server.alive():
+                raise
+            return
+        self.store.add_output_answers(self.run_id, [a.__dict__ for a in answers], spec.max_tokens, spec.seed)
+        self._mark("outputs_end", f"{len(answers)} answers in {time.monotonic() - t0:.1f} s")
 
     def _evaluate(self) -> None:
         from runner.evaluate import run_eval
@@ -296,3 +381,5 @@ class RunExecutor:
             self._mark("stopped", f"port free after {seconds:.1f} s" + _gpu_note("; GPU memory used after stop", after))
         if self.sampler is not None:
             self.sampler.stop()
+        if self.window is not None:
+            self.window.close()

@@ -184,6 +184,33 @@ class BenchResult(SQLModel, table=True):
     created_at: datetime = _ts(default_now=True)
 
 
+class BenchWindow(SQLModel, table=True):
+    """What a bench execution's window read beside its metrics: the prefix-cache state it ran in and the
+    readings behind its counter and energy metrics (start/end energy counters per GPU, their source).
+
+    A table of its own, so that database files from before it only gain a table."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    bench_result_id: int = Field(foreign_key="benchresult.id", index=True, ondelete="CASCADE")
+    run_id: int = _run_fk()
+    prefix_cache_state: str | None = None  # cold | warm | as-is (as-is: whatever earlier requests left)
+    detail_json: str = "{}"
+
+
+class OutputAnswer(SQLModel, table=True):
+    """A run's greedy answer to one prompt of the fixed output-check set."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = _run_fk()
+    idx: int
+    prompt: str
+    token_ids_json: str
+    text: str = ""
+    finish_reason: str | None = None
+    max_tokens: int
+    seed: int
+
+
 class EvalResult(SQLModel, table=True):
     """One lm-eval score (task × filter × metric) of a run."""
 

@@ -27,7 +27,9 @@ from runner.errors import StoreError
 from runner.models import (
     BENCH_COLUMNS,
     BenchResult,
+    BenchWindow,
     EvalResult,
+    OutputAnswer,
     PhaseEvent,
     Run,
     RunStatus,
@@ -224,7 +226,7 @@ class Store:
     def delete_run(self, run_id: int) -> None:
         """Delete a run with its results, samples and phase events."""
         with self._session() as s:
-            for model in (Sample, PhaseEvent, EvalResult, BenchResult):
+            for model in (Sample, PhaseEvent, EvalResult, BenchWindow, OutputAnswer, BenchResult):
                 s.execute(sa.delete(model).where(col(model.run_id) == run_id))
             result = s.execute(sa.delete(Run).where(col(Run.id) == run_id))
             if result.rowcount == 0:  # type: ignore[attr-defined]
@@ -321,6 +323,39 @@ class Store:
     def run_metrics(self, run_id: int) -> list[dict[str, float | None]]:
         """One dict of canonical metrics per bench execution: the input of `compare.gain_table`."""
         return [json.loads(r.metrics_json) for r in self.bench_results(run_id)]
+
+    def add_bench_window(self, bench_result_id: int, prefix_cache_state: str | None, detail: Mapping[str, Any]) -> None:
+        """Keep what a bench execution's window read (see `runner.window`) beside its result."""
+        with self._session() as s:
+            br = s.get(BenchResult, bench_result_id)
+            if br is None:
+                raise StoreError(f"no bench result {bench_result_id}")
+            s.add(BenchWindow(bench_result_id=bench_result_id, run_id=br.run_id,
+                              prefix_cache_state=prefix_cache_state, detail_json=json.dumps(detail)))
+            s.commit()
+
+    def bench_windows(self, run_id: int) -> dict[int, BenchWindow]:
+        """A run's bench windows by bench result id (results from before windows, or imported, have none)."""
+        with self._session() as s:
+            rows = s.exec(select(BenchWindow).where(BenchWindow.run_id == run_id)).all()
+        return {w.bench_result_id: w for w in rows}
+
+    def add_output_answers(self, run_id: int, answers: Iterable[Mapping[str, Any]], max_tokens: int, seed: int) -> int:
+        """Store a run's output-check answers (index, prompt, token_ids, text, finish_reason). Returns the count."""
+        self.get_run(run_id)
+        rows = [OutputAnswer(run_id=run_id, idx=a["index"], prompt=a["prompt"], text=a.get("text") or "",
+                             token_ids_json=json.dumps(a["token_ids"]), finish_reason=a.get("finish_reason"),
+                             max_tokens=max_tokens, seed=seed) for a in answers]
+        with self._session() as s:
+            s.add_all(rows)
+            s.commit()
+        return len(rows)
+
+    def output_answers(self, run_id: int) -> list[OutputAnswer]:
+        """A run's output-check answers in prompt order."""
+        with self._session() as s:
+            return list(s.exec(select(OutputAnswer).where(OutputAnswer.run_id == run_id)
+                               .order_by(col(OutputAnswer.idx))).all())
 
     def add_eval_results(self, run_id: int, scores: Iterable[Mapping[str, Any] | Any]) -> int:
         """Store lm-eval scores (dicts, dataclasses or pydantic models; unknown keys are ignored). Returns the count."""

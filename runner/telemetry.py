@@ -238,6 +238,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{run_id}", daemon=True)
         self._buffer: list[dict[str, Any]] = []
+        self._buffer_lock = threading.Lock()  # flush() may come from another thread than the loop's
         self._metrics = (MetricsReader(metrics_url, timeout_s=min(2.0, max(0.2, interval_s)), names=METRIC_COLUMNS)
                          if metrics_url else None)
         self._cpu_seen: dict[int, psutil.Process] = {}
@@ -268,19 +269,26 @@ class Sampler:
         next_tick = time.monotonic()
         while not self._stop.is_set():
             try:
-                self._buffer.extend(self.sample())
+                rows = self.sample()
                 self.samples_taken += 1
             except Exception as exc:  # the sampler never crashes the run
                 self.errors += 1
-                self._buffer.append({"run_id": self.run_id, "t": time.time(), "note": f"sampler error: {exc}"})
+                rows = [{"run_id": self.run_id, "t": time.time(), "note": f"sampler error: {exc}"}]
+            with self._buffer_lock:
+                self._buffer.extend(rows)
             if time.monotonic() - last_flush >= self.flush_every_s:
                 self._flush()
                 last_flush = time.monotonic()
             next_tick = max(next_tick + self.interval_s, time.monotonic())  # no burst after a slow tick
             self._stop.wait(max(0.0, next_tick - time.monotonic()))
 
+    def flush(self) -> None:
+        """Hand the buffered rows to the sink now (a benchmark window reads them back)."""
+        self._flush()
+
     def _flush(self) -> None:
-        rows, self._buffer = self._buffer, []
+        with self._buffer_lock:
+            rows, self._buffer = self._buffer, []
         if rows:
             try:
                 self.sink(rows)

@@ -292,8 +292,8 @@ def test_run_spec_unknown_nested_key(tmp_path):
 
 
 def test_run_spec_needs_bench_or_eval():
-    with pytest.raises(SpecError, match="neither a benchmark nor an evaluation"):
-        RunSpec.parse({"launch": {"model": "m"}, "bench": []}).check()
+    with pytest.raises(SpecError, match="neither a benchmark nor an evaluation nor an output check"):
+        RunSpec.parse({"launch": {"model": "m"}, "bench": [], "output-check": "off"}).check()
 
 
 def test_sweep_cells_launch_fields_make_runs_bench_fields_share_a_server():

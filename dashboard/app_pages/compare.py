@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, tables
+from dashboard import charts, data, signals_view, tables
 from dashboard.state import PAGES, query_int, query_ints, run_title, store
 from runner import api
 from runner.errors import ServelabError
@@ -153,6 +153,9 @@ if evals.empty:
                "(into the run of the same configuration) on Import.")
 else:
     accuracy(evals)
+
+signals_view.window_section(db, chosen)
+signals_view.output_check_section(db, baseline, candidates, labels)
 
 aligned = data.aligned_samples(db, chosen)
 if len(aligned):

@@ -1,0 +1,226 @@
+"""Benchmark windows: counter deltas from real vLLM `/metrics` pages (0.32 CPU and 0.24 GPU captures,
+served over real HTTP), histogram estimates checked by hand, energy from a fake NVML.
+
+The fake NVML stands for what this machine cannot cause: GPUs with an energy counter. Its scenarios are
+named: `h200_pair_with_energy_counter` (counters read at both ends), `energy_counter_not_supported`
+(NVML raises Not Supported: the sampler's power readings are integrated instead).
+"""
+
+from __future__ import annotations
+
+import http.server
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner import compare as cmp
+from runner.window import (
+    Reading,
+    Snapshot,
+    WindowProbe,
+    counter_metrics,
+    energy_metrics,
+    histogram_quantile,
+    integrate_power,
+    parse_snapshot,
+    window_metrics,
+)
+
+FIX = Path(__file__).parent / "fixtures"
+IDLE = (FIX / "cpu_0.32" / "metrics_idle.txt").read_text()
+BUSY = (FIX / "cpu_0.32" / "metrics_busy.txt").read_text()
+
+
+# -- fake NVML with an energy counter ---------------------------------------------------------------------
+class NVMLError(Exception):
+    pass
+
+
+class FakeEnergyNvml:
+    """`pynvml` as far as a window reads it: handles and nvmlDeviceGetTotalEnergyConsumption (mJ)."""
+
+    def __init__(self, energy_mj: dict[int, list[float] | None]):
+        self.energy = energy_mj  # GPU → successive counter values; None: "Not Supported"
+        self.inits = self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.energy)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
+        values = self.energy[h]
+        if values is None:
+            raise NVMLError("Not Supported")
+        return int(values.pop(0))
+
+
+def h200_pair_with_energy_counter() -> FakeEnergyNvml:
+    # GPU 0 spends 6 000 J, GPU 1 4 000 J between the two reads; counters far from zero, as after days of uptime
+    return FakeEnergyNvml({0: [9_000_000_000, 9_006_000_000], 1: [7_500_000_000, 7_504_000_000]})
+
+
+def energy_counter_not_supported() -> FakeEnergyNvml:
+    return FakeEnergyNvml({0: None})
+
+
+# -- a real HTTP server with captured vLLM pages -------------------------------------------------------------
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[str, list[str]]]:
+    pages = [IDLE, BUSY]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = (pages.pop(0) if len(pages) > 1 else pages[0]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", pages
+    server.shutdown()
+    server.server_close()
+
+
+def test_counter_deltas_of_a_real_cpu_benchmark_window(metrics_server) -> None:
+    url, _ = metrics_server
+    probe = WindowProbe(url, gpu_indices=[])
+    start, end = probe.read(), probe.read()
+    probe.close()
+    bench = {"total_output_tokens": 23305.0, "output_throughput": 500.0}
+    scalars, detail = window_metrics(start, end, bench)
+    assert scalars == {
+        "prefix_cache_queries": 15390.0, "prefix_cache_hits": 1536.0, "prefix_cache_hit_pct": 1536 / 15390 * 100,
+        "preemptions": 0.0, "server_prompt_tokens": 15390.0, "server_generation_tokens": 23305.0,
+        "finished_abort": 0.0, "finished_error": 0.0, "finished_length": 80.0, "finished_repetition": 0.0,
+        "finished_stop": 0.0,
+        # every request in the first bucket (≤ 0.3 s): linear inside it, as Prometheus does
+        "est_p50_queue_ms": pytest.approx(150.0), "est_p99_queue_ms": pytest.approx(297.0),
+        "server_mean_queue_ms": pytest.approx(0.4953070600004139 / 80 * 1000),
+        "est_p50_prefill_ms": pytest.approx(150.0), "est_p99_prefill_ms": pytest.approx(297.0),
+        "server_mean_prefill_ms": pytest.approx(3.1444604100005336 / 80 * 1000),
+        "est_p50_decode_ms": pytest.approx(150.0), "est_p99_decode_ms": pytest.approx(297.0),
+        "server_mean_decode_ms": scalars["server_mean_decode_ms"],
+        # no GPU: energy is blank, not zero
+        "energy_j": None, "j_per_output_token": None, "mean_power_w_per_gpu": None, "output_tok_per_s_per_w": None,
+    }
+    assert scalars["server_mean_decode_ms"] > 0
+    assert "energy" not in detail and detail["end_t"] >= detail["start_t"]
+
+
+def test_vllm_024_gpu_page_has_the_same_names() -> None:
+    snap = parse_snapshot((FIX / "gpu_0.24" / "metrics_busy.txt").read_text())
+    assert set(snap.counters) == {"prefix_cache_queries", "prefix_cache_hits", "preemptions",
+                                  "server_prompt_tokens", "server_generation_tokens"}
+    assert set(snap.finished) == {"stop", "length", "abort", "error", "repetition"}
+    assert set(snap.buckets) == {"queue", "prefill", "decode"}
+
+
+def test_two_engines_are_summed() -> None:
+    snap = parse_snapshot((FIX / "parsers" / "metrics_dp2.prom").read_text())
+    assert (snap.counters["prefix_cache_queries"], snap.counters["prefix_cache_hits"]) == (6144.0, 1536.0)
+
+
+def test_spec_decode_acceptance_and_a_restarted_server() -> None:
+    start = Snapshot(counters={"spec_decode_drafts": 100, "spec_decode_draft_tokens": 300,
+                               "spec_decode_accepted_tokens": 150, "preemptions": 5})
+    end = Snapshot(counters={"spec_decode_drafts": 300, "spec_decode_draft_tokens": 900,
+                             "spec_decode_accepted_tokens": 510, "preemptions": 2})
+    assert counter_metrics(start, end) == {
+        "spec_decode_drafts": 200, "spec_decode_draft_tokens": 600, "spec_decode_accepted_tokens": 360,
+        "spec_decode_acceptance_pct": 60.0, "spec_decode_mean_acceptance_len": 2.8,
+        "preemptions": None,  # went down: the server restarted in between, no honest delta
+    }
+
+
+def test_histogram_quantile_by_hand() -> None:
+    # 10 requests ≤ 0.1 s, 30 more ≤ 0.5 s, none above 1 s
+    buckets = {0.1: 10.0, 0.5: 40.0, 1.0: 40.0, math.inf: 40.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * (20 - 10) / 30)
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.99, {1.0: 1.0, 2.0: 1.0, math.inf: 2.0}) == 2.0  # rank in +Inf: highest bound
+    assert histogram_quantile(0.5, {1.0: 0.0, math.inf: 0.0}) is None
+
+
+def test_energy_from_the_nvml_counter_h200_pair() -> None:
+    nvml = h200_pair_with_energy_counter()
+    probe = WindowProbe("http://127.0.0.1:9/metrics", gpu_indices=[0, 1], nvml=nvml, timeout_s=0.2)
+    start = probe.read()
+    end = probe.read()
+    probe.close()
+    assert (nvml.inits, nvml.shutdowns) == (1, 1)
+    assert start.snapshot is None and "unreadable" in (start.note or "")  # nobody listens on port 9
+    start.t, end.t = 1000.0, 1020.0  # a 20 s window
+    scalars, detail = energy_metrics(start, end, output_tokens=50_000, output_throughput=2_500.0)
+    # 10 000 J over 20 s on 2 GPUs: 500 W in all, 250 W each; 0.2 J per token; 2 500 tok/s ÷ 500 W = 5
+    assert scalars == {"energy_j": 10_000.0, "j_per_output_token": 0.2, "mean_power_w_per_gpu": 250.0,
+                       "output_tok_per_s_per_w": 5.0}
+    assert detail == {"window_s": 20.0, "gpus": {
+        "0": {"start_mj": 9_000_000_000.0, "end_mj": 9_006_000_000.0, "joules": 6000.0,
+              "source": "nvml energy counter"},
+        "1": {"start_mj": 7_500_000_000.0, "end_mj": 7_504_000_000.0, "joules": 4000.0,
+              "source": "nvml energy counter"},
+    }}
+
+
+def test_energy_counter_not_supported_integrates_power_samples() -> None:
+    probe = WindowProbe("http://127.0.0.1:9/metrics", gpu_indices=[0], nvml=energy_counter_not_supported(),
+                        timeout_s=0.2)
+    start, end = probe.read(), probe.read()
+    probe.close()
+    assert start.energy_mj == {0: None}
+    start.t, end.t = 100.0, 110.0
+    # 200 W from 101 to 105 s, 300 W from 105 to 109 s (trapezoid 101→105 and 105→109 gives 800 + 1000 J),
+    # edges held: 1 s × 200 W before, 1 s × 300 W after; a sample outside the window is ignored
+    samples = [(99.0, 0, 999.0), (101.0, 0, 200.0), (105.0, 0, 200.0), (109.0, 0, 300.0)]
+    scalars, detail = energy_metrics(start, end, output_tokens=1000, output_throughput=100.0, power_samples=samples)
+    joules = 800 + 1000 + 200 + 300
+    assert scalars == {"energy_j": joules, "j_per_output_token": joules / 1000, "mean_power_w_per_gpu": joules / 10,
+                       "output_tok_per_s_per_w": 100.0 / (joules / 10)}
+    assert detail["gpus"]["0"]["source"] == "integrated power samples"
+    # without samples the energy stays blank rather than 0
+    blank, _ = energy_metrics(start, end, 1000, 100.0, [])
+    assert blank == {"energy_j": None, "j_per_output_token": None, "mean_power_w_per_gpu": None,
+                     "output_tok_per_s_per_w": None}
+
+
+def test_integrate_power_needs_two_points() -> None:
+    assert integrate_power([(5.0, 0, 100.0)], 0.0, 10.0) == {}
+    assert integrate_power([(0.0, 1, 100.0), (10.0, 1, 100.0)], 0.0, 10.0) == {1: 1000.0}
+
+
+def test_window_metrics_in_the_gain_table() -> None:
+    a = [{"j_per_output_token": 0.2, "prefix_cache_hit_pct": 10.0, "finished_error": 0.0, "est_p99_queue_ms": 300.0}]
+    b = [{"j_per_output_token": 0.1, "prefix_cache_hit_pct": 60.0, "finished_error": 2.0, "est_p99_queue_ms": 150.0}]
+    rows = {r.key: r for r in cmp.gain_table(a, b)}
+    assert [(k, r.label, r.better, r.improvement_pct) for k, r in rows.items()] == [
+        ("j_per_output_token", "Energy per Output Token (J/tok)", True, 50.0),
+        ("prefix_cache_hit_pct", "Prefix Cache Hit Rate (%)", True, 500.0),
+        ("est_p99_queue_ms", "P99 Queue Time (server, estimate from buckets) (ms)", True, 50.0),
+        ("finished_error", "Finished Requests (error)", False, None),
+    ]
+    md = cmp.to_markdown(list(rows.values()), "A", "B")
+    assert "| Energy per Output Token (J/tok) | 0.2000 | 0.1000 | -0.1000 | +50.0% |" in md
+
+
+def test_a_reading_without_gpus_is_blank() -> None:
+    r = Reading(1.0, None)
+    scalars, detail = window_metrics(r, Reading(2.0, None), {"total_output_tokens": 10})
+    assert scalars == dict.fromkeys(("energy_j", "j_per_output_token", "mean_power_w_per_gpu",
+                                     "output_tok_per_s_per_w"))
+    assert detail == {"start_t": 1.0, "end_t": 2.0}
