@@ -328,10 +328,11 @@ class Comparison:
     notes: list[str]  # flaws of the benchmarks themselves (failed requests, stalls, short runs)
     accuracy: list[dict[str, Any]]
     kv: list[cmp.GainRow]
+    outputs: OutputAgreement | None = None  # the output check (runner.outputs)
 
     @property
     def empty(self) -> bool:
-        return not (self.bench or self.accuracy or self.kv)
+        return not (self.bench or self.accuracy or self.kv or self.outputs)
 
 
 _KV_FIELDS = {"kv_cache_tokens": "kv_cache_tokens", "kv_cache_gib": "kv_cache_gib",
@@ -348,7 +349,7 @@ def compare_report(store: Store, baseline: int, candidate: int) -> Comparison:
     kv_b = {k: getattr(b, f) for f, k in _KV_FIELDS.items() if getattr(b, f) is not None}
     kv = [r for r in cmp.gain_table([kv_a], [kv_b]) if r.key in _KV_FIELDS.values()] if kv_a and kv_b else []
     return Comparison(baseline, candidate, *_labels(a, b), bench, notes, compare_accuracy(store, baseline, candidate),
-                      kv)
+                      kv, compare_outputs(store, baseline, candidate))
 
 
 def compare_accuracy(store: Store, baseline: int, candidate: int) -> list[dict[str, Any]]:
@@ -439,13 +440,24 @@ def _accuracy_records(c: Comparison) -> list[dict[str, Any]]:
              "flags": "drop > 2σ" if r["flagged"] else ""} for r in c.accuracy]
 
 
+def _output_records(c: Comparison) -> list[dict[str, Any]]:
+    o = c.outputs
+    if o is None:
+        return []
+    ca, cb = cmp.csv_fields(c.a_label, c.b_label)[3:5]
+    return [{"Metric": "Identical answers", "key": "output_identical_pct", "unit": "%", ca: 100.0, cb: o.identical_pct,
+             "Change": o.identical_pct - 100.0, "compared": o.compared,
+             "median first differing token": o.median_first_diff,
+             "flags": f"below {o.threshold_pct:g} % identical" if o.flagged else ""}]
+
+
 def comparison_csv(comparisons: list[Comparison]) -> str:
     """Every section of every comparison as one CSV: `section` (benchmark, accuracy, kv_capacity), the
     baseline and candidate ids, then the gain-table columns (numbers in canonical units)."""
     frames = []
     for c in comparisons:
         parts = [("benchmark", cmp.csv_records(c.bench, c.a_label, c.b_label)), ("accuracy", _accuracy_records(c)),
-                 ("kv_capacity", cmp.csv_records(c.kv, c.a_label, c.b_label))]
+                 ("kv_capacity", cmp.csv_records(c.kv, c.a_label, c.b_label)), ("output_check", _output_records(c))]
         for section, records in parts:
             if records:
                 frame = pd.DataFrame(records)
@@ -477,6 +489,9 @@ def render_comparison(c: Comparison, fmt: str = "table") -> str:
         out.append(f"{'### ' if md else ''}KV capacity")
         rows = [dataclasses.replace(r, verdict="", flags=()) for r in c.kv]
         out.append(render_gain_table(rows, c.a_label, c.b_label, fmt).rstrip("\n"))
+    if c.outputs is not None:
+        out.append(f"{'### ' if md else ''}Output check")
+        out.append(output_check_summary(c.outputs, c.a_label, c.b_label))
     if c.empty:
         out.append("nothing in common to compare: no benchmark, accuracy or KV capacity on both runs")
     return "\n\n".join(out) + "\n"

@@ -84,3 +84,20 @@ def test_output_check_switch_in_specs() -> None:
     assert RunSpec.model_validate({"launch": launch, "bench": []}).problems() == []
     assert RunSpec.model_validate({"launch": launch, "bench": [], "output-check": "off"}).problems() == [
         "The run has neither a benchmark nor an evaluation nor an output check; add a bench: or eval: section."]
+
+
+def test_the_comparison_report_carries_the_output_check(tmp_path) -> None:
+    store = Store(tmp_path / "s.db")
+    a, b = store.create_run(label="tp1"), store.create_run(label="tp2")
+    answers = [{"index": i, "prompt": p, "token_ids": [1, 2, 3, 4]} for i, p in enumerate(fixed_prompts(10, 0))]
+    store.add_output_answers(a.id, answers, max_tokens=4, seed=0)
+    store.add_output_answers(b.id, [{**x, "token_ids": [1, 2, 3, 5]} if x["index"] == 0 else x for x in answers],
+                             max_tokens=4, seed=0)
+    report = api.compare_report(store, a.id, b.id)
+    assert not report.empty and report.bench == []
+    assert api.render_comparison(report) == (
+        "tp2 vs tp1\n\nOutput check\n\nOutput check, tp2 against tp1: 9/10 answers identical (90.0 %); differing "
+        "answers first differ at token 3 (median).\n")
+    csv = api.comparison_csv([report]).splitlines()
+    assert csv[0].startswith("section,baseline,candidate,Metric,key,unit,tp1,tp2,Change")
+    assert csv[1].startswith(f"output_check,{a.id},{b.id},Identical answers,output_identical_pct,%,100.0,90.0,-10.0")

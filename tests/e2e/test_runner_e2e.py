@@ -60,7 +60,7 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
         assert run.vllm_version.startswith("0.32")
         assert port_is_free(run.port)
         phases = [p.phase for p in store.phases(run.id)]
-        assert phases == ["launched", "ready", "bench_start", "bench_end", "stopped"]
+        assert phases == ["launched", "ready", "bench_start", "bench_end", "outputs_start", "outputs_end", "stopped"]
         # samples during the benchmark, some with the KV cache in use
         events = {p.phase: p.t for p in store.phases(run.id)}
         samples = store.samples_frame([run.id])
@@ -76,6 +76,11 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
         assert len(re.findall(r'"GET /metrics/\?name%5B%5D=vllm%3Akv_cache_usage_perc&\S* HTTP/1.1" 200', log)) >= 3
         assert os.path.exists(os.path.join(run.run_dir, "bench-0-0.json"))
     assert_no_run_processes(env)
+
+    # the output check between the two layouts (docs/measurement.md reports this figure)
+    agreement = api.compare_outputs(store, runs[0].id, runs[1].id)
+    print(api.output_check_summary(agreement, "TP1", "TP2"))
+    assert agreement is not None and agreement.compared == 32
 
     rows, a, b = api.compare_runs(store, runs[0].id, runs[1].id)
     assert (a, b) == ("tp: TP1", "tp: TP2")
