@@ -13,7 +13,6 @@ from runner import api
 from runner.config import RunSpec
 from tests.e2e.conftest import wait_status
 
-
 CHECK = {"prompts": 16, "max-tokens": 32}  # lean for CI; the defaults (32 × 64) run in test_runner_e2e's sweep
 
 
