@@ -1,4 +1,5 @@
-"""Fixtures shared by every test folder: a fresh SQLite store per test and the seed's benchmark metrics.
+"""Fixtures and helpers shared by every test folder: a fresh SQLite store per test, the seed's benchmark metrics,
+a real local HTTP server.
 
 A folder whose tests need the database inside a data folder of their own (ui/, e2e/) overrides `db_path`;
 `store` itself is defined here only.
@@ -7,12 +8,14 @@ A folder whose tests need the database inside a data folder of their own (ui/, e
 from __future__ import annotations
 
 import copy
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +158,46 @@ def db_url(request: pytest.FixtureRequest, db_path: Path) -> Iterator[str]:
     name = cluster.create_database()
     yield cluster.url(name)
     cluster.drop_database(name)
+
+
+# -- a real local HTTP server ----------------------------------------------------------------------------------
+class LocalHTTPServer:
+    """A real HTTP server on 127.0.0.1 (a free port) answering every GET with `respond(path)` → (status, body,
+    content type); HTTP/1.1 keep-alive when asked. Counts the requests and connections it took."""
+
+    def __init__(self, respond: Callable[[str], tuple[int, bytes, str]], *, keep_alive: bool = False) -> None:
+        outer = self
+        self.requests = self.connections = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                outer.connections += 1
+                super().setup()
+
+            def do_GET(self) -> None:
+                outer.requests += 1
+                status, body, kind = respond(self.path)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client gave up waiting (its timeout is short): no one to answer
+                    return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Stop serving and close the port: connections are refused from now on."""
+        self.httpd.shutdown()
+        self.httpd.server_close()

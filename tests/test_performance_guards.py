@@ -7,7 +7,6 @@ the scripts in benchmarks/, not here.
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ from runner.server import ManagedProcess, VllmServer
 from runner.store import Store, samples_query
 from runner.telemetry import TREE_REFRESH_MAX_S, TREE_REFRESH_S, MetricsReader, Sampler
 from runner.worker import Worker
+from tests.conftest import LocalHTTPServer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cpu_0.32"
 INDEX = "ix_sample_run_id_t_gpu_index"
@@ -107,38 +107,25 @@ def test_samples_export_streams_without_a_dataframe(store: Store, tmp_path: Path
 
 
 # -- overhead: /health polled often, finished runs wake the worker ------------------------------------------
-class _Health(http.server.BaseHTTPRequestHandler):
-    ready = threading.Event()
-
-    def do_GET(self) -> None:
-        self.send_response(200 if self.ready.is_set() else 503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_wait_ready_notices_health_within_a_quarter_second(tmp_path: Path) -> None:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    server = VllmServer(["sleep", "30"], {}, tmp_path / "log", httpd.server_address[1])
+    ready = threading.Event()
+    health = LocalHTTPServer(lambda path: (200 if ready.is_set() else 503, b"", "text/plain"))
+    server = VllmServer(["sleep", "30"], {}, tmp_path / "log", health.port)
     ManagedProcess.start(server)  # a live process standing in for vLLM (its port is the test's server)
     flipped: list[float] = []
 
     def flip() -> None:
         time.sleep(0.6)
         flipped.append(time.monotonic())
-        _Health.ready.set()
+        ready.set()
 
     try:
         threading.Thread(target=flip).start()
         server.wait_ready(10, tick_s=1.0)  # the store-writing tick stays at 1 s; /health is polled faster
         assert time.monotonic() - flipped[0] < 0.25
     finally:
-        _Health.ready.clear()
         ManagedProcess.stop(server, grace_s=2)  # VllmServer.stop would wait for the test server's port
-        httpd.shutdown()
+        health.shutdown()
 
 
 def test_a_finished_run_wakes_the_worker_at_once(store: Store, tmp_path: Path) -> None:
@@ -170,30 +157,11 @@ def test_prometheus_parse_is_cheap() -> None:
 
 def test_sampler_keeps_one_connection_and_walks_the_tree_rarely(tmp_path: Path) -> None:
     body = (FIXTURES / "metrics_busy.txt").read_bytes()
-    connections: list[int] = []
-
-    class Metrics(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            connections.append(1)
-            super().setup()
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    metrics = LocalHTTPServer(lambda path: (200, body, "text/plain"), keep_alive=True)
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        reader = MetricsReader(f"http://127.0.0.1:{httpd.server_address[1]}/metrics", timeout_s=2)
-        assert all(reader.get() == body.decode() for _ in range(5)) and len(connections) == 1
+        reader = MetricsReader(metrics.base_url + "/metrics", timeout_s=2)
+        assert all(reader.get() == body.decode() for _ in range(5)) and metrics.connections == 1
         reader.close()
 
         sampler = Sampler(1, lambda rows: None, server_pid=proc.pid, nvml=None)
@@ -202,7 +170,7 @@ def test_sampler_keeps_one_connection_and_walks_the_tree_rarely(tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait()
-        httpd.shutdown()
+        metrics.shutdown()
 
 
 def test_a_stable_process_tree_is_walked_ever_more_rarely_and_again_at_once_when_it_changes(monkeypatch) -> None:

@@ -7,7 +7,6 @@ serving a captured vLLM `/metrics`, real subprocesses, and a real SQLite store t
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 
 from runner.store import Store
 from runner.telemetry import GpuReader, Sampler, gpu_memory_used_mib, load_nvml
+from tests.conftest import LocalHTTPServer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cpu_0.32"
 MIB = 1024 * 1024
@@ -151,37 +151,17 @@ def assert_storable(store: Store, run_id: int, rows: list[dict[str, Any]]) -> No
     assert len(store.samples_frame([run_id])) == len(rows)
 
 
-class MetricsServer:
-    """A real HTTP server on 127.0.0.1 serving a captured vLLM `/metrics` (optionally slow once)."""
+class MetricsServer(LocalHTTPServer):
+    """A captured vLLM `/metrics` (optionally slow once)."""
 
     def __init__(self, text: str, slow_request: int | None = None, slow_s: float = 0.0):
-        outer = self
-        self.requests = 0
+        def respond(path: str) -> tuple[int, bytes, str]:
+            if self.requests == slow_request:
+                time.sleep(slow_s)
+            return (200 if path == "/metrics" else 404), text.encode(), "text/plain; version=0.0.4"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                if outer.requests == slow_request:
-                    time.sleep(slow_s)
-                body = text.encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(respond)
+        self.url = self.base_url + "/metrics"
 
 
 @pytest.fixture
@@ -529,8 +509,8 @@ def test_scrape_falls_back_to_the_whole_page_when_the_filter_finds_nothing_or_fa
 
 
 def test_scrape_decides_on_the_first_answer_not_on_a_refused_connection() -> None:
-    from runner.telemetry import METRIC_COLUMNS, MetricsReader
     from runner.server import free_port
+    from runner.telemetry import METRIC_COLUMNS, MetricsReader
 
     port = free_port(18_500)
     reader = MetricsReader(f"http://127.0.0.1:{port}/metrics", timeout_s=1, names=METRIC_COLUMNS)

@@ -12,7 +12,6 @@ worker slot (its GPUs, on a GPU machine) free.
 from __future__ import annotations
 
 import errno
-import http.server
 import json
 import os
 import shutil
@@ -33,9 +32,10 @@ import pytest
 from runner import api, execute
 from runner.config import RunSpec
 from runner.models import RunStatus
-from runner.server import kill_group, port_is_free
+from runner.server import free_port, kill_group, port_is_free
 from runner.store import Store
 from runner.worker import Worker
+from tests.conftest import LocalHTTPServer
 from tests.e2e.conftest import run_processes, wait_status
 from tests.reliability.conftest import REPO
 from tests.test_telemetry import two_healthy_h200s
@@ -111,13 +111,6 @@ def alive(pid: int | None) -> bool:
         return False
 
 
-def free_port(start: int) -> int:
-    for port in range(start, start + 40):
-        if port_is_free(port):
-            return port
-    raise RuntimeError(f"no free port in {start}–{start + 39}")
-
-
 def sub_env(data: Path) -> dict[str, str]:
     env = {**os.environ, "SERVELAB_DATA": str(data), "SERVELAB_DB": str(data / "servelab.db"),
            "SERVELAB_SAMPLE_INTERVAL": SAMPLE_INTERVAL, "SERVELAB_STARTUP_TIMEOUT": STARTUP_TIMEOUT,
@@ -189,43 +182,28 @@ class Settled:
         return self.run.failure_reason or ""
 
 
-class MetricsProxy:
+class MetricsProxy(LocalHTTPServer):
     """A real HTTP hop in front of vLLM's `/metrics` that can be cut: then the port refuses connections."""
 
     def __init__(self, upstream: str):
-        outer = self
         self.served = 0
         self.cut_at: float | None = None
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                try:
-                    resp = httpx.get(upstream, timeout=5)
-                    code, body, kind = resp.status_code, resp.content, resp.headers.get("content-type", "text/plain")
-                except httpx.HTTPError:  # vLLM not up yet
-                    code, body, kind = 503, b"", "text/plain"
-                outer.served += code == 200
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", kind)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:  # the sampler gave up waiting (its timeout is short): its tick notes it
-                    return
+        def respond(path: str) -> tuple[int, bytes, str]:
+            try:
+                resp = httpx.get(upstream, timeout=5)
+                answer = resp.status_code, resp.content, resp.headers.get("content-type", "text/plain")
+            except httpx.HTTPError:  # vLLM not up yet
+                answer = 503, b"", "text/plain"
+            self.served += answer[0] == 200
+            return answer
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        super().__init__(respond)
+        self.url = self.base_url + "/metrics"
 
     def cut(self) -> None:
         self.cut_at = time.time()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.shutdown()
 
 
 WRITER = """
