@@ -14,21 +14,20 @@ from dashboard import charts
 REPO = Path(__file__).resolve().parents[2]
 
 
+SUMMARY_METRICS = ["request_throughput", "output_throughput", "total_token_throughput",
+                   *(f"{stat}_{m}_ms" for m in ("ttft", "tpot", "itl") for stat in ("mean", "median", "p99"))]
+
+
 @pytest.fixture
-def summary() -> pd.DataFrame:
+def summary(seed_metrics) -> pd.DataFrame:
     """The seed's two runs as `data.bench_summary` gives them, with their configurations."""
-    return pd.DataFrame([
+    configs = [
         {"run_id": 1, "label": "TP8", "gpus": 8, "kv_cache_tokens": 715_136, "kv_cache_gib": 46.8,
-         "dcp_multiplier": 1, "max_concurrency_x": None, "request_throughput": 1.25, "output_throughput": 485.78,
-         "total_token_throughput": 10462.57, "mean_ttft_ms": 271196.67, "median_ttft_ms": 227389.87,
-         "p99_ttft_ms": 686294.46, "mean_tpot_ms": 381.29, "median_tpot_ms": 473.04, "p99_tpot_ms": 578.64,
-         "mean_itl_ms": 111.22, "median_itl_ms": 38.04, "p99_itl_ms": 490.93},
+         "dcp_multiplier": 1, "max_concurrency_x": None},
         {"run_id": 2, "label": "TP8+DCP8", "gpus": 8, "kv_cache_tokens": 5_721_088, "kv_cache_gib": 46.8,
-         "dcp_multiplier": 8, "max_concurrency_x": None, "request_throughput": 1.57, "output_throughput": 695.13,
-         "total_token_throughput": 13290.35, "mean_ttft_ms": 227780.13, "median_ttft_ms": 227055.20,
-         "p99_ttft_ms": 451255.55, "mean_tpot_ms": 398.60, "median_tpot_ms": 472.81, "p99_tpot_ms": 569.91,
-         "mean_itl_ms": 104.73, "median_itl_ms": 43.97, "p99_itl_ms": 483.37},
-    ])  # fmt: skip
+         "dcp_multiplier": 8, "max_concurrency_x": None},
+    ]
+    return pd.DataFrame([{**c, **{k: seed_metrics[c["label"]][k] for k in SUMMARY_METRICS}} for c in configs])
 
 
 def axis_titles(fig, axis: str = "yaxis") -> list[str]:
