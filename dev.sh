@@ -34,11 +34,18 @@ setup() {
     echo "servelab: installing Debian postgresql for the store tests" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   fi
-  if [ "${1:-}" = test ] && ! command -v chromium >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-      echo "servelab: installing Debian chromium for the browser tests" >&2
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "servelab: chromium could not be installed; browser tests will be skipped" >&2
+  # The browser tests drive Debian's chromium at /usr/bin/chromium through the test extra's python playwright;
+  # without it they fail, so a test run stops here when it cannot be had.
+  if [ "${1:-}" = test ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "servelab: the browser tests need Debian's chromium at /usr/bin/chromium: sudo apt-get install chromium" >&2
+      exit 1
+    fi
+    echo "servelab: installing Debian chromium for the browser tests" >&2
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || [ ! -x /usr/bin/chromium ]; then
+      echo "servelab: chromium could not be installed (apt-get install chromium); the browser tests need it" >&2
+      exit 1
     fi
   fi
 }

@@ -1,10 +1,12 @@
-"""A seeded store for the dashboard tests: a fresh SQLite file and data folder per test, with the seed's
-four results imported through the runner's API: the two bench outputs, each with its GSM8K table."""
+"""The dashboard tests: a fresh SQLite file and data folder per test, seeded with the seed's four results
+imported through the runner's API (the two bench outputs, each with its GSM8K table); Debian's chromium for the
+browser tests."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,21 @@ from runner.store import Store
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "tests" / "fixtures" / "seed"
 APP = str(REPO / "dashboard" / "streamlit_app.py")
+# Debian's chromium, driven by this environment's python playwright (the test extra) through `executable_path`;
+# Playwright's own browser downloads are never used.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 SEED_RUNS = [(("tp8.txt", "gsm8k_tp8.txt"), "TP8"), (("tp8_dcp8.txt", "gsm8k_tp8_dcp8.txt"), "TP8+DCP8")]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> dict[str, Any]:
+    """`pw.chromium.launch(**chromium)`: Debian's chromium, headless. Without it the browser tests fail, never skip
+    (./dev.sh test installs it)."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Debian chromium is not at {CHROMIUM}: apt-get install chromium (./dev.sh test installs it)")
+    return {"executable_path": str(CHROMIUM), "headless": True, "args": CHROMIUM_ARGS}
 
 
 @pytest.fixture

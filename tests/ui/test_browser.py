@@ -10,45 +10,32 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from runner import api
 from runner.models import ACTIVE, RunStatus
-from runner.server import tail
+from runner.server import free_port, tail
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "ui"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 RUN_TIMEOUT_S = 360
 DEMO_PORT = 8700  # vLLM of the demo run: the first free port from here; other tests' servers use 8011+ and 8300+
 
 
-def free_port(start: int) -> int:
-    for port in range(start, start + 200):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError(f"no free port in {start}–{start + 199}")
-
-
 @pytest.fixture
 def dashboard(tmp_path: Path):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not at /usr/bin/chromium (apt-get install chromium); browser test skipped")
-    pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (pip install playwright)")
     servelab = shutil.which("servelab", path=str(Path(sys.executable).parent)) or shutil.which("servelab")
     if servelab is None:
-        pytest.skip("the `servelab` console script is not installed in this environment (pip install -e .)")
+        pytest.fail("the `servelab` console script is not installed in this environment (pip install -e .)")
     # Other sessions' runs may go on meanwhile: the worker's reconcile only stops processes marked with its own
     # store (SERVELAB_STORE), and the demo's vLLM port is a free one.
     db = tmp_path / "servelab.db"
@@ -128,12 +115,10 @@ def run_report(store, run_id: int) -> str:
             f"server.log:\n{tail(log, 40)}")
 
 
-def test_demo_run_from_launch_to_compare_in_chromium(dashboard) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
+def test_demo_run_from_launch_to_compare_in_chromium(chromium: dict[str, Any], dashboard) -> None:
     store, url = dashboard["store"], dashboard["url"]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**chromium)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
             # Launch: choose another preset, then the CPU demo, and queue it on port 8700+
