@@ -8,9 +8,7 @@ named: `h200_pair_with_energy_counter` (counters read at both ends), `energy_cou
 
 from __future__ import annotations
 
-import http.server
 import math
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from runner.window import (
     parse_snapshot,
     window_metrics,
 )
+from tests.conftest import LocalHTTPServer
 
 FIX = Path(__file__).parent / "fixtures"
 IDLE = (FIX / "cpu_0.32" / "metrics_idle.txt").read_text()
@@ -78,23 +77,9 @@ def energy_counter_not_supported() -> FakeEnergyNvml:
 @pytest.fixture
 def metrics_server() -> Iterator[tuple[str, list[str]]]:
     pages = [IDLE, BUSY]
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = (pages.pop(0) if len(pages) > 1 else pages[0]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics", pages
+    server = LocalHTTPServer(lambda path: (200, (pages.pop(0) if len(pages) > 1 else pages[0]).encode(), "text/plain"))
+    yield server.base_url + "/metrics", pages
     server.shutdown()
-    server.server_close()
 
 
 def test_counter_deltas_of_a_real_cpu_benchmark_window(metrics_server) -> None:
