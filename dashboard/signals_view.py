@@ -25,12 +25,25 @@ _WINDOW_HEADERS = {
 }
 
 
+_DECIMALS = {"j_per_output_token": 4, "prefix_cache_hit_pct": 1, "spec_decode_acceptance_pct": 1,
+             "mean_power_w_per_gpu": 1, "output_tok_per_s_per_w": 2}
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    decimals = _DECIMALS.get(key, 1 if key.endswith("_ms") else 0)
+    return f"{value:.{decimals}f}"
+
+
 def window_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """`api.window_frame` as shown: columns with units, all-blank columns dropped, blanks as "—"."""
-    shown = frame.drop(columns=["run_id"]).dropna(axis=1, how="all")
-    keep = [c for c in shown.columns if c in ("label", "repeat", "prefix_cache_state") or shown[c].notna().any()]
-    shown = shown[keep].rename(columns=_WINDOW_HEADERS)
-    return shown.astype(object).where(shown.notna(), "—")
+    """`api.window_frame` as shown (text cells): columns with units, all-blank columns dropped, blanks "—"."""
+    keep = [c for c in frame.columns if c != "run_id" and (c in ("label", "repeat", "prefix_cache_state")
+                                                            or frame[c].notna().any())]
+    shown = pd.DataFrame({c: [_cell(c, v) for v in frame[c]] for c in keep})
+    return shown.rename(columns=_WINDOW_HEADERS)
 
 
 def window_section(db: Any, run_ids: list[int]) -> None:
@@ -51,6 +64,18 @@ def window_section(db: Any, run_ids: list[int]) -> None:
     st.caption(" ".join(notes))
     st.download_button("Benchmark windows (CSV)", api.frame_to_csv(frame), "compare-windows.csv", "text/csv",
                        on_click="ignore", key="windows_csv")
+
+
+def run_windows(db: Any, run_id: int) -> None:
+    """On a run's page: each benchmark's cache state, hit rate, counters and energy; its output-check answers."""
+    frame = api.window_frame(db, [run_id])
+    if not frame.empty:
+        with st.expander("Server counters, cache state and energy per benchmark"):
+            st.dataframe(window_table(frame).drop(columns=["Run"]), hide_index=True)
+    answers = api.output_answers(db, run_id)
+    if answers:
+        with st.expander(f"Output check ({len(answers)} fixed prompts, greedy)"):
+            st.dataframe(pd.DataFrame(answers), hide_index=True)
 
 
 def output_check_section(db: Any, baseline: int, candidates: list[int], labels: dict[int, str]) -> None:

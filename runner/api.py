@@ -381,6 +381,12 @@ def compare_outputs(store: Store, baseline: int, candidate: int,
                            FLAG_BELOW_PCT if threshold_pct is None else threshold_pct)
 
 
+def output_answers(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """A run's output-check answers as rows: prompt, answer text, tokens, finish reason."""
+    return [{"#": a.idx, "prompt": a.prompt, "answer": a.text, "tokens": len(json.loads(a.token_ids_json)),
+             "finish reason": a.finish_reason} for a in store.output_answers(run_id)]
+
+
 def output_check_summary(agreement: OutputAgreement | None, a_label: str, b_label: str) -> str:
     """One line for the CLI and the Compare page."""
     if agreement is None:

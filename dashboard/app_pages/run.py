@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import charts, data, run_view
+from dashboard import charts, data, run_view, signals_view
 from dashboard.state import PAGES, duration, query_int, run_title, store, when
 from runner import api
 from runner.errors import ServelabError
@@ -110,6 +110,7 @@ def outcome() -> None:
             col.metric(name, value)
         with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
             st.dataframe(run_view.metrics_table(metrics), hide_index=True)
+        signals_view.run_windows(db, run.id)
     if scores := db.eval_results(run.id):
         st.subheader("Accuracy")
         cards = run_view.eval_metrics(scores)
