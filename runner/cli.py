@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from runner import api
+from runner import api, views
 from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, Settings, load_run_spec, load_sweep_spec
 from runner.errors import ServelabError, SpecError
 
@@ -72,7 +72,7 @@ def runs(fmt: str = typer.Option("table", "--format", help="table (fits 120 colu
     elif fmt == "json":
         typer.echo(frame.to_json(orient="records", date_format="iso"))
     else:
-        typer.echo(api.runs_text(frame) if len(frame) else "no runs yet")
+        typer.echo(views.runs_text(frame) if len(frame) else "no runs yet")
 
 
 @app.command()
@@ -81,9 +81,9 @@ def show(run_id: int, as_json: bool = typer.Option(False, "--json", help="Every 
     try:
         store = _store()
         if as_json:
-            typer.echo(json.dumps(api.run_record(store, run_id), indent=2, default=str))
+            typer.echo(json.dumps(views.run_record(store, run_id), indent=2, default=str))
         else:
-            typer.echo(api.run_text(store, run_id))
+            typer.echo(views.run_text(store, run_id))
     except ServelabError as exc:
         _fail(exc)
 

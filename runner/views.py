@@ -1,0 +1,156 @@
+"""What a person reads in a terminal: `servelab runs` in 120 columns, `servelab show` (and its `--json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from runner.api import label_of, one_line, reproduce_env
+from runner.config import RunSpec
+from runner.errors import ServelabError
+from runner.models import Run
+from runner.store import Store
+
+_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 18, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
+              ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 9, ">"),
+              ("CREATED", 11, "<")]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    """`value` formatted; blank when unknown; no decimals from 1,000 on (a column stays narrow)."""
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 1000 else fmt.format(value)
+
+
+def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
+    """`runs_table` as fixed columns within `width`: rounded numbers, blanks for what is unknown, one line a
+    run, the failure reason cut to what is left of the line."""
+    head = " ".join(f"{name:{align}{w}}" for name, w, align in _RUNS_TEXT)
+    lines = [(head + " REASON")[:width]]
+    for r in frame.to_dict("records"):
+        tp, dcp = r.get("tensor_parallel_size"), r.get("decode_context_parallel_size")
+        config = "" if tp is None or pd.isna(tp) else f"TP{int(tp)}" + (f"+DCP{int(dcp)}" if dcp and dcp > 1 else "")
+        created = r.get("created_at")
+        cells = [str(r["id"]), r["status"], str(r.get("label") or ""), config,
+                 _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}"),
+                 _cell(r.get("median_ttft_ms"), "{:,.1f}"), _cell(r.get("median_tpot_ms"), "{:.2f}"),
+                 _cell(r.get("kv_cache_tokens"), "{:,.0f}"),
+                 "" if created is None or pd.isna(created) else pd.Timestamp(created).strftime("%m-%d %H:%M")]
+        text = " ".join(f"{c[:w]:{align}{w}}" for c, (_, w, align) in zip(cells, _RUNS_TEXT))
+        reason = r.get("failure_reason")
+        reason = str(one_line(reason)) if isinstance(reason, str) else ""
+        room = width - len(text) - 1
+        if reason and room > 1:
+            text += " " + (reason if len(reason) <= room else reason[:room - 1] + "…")
+        lines.append(text.rstrip())
+    return "\n".join(lines)
+
+
+def run_commands(run: Run) -> dict[str, str]:
+    """Title → command line of a launched run: `vllm serve` as it ran, each `vllm bench serve`, `lm_eval`."""
+    from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
+    from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_tasks
+
+    if not run.spec_json:
+        return {}
+    spec = RunSpec.model_validate_json(run.spec_json)
+    launch = spec.launch.model_copy(update={"port": run.port}) if run.port else spec.launch
+    env = reproduce_env(run) or launch.env
+    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else serve_argv(launch)
+    base = f"http://{launch.host}:{launch.port}"
+    run_dir = Path(run.run_dir or f"data/runs/{run.id}")
+    out = {"vllm serve": display(serve, env)}
+    for i, bench in enumerate(spec.bench):
+        title = f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"
+        out[title] = display(bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json"))
+    if spec.eval is not None:
+        ev, include = spec.eval, None
+        if ev.dataset_path:
+            try:
+                ev = ev.model_copy(update={"tasks": local_tasks(ev.tasks)})
+            except ServelabError:
+                pass  # shown as given
+            include = run_dir / TASK_DIR
+        out["lm_eval"] = display(lm_eval_argv(ev, launch, base, run_dir / OUTPUT_DIR, include_path=include))
+        log = run_dir / LOG_NAME
+        first = log.read_text(errors="replace").split("\n", 1)[0] if log.is_file() else ""
+        if first.startswith("$ "):
+            out["lm_eval"] = first[2:].strip()  # the line the eval phase actually ran
+    return out
+
+
+def run_record(store: Store, run_id: int) -> dict[str, Any]:
+    """One run as plain JSON-able values: every stored field, its bench metrics and eval scores."""
+    run = store.get_run(run_id)
+    out = {k: v for k, v in run.model_dump(mode="json").items() if v not in (None, "")}
+    for key in ("spec_json", "serve_argv_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
+        if key in out:
+            out[key.removesuffix("_json")] = json.loads(out.pop(key))
+    out["bench"] = store.run_metrics(run_id)
+    out["eval"] = [s.model_dump(exclude={"id", "run_id"}) for s in store.eval_results(run_id)]
+    return out
+
+
+_SHOW_METRICS = [("completed", "requests", "{:,.0f}"), ("failed", "failed", "{:,.0f}"), ("duration", "s", "{:,.1f}"),
+                 ("output_throughput", "out tok/s", "{:,.1f}"), ("request_throughput", "req/s", "{:,.2f}"),
+                 ("median_ttft_ms", "median TTFT ms", "{:,.1f}"), ("median_tpot_ms", "median TPOT ms", "{:,.2f}"),
+                 ("median_itl_ms", "median ITL ms", "{:,.2f}"), ("p99_e2el_ms", "P99 E2EL ms", "{:,.1f}")]
+
+
+def run_text(store: Store, run_id: int) -> str:
+    """One run for a person: state, launch, times, KV capacity, commands, headline metrics, accuracy, reason."""
+    run = store.get_run(run_id)
+    lines = [f"run {run.id} · {run.status.value} · {label_of(run)}" + (f" · {run.phase}" if run.phase and
+                                                                       run.phase != run.status.value else "")]
+
+    def field(name: str, value: str) -> None:
+        lines.append(f"{name:<13}{value}")
+
+    field("source", run.source.value + (f", sweep #{run.sweep_id} ({run.sweep_cell})" if run.sweep_id else ""))
+    if run.model:
+        field("model", run.model)
+    if run.tensor_parallel_size:
+        par = [f"TP{run.tensor_parallel_size}"] + [f"{n}{v}" for n, v in (
+            ("DCP", run.decode_context_parallel_size), ("PP", run.pipeline_parallel_size),
+            ("DP", run.data_parallel_size)) if v and v > 1]
+        where = [f"vLLM {run.vllm_version}" if run.vllm_version else "", f"host {run.host}" if run.host else "",
+                 f"port {run.port}" if run.port else ""]
+        field("launch", " ".join(par) + "".join(f", {w}" for w in where if w))
+    times = [f"created {run.created_at:%Y-%m-%d %H:%M:%S} UTC"]
+    if run.started_at and run.ready_at:
+        times.append(f"ready after {(run.ready_at - run.started_at).total_seconds():.0f} s")
+    if run.started_at and run.finished_at:
+        times.append(f"finished after {(run.finished_at - run.started_at).total_seconds():.0f} s")
+    field("times", ", ".join(times))
+    if run.kv_cache_tokens is not None or run.kv_cache_gib is not None:
+        kv = [f"{run.kv_cache_tokens:,} tokens" if run.kv_cache_tokens else "",
+              f"{run.kv_cache_gib:.2f} GiB" if run.kv_cache_gib else "",
+              f"max concurrency {run.max_concurrency:,.2f}x" if run.max_concurrency else "",
+              f"DCP x{run.dcp_multiplier}" if run.dcp_multiplier and run.dcp_multiplier > 1 else ""]
+        field("KV capacity", ", ".join(k for k in kv if k))
+    if run.run_dir:
+        field("folder", run.run_dir)
+    try:
+        commands = run_commands(run)
+    except (ValueError, ServelabError) as exc:  # a stored spec this version cannot read
+        commands = {"stored spec": f"unreadable here: {exc}"}
+    for title, text in commands.items():
+        lines += ["", f"{title}:", "  " + text.replace("\n", "\n  ")]
+    metrics = store.run_metrics(run_id)
+    if metrics:
+        lines += ["", "benchmark" + (f" ({len(metrics)} executions)" if len(metrics) > 1 else "") + ":"]
+        for i, m in enumerate(metrics):
+            cells = [f"{fmt.format(m[k])} {name}" for k, name, fmt in _SHOW_METRICS if m.get(k) is not None]
+            lines.append(("  " if len(metrics) == 1 else f"  #{i + 1} ") + ", ".join(cells))
+    scores = store.eval_results(run_id)
+    if scores:
+        lines += ["", "accuracy:"]
+        lines += [f"  {e.task} {e.filter} {e.metric} {e.value:.4f}" + (f" ± {e.stderr:.4f}" if e.stderr is not None
+                                                                      else "") for e in scores]
+    if run.failure_reason:
+        lines += ["", "reason:", "  " + run.failure_reason.strip().replace("\n", "\n  ")]
+    return "\n".join(lines)
