@@ -162,20 +162,30 @@ def throughput_bars(summary: pd.DataFrame) -> go.Figure:
     return _facet_bars(summary, [(k, name, unit) for k, (name, unit) in THROUGHPUTS.items()], "Throughput")
 
 
-def latency_bars(summary: pd.DataFrame) -> go.Figure:
-    """Mean / median / P99 of TTFT, TPOT, ITL (and E2EL when present), grouped by run, in ms."""
+def latency_bars(summary: pd.DataFrame, intervals: pd.DataFrame | None = None) -> go.Figure:
+    """Mean / median / P99 of TTFT, TPOT, ITL (and E2EL when present), grouped by run, in ms; with
+    `intervals` (`data.latency_intervals`: run_id, key, low, high), each bar's 95 % interval as an error bar."""
     present = [m for m in LATENCIES if any(_has(summary, f"{s}_{m}_ms") for s in STATS)]
     fig = make_subplots(rows=1, cols=max(1, len(present)), subplot_titles=[LATENCIES[m] for m in present])
     colors = _colors(list(summary["label"]))
+    bounds = {} if intervals is None else {(r.run_id, r.key): (r.low, r.high) for r in intervals.itertuples()}
     for i, m in enumerate(present, start=1):
         for _, row in summary.iterrows():
             stats = [s for s in STATS if f"{s}_{m}_ms" in row and pd.notna(row[f"{s}_{m}_ms"])]
-            fig.add_bar(x=[STATS[s] for s in stats], y=[row[f"{s}_{m}_ms"] for s in stats], name=row["label"],
+            values = [row[f"{s}_{m}_ms"] for s in stats]
+            ci = [bounds.get((row["run_id"], f"{s}_{m}_ms")) for s in stats]
+            error = None
+            if any(ci):
+                error = {"type": "data", "symmetric": False, "color": "#444", "thickness": 1.2,
+                         "array": [c[1] - v if c else 0 for c, v in zip(ci, values)],
+                         "arrayminus": [v - c[0] if c else 0 for c, v in zip(ci, values)]}
+            fig.add_bar(x=[STATS[s] for s in stats], y=values, name=row["label"], error_y=error,
                         marker_color=colors[row["label"]], legendgroup=row["label"], showlegend=i == 1,
                         row=1, col=i)
         fig.update_yaxes(title_text="ms", row=1, col=i)
     fig.update_layout(barmode="group")
-    return _layout(fig, "Latency (mean, median, P99)", 380)
+    title = "Latency (mean, median, P99)" + (" with 95 % intervals" if bounds else "")
+    return _layout(fig, title, 380)
 
 
 def kv_capacity_bars(summary: pd.DataFrame) -> go.Figure:

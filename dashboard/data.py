@@ -102,6 +102,14 @@ def bench_summary(store: Store, run_ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def latency_intervals(store: Store, run_ids: list[int]) -> pd.DataFrame:
+    """Bootstrap 95 % intervals of each run's mean, median and P99 latencies (runs with per-request data)."""
+    keys = [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
+    rows = [{"run_id": run_id, "key": key, "low": low, "high": high}
+            for run_id in run_ids for key, (low, high) in api.run_intervals(store, run_id, keys).items()]
+    return pd.DataFrame(rows, columns=["run_id", "key", "low", "high"])
+
+
 def eval_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
     runs = [store.get_run(r) for r in run_ids]
     labels = unique_labels(runs)

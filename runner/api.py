@@ -293,6 +293,16 @@ def bench_requests(store: Store, run_id: int) -> list[noise.Requests | None]:
     return out
 
 
+def run_intervals(store: Store, run_id: int, keys: list[str]) -> dict[str, tuple[float, float]]:
+    """Bootstrap 95 % intervals of a run's latency statistics `keys` (the mean over its repeats, as in the gain
+    table); empty unless every bench execution kept its per-request data."""
+    reqs = bench_requests(store, run_id)
+    if not reqs or any(r is None for r in reqs):
+        return {}
+    boot = noise.Bootstrap([r for r in reqs if r is not None], keys)
+    return {k: noise.interval(reps) for k in keys if (reps := boot.replicates(k)) is not None}
+
+
 def _side(store: Store, run_id: int) -> cmp.Side:
     return cmp.Side(store.run_metrics(run_id), bench_requests(store, run_id))
 

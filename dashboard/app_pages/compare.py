@@ -17,6 +17,11 @@ def comparison(_db, baseline: int, candidate: int, versions: tuple) -> api.Compa
     return api.compare_report(_db, baseline, candidate)
 
 
+@st.cache_data(ttl=3600, show_spinner="Bootstrapping the latency intervals…", max_entries=64)
+def intervals(_db, run_ids: list[int], versions: tuple) -> pd.DataFrame:
+    return data.latency_intervals(_db, run_ids)
+
+
 def version(run_id: int) -> tuple:
     run = db.get_run(run_id)
     return str(db.url), run.id, run.status.value, run.finished_at, len(db.bench_results(run_id))
@@ -78,7 +83,8 @@ for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline i
 if len(benched):
     st.header("Throughput and latency")
     st.plotly_chart(charts.throughput_bars(benched), key="throughput")
-    st.plotly_chart(charts.latency_bars(benched), key="latency")
+    ids = [int(i) for i in benched["run_id"]]
+    st.plotly_chart(charts.latency_bars(benched, intervals(db, ids, tuple(version(i) for i in ids))), key="latency")
     st.download_button("Metrics of these runs (CSV)", api.frame_to_csv(summary), "compare-metrics.csv", "text/csv",
                        on_click="ignore")
 

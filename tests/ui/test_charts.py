@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dashboard import charts
+from dashboard import charts, data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,3 +180,21 @@ def test_telemetry_charts_per_gpu_and_in_percent() -> None:
 def test_charts_import_no_streamlit() -> None:
     code = "import sys, dashboard.charts, dashboard.data, dashboard.tables; assert 'streamlit' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_latency_bars_carry_each_runs_bootstrap_interval(store) -> None:
+    from runner import api
+    from tests.conftest import FIXTURES
+
+    detailed = (FIXTURES / "cpu_0.32" / "bench_detailed.json").read_bytes()
+    [run_id] = api.import_files(store, [("bench.json", detailed)], label="CPU demo")
+    summary = data.bench_summary(store, [run_id])
+    intervals = data.latency_intervals(store, [run_id])
+    assert len(intervals) == 12  # mean, median, P99 of TTFT, TPOT, ITL, E2EL
+    low, high = intervals.set_index("key").loc["median_ttft_ms", ["low", "high"]]
+    fig = charts.latency_bars(summary, intervals)
+    assert fig.layout.title.text == "Latency (mean, median, P99) with 95 % intervals"
+    ttft = fig.data[0]
+    assert list(ttft.x) == ["Mean", "Median", "P99"] and ttft.y[1] == summary.loc[0, "median_ttft_ms"]
+    assert ttft.error_y.array[1] == high - ttft.y[1] and ttft.error_y.arrayminus[1] == ttft.y[1] - low
+    assert charts.latency_bars(summary).data[0].error_y.array is None  # without intervals: plain bars
