@@ -133,8 +133,9 @@ def _text(v: Any) -> str:
 class MetricsReader:
     """GETs a Prometheus endpoint over one kept-alive HTTP/1.1 connection.
 
-    The stdlib client, not httpx: the sampler pays for a scrape every tick, and for vLLM's 50 KiB
-    `/metrics` http.client costs a third of httpx's CPU time.
+    The stdlib client, not httpx: the sampler pays for a scrape every tick, and http.client costs
+    0.43 ms of CPU a GET against httpx.Client's 1.5 ms; swapped in, httpx doubled the whole sampler's
+    CPU (`benchmarks/sampler_cost.py`, docs/performance.md, "httpx and Core inserts").
 
     With `names`, it asks for those samples only (`/metrics/?name[]=…`): vLLM's `/metrics/` is
     prometheus_client's own app, which renders only the collectors named, so the server spends a
