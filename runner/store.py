@@ -236,7 +236,11 @@ class Store:
 
     def claim_run(self, run_id: int, worker_id: str) -> bool:
         """Atomically move run `run_id` from `queued` to `starting` for `worker_id`; False if another
-        worker claimed it first or it is no longer queued."""
+        worker claimed it first or it is no longer queued.
+
+        One UPDATE whose WHERE re-checks `status = 'queued'`. SQLite runs one writer at a time; PostgreSQL
+        (read committed) makes a second worker's UPDATE wait for the first's row lock, then re-check the
+        WHERE on the committed row, which no longer matches: exactly one worker gets True."""
         stmt = (
             sa.update(Run)
             .where(col(Run.id) == run_id, Run.status == RunStatus.queued)

@@ -1,4 +1,4 @@
-"""The queue worker and the API over a real SQLite store, with real processes and sockets.
+"""The queue worker and the API over a real store (SQLite and PostgreSQL), with real processes and sockets.
 
 The one stand-in is the executor: `RunExecutor` launches vLLM, which a unit test cannot; the recording
 executor below takes its place at the worker's `executor_factory` seam.
@@ -30,6 +30,15 @@ from runner.worker import Allocator, Worker, orphan_servers, this_worker_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEAD_WORKER = f"{socket.gethostname()}:999999:0"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """The worker over each backend: a SQLite file, and a database of a real PostgreSQL server (the store
+    several workers share)."""
+    s = Store(db_url)
+    yield s
+    s.close()
 
 
 @pytest.fixture
