@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -110,10 +111,8 @@ def run_title(run: Run) -> str:
 def tz() -> ZoneInfo:
     """The browser's time zone when Streamlit knows it, else UTC."""
     name = None
-    try:
+    with contextlib.suppress(Exception):  # no browser (AppTest, bare mode)
         name = st.context.timezone
-    except Exception:  # no browser (AppTest, bare mode)
-        pass
     try:
         return ZoneInfo(name or os.environ.get("TZ") or "UTC")
     except Exception:

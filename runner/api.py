@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,7 +68,8 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
     """Understand one file to import (type detected from content) without touching the store."""
     if isinstance(data, bytes):
         if len(data) > MAX_IMPORT_BYTES:
-            raise ParseError(f"{name}: {len(data) / 2**20:.0f} MiB is over the {MAX_IMPORT_BYTES // 2**20} MiB import limit.")
+            raise ParseError(f"{name}: {len(data) / 2**20:.0f} MiB is over the "
+                             f"{MAX_IMPORT_BYTES // 2**20} MiB import limit.")
         text = data.decode("utf-8", "replace")
     else:
         text = data
@@ -91,7 +93,7 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
     return item
 
 
-def import_files(store: Store, files: list[tuple[str, bytes | str]], label: str | None = None,
+def import_files(store: Store, files: Sequence[tuple[str, bytes | str]], label: str | None = None,
                  settings: Settings | None = None, into: int | None = None) -> list[int]:
     """Import (name, content) pairs: one new run each, or all into the existing run `into` (say, a
     bench block and the GSM8K table of the same configuration). Every file is parsed before anything
@@ -415,7 +417,8 @@ def render_accuracy(rows: list[dict[str, Any]], a_label: str, b_label: str) -> s
     def pm(v: float, se: float | None) -> str:
         return f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}"
 
-    lines = [f"| Task | Filter | Metric | {a_label} | {b_label} | Change | Drop > 2σ |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| Task | Filter | Metric | {a_label} | {b_label} | Change | Drop > 2σ |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         flag = "n/a" if r["flagged"] is None else ("yes" if r["flagged"] else "no")
         lines.append(f"| {r['task']} | {r['filter']} | {r['metric']} | {pm(r['a'], r['a_stderr'])} | "

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,15 +34,15 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 
 @app.callback()
-def main(db: Optional[str] = typer.Option(None, "--db", help="Database path or SQLAlchemy URL (or SERVELAB_DB).")):
+def main(db: str | None = typer.Option(None, "--db", help="Database path or SQLAlchemy URL (or SERVELAB_DB).")):
     _state["db"] = db
 
 
 @app.command("import")
 def import_(
     files: list[Path] = typer.Argument(..., help="Bench JSON, bench text block, lm-eval JSON/table or server log."),
-    label: Optional[str] = typer.Option(None, help="Label of the imported runs (default: file name)."),
-    into: Optional[int] = typer.Option(None, "--into", help="Add the results to this existing run instead."),
+    label: str | None = typer.Option(None, help="Label of the imported runs (default: file name)."),
+    into: int | None = typer.Option(None, "--into", help="Add the results to this existing run instead."),
 ):
     """Import existing results; prints one run id per line (each created run, or the --into run)."""
     try:
@@ -128,7 +127,7 @@ def compare(
 @app.command()
 def export(
     what: str = typer.Argument(..., help="runs, samples or results"),
-    run: Optional[list[int]] = typer.Option(None, "--run", help="Only these runs (repeatable)."),
+    run: list[int] | None = typer.Option(None, "--run", help="Only these runs (repeatable)."),
     out: Path = typer.Option(..., "--out", help="CSV file to write."),
 ):
     """Export runs, telemetry samples or results as CSV."""
@@ -146,7 +145,8 @@ def _headline(store, run_id: int) -> str:
     if metrics:
         m = metrics[-1]
         parts.append(f"{m.get('completed', 0):.0f} requests, output {m.get('output_throughput') or 0:.1f} tok/s, "
-                     f"median TTFT {m.get('median_ttft_ms') or 0:.1f} ms, median TPOT {m.get('median_tpot_ms') or 0:.2f} ms")
+                     f"median TTFT {m.get('median_ttft_ms') or 0:.1f} ms, "
+                     f"median TPOT {m.get('median_tpot_ms') or 0:.2f} ms")
     if run.kv_cache_tokens:
         parts.append(f"KV cache {run.kv_cache_tokens:,} tokens")
     if run.failure_reason:
@@ -183,7 +183,8 @@ def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
         typer.echo("", err=True)
 
 
-_SET_HELP = "Override a field: FIELD=VALUE with vLLM's flag names, e.g. --set tensor-parallel-size=2 --set bench.num-prompts=50."
+_SET_HELP = ("Override a field: FIELD=VALUE with vLLM's flag names, "
+             "e.g. --set tensor-parallel-size=2 --set bench.num-prompts=50.")
 
 
 _ELSEWHERE_HELP = ("Queue the run for a worker on another machine with the GPUs this one lacks (same --db), "

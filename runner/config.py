@@ -668,7 +668,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     db: str | None = Field(None, description="Database: a path or SQLAlchemy URL (SERVELAB_DB).")
-    data_dir: Path = Field(Path("data"), description="Folder of run folders and the default SQLite file (SERVELAB_DATA).")
+    data_dir: Path = Field(Path("data"),
+                           description="Folder of run folders and the default SQLite file (SERVELAB_DATA).")
     sample_interval_s: float = Field(1.0, gt=0, description="Telemetry sampling period (SERVELAB_SAMPLE_INTERVAL).")
     password: str | None = Field(None, description="Password that gates the dashboard (SERVELAB_PASSWORD).")
 
@@ -708,7 +709,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     import yaml
 
     out = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    sections = {"launch": LaunchSpec, "bench": BenchSpec, "eval": EvalSpec}
+    sections: dict[str, type[BaseModel]] = {"launch": LaunchSpec, "bench": BenchSpec, "eval": EvalSpec}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
@@ -722,7 +723,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         value = yaml.safe_load(raw) if raw.strip() else None
         if section == "bench":
             benches = out.get("bench") or [{}]
-            out["bench"] = [{**_underscore_keys(b), name: value} for b in ([benches] if isinstance(benches, dict) else benches)]
+            benches = [benches] if isinstance(benches, dict) else benches
+            out["bench"] = [{**_underscore_keys(b), name: value} for b in benches]
         else:
             out[section] = {**_underscore_keys(out.get(section) or {}), name: value}
     return out

@@ -146,7 +146,7 @@ def write_demo_model(path: Path, *, num_kv_heads: int = 2, seed: int = 0) -> Pat
             dtype="bfloat16",
         )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()  # type: ignore[arg-type]  # transformers' `to` stub
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,

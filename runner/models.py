@@ -10,7 +10,7 @@ sample and phase times are float epoch seconds, cheap to chart and to down-sampl
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -49,7 +49,7 @@ def _ts(index: bool = False, default_now: bool = False) -> Any:
     return Field(default=None, sa_type=UTCDateTime, index=index)
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """Life cycle of a run. `cancelled` (by a user) and `interrupted` (worker died) are states of their own."""
 
     queued = "queued"
@@ -72,7 +72,7 @@ ACTIVE: frozenset[RunStatus] = frozenset(
 """A worker holds the run (queued runs are neither active nor terminal)."""
 
 
-class RunSource(str, Enum):
+class RunSource(StrEnum):
     """Where a run's results came from."""
 
     launched = "launched"
@@ -82,7 +82,7 @@ class RunSource(str, Enum):
 class Sweep(SQLModel, table=True):
     """A named group of runs generated from one SweepSpec."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
     name: str
     spec_json: str = "{}"
     created_at: datetime = _ts(default_now=True)
@@ -129,7 +129,7 @@ class RunBase(SQLModel):
 class Run(RunBase, table=True):
     """One vLLM serving config, launched here or imported from pasted results."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
 
 
 def _run_fk(index: bool = True) -> Any:
@@ -154,7 +154,7 @@ BENCH_COLUMNS: tuple[str, ...] = (
 class BenchResult(SQLModel, table=True):
     """One `vllm bench serve` execution against a run (`repeat` counts executions of one bench spec)."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
     run_id: int = _run_fk()
     repeat: int = 0
     bench_spec_json: str | None = None
@@ -214,7 +214,7 @@ class OutputAnswer(SQLModel, table=True):
 class EvalResult(SQLModel, table=True):
     """One lm-eval score (task × filter × metric) of a run."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
     run_id: int = _run_fk()
     task: str
     filter: str = "none"
@@ -235,7 +235,7 @@ class Sample(SQLModel, table=True):
     # in the order every read asks for (run, time, host row then GPUs): no sort, even for a 1M-row export
     __table_args__ = (sa.Index("ix_sample_run_id_t_gpu_index", "run_id", "t", "gpu_index"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
     run_id: int = _run_fk(index=False)  # covered by the (run_id, t, gpu_index) index
     t: float  # epoch seconds
     gpu_index: int | None = None
@@ -263,7 +263,7 @@ class Sample(SQLModel, table=True):
 class PhaseEvent(SQLModel, table=True):
     """A moment in a run's life (launched, ready, bench_start, bench_end, eval_start, eval_end, stopped, …)."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
     run_id: int = _run_fk()
     t: float  # epoch seconds, like Sample.t
     phase: str

@@ -338,8 +338,8 @@ def find_failure_reason(log_text: str) -> str | None:
     """
     levels_and_lines = []
     for raw in _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n"):
-        prefix = _LOG_PREFIX.match(raw)
-        levels_and_lines.append((prefix.group(1), raw[prefix.end() :].strip()))
+        prefix = _LOG_PREFIX.match(raw)  # every part of it is optional: it matches every line
+        levels_and_lines.append((prefix.group(1), raw[prefix.end() :].strip()) if prefix else (None, raw.strip()))
     lines = [line for _, line in levels_and_lines]
     reason: str | None = None
     for index, line in enumerate(lines):

@@ -7,12 +7,13 @@ with SIGTERM → wait → SIGKILL of the whole group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port(start: int, taken: set[int] = frozenset(), host: str = "127.0.0.1") -> int:
+def free_port(start: int, taken: Collection[int] = frozenset(), host: str = "127.0.0.1") -> int:
     """The first free port at or above `start` that is not in `taken`."""
     end = min(start + 1000, 65536)
     for port in range(start, end):
@@ -105,15 +106,16 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM to the group, wait up to `grace_s`, then SIGKILL whatever of the group is left."""
+    def stop(self, grace_s: float = 30.0) -> float:
+        """SIGTERM to the group, wait up to `grace_s`, then SIGKILL whatever of the group is left;
+        return the seconds it took."""
+        start = time.monotonic()
         if self.proc is None:
-            return
+            return 0.0
         kill_group(self.proc.pid, grace_s)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        return time.monotonic() - start
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
@@ -161,7 +163,8 @@ class VllmServer(ManagedProcess):
     ):
         super().__init__(argv, env, log_path)
         self.port = port
-        self.host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        # a wildcard bind address is reached on the loopback
+        self.host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104
 
     @property
     def base_url(self) -> str:

@@ -243,7 +243,7 @@ class Store:
         WHERE on the committed row, which no longer matches: exactly one worker gets True."""
         stmt = (
             sa.update(Run)
-            .where(col(Run.id) == run_id, Run.status == RunStatus.queued)
+            .where(col(Run.id) == run_id, col(Run.status) == RunStatus.queued)
             .values(status=RunStatus.starting, worker_id=worker_id)
         )
         with self.engine.begin() as conn:
@@ -300,13 +300,14 @@ class Store:
         """Store one bench execution: known metrics as columns, every numeric scalar in `metrics_json`."""
         self.get_run(run_id)
         scalars = _scalars(metrics)
+        columns: dict[str, Any] = {c: scalars.get(c) for c in BENCH_COLUMNS}
         row = BenchResult(
             run_id=run_id,
             repeat=repeat,
             bench_spec_json=bench_spec_json,
             raw_path=raw_path,
             metrics_json=json.dumps(scalars),
-            **{c: scalars.get(c) for c in BENCH_COLUMNS},
+            **columns,
         )
         with self._session() as s:
             s.add(row)
@@ -416,7 +417,9 @@ class Store:
         """The columns of `sample_batches` rows, in order."""
         return list(SAMPLE_COLUMNS)
 
-    def sample_batches(self, run_ids: Iterable[int] | None = None, size: int = 20_000) -> Iterator[list[tuple[Any, ...]]]:
+    def sample_batches(
+        self, run_ids: Iterable[int] | None = None, size: int = 20_000
+    ) -> Iterator[list[tuple[Any, ...]]]:
         """Telemetry rows as plain tuples (`sample_columns` order), by run and time, in lists of `size`:
         for exports of millions of rows that need no DataFrame. `run_ids` None reads every run."""
         yield from self._raw_batches(samples_query(run_ids), size)
@@ -429,7 +432,7 @@ class Store:
         if compiled.positiontup is not None:
             params = tuple(params[name] for name in compiled.positiontup)
         with self.engine.connect() as conn:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(str(compiled), params)
                 while batch := cursor.fetchmany(size):
@@ -509,7 +512,9 @@ def _kept_ticks(run_ids: list[int], max_points: int) -> Any:
     lower = span.c.lo + width * slices.c.k
     upper = sa.case((slices.c.k == max_points - 1, span.c.hi + 1.0), else_=span.c.lo + width * (slices.c.k + 1))
     probe = table.alias("probe")
-    first = sa.select(sa.func.min(probe.c.t)).where(probe.c.run_id == span.c.run_id, probe.c.t >= lower, probe.c.t < upper)
+    first = sa.select(sa.func.min(probe.c.t)).where(
+        probe.c.run_id == span.c.run_id, probe.c.t >= lower, probe.c.t < upper
+    )
     kept = sa.select(span.c.run_id, first.scalar_subquery().label("t")).select_from(span.join(slices, sa.true()))
     return _materialized(kept.cte("kept"))
 

@@ -66,36 +66,44 @@ class GpuReader:
             self.handles = {}
 
     def inventory(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
+        nv = self.nvml
+        if nv is None:
+            return out
         for i, h in self.handles.items():
             row: dict[str, Any] = {"index": i}
-            row["name"] = self._field(lambda: _text(self.nvml.nvmlDeviceGetName(h)))
-            mem = self._field(lambda: self.nvml.nvmlDeviceGetMemoryInfo(h))
+            name = self._field(nv.nvmlDeviceGetName, h)
+            row["name"] = _text(name) if name is not None else None
+            mem = self._field(nv.nvmlDeviceGetMemoryInfo, h)
             row["mem_total_mib"] = mem.total / MIB if mem else None
             row["mem_free_mib"] = mem.free / MIB if mem else None
             out.append(row)
         return out
 
     @staticmethod
-    def _field(read: Callable[[], Any]) -> Any:
+    def _field(read: Callable[..., Any], *args: Any) -> Any:
         try:
-            return read()
+            return read(*args)
         except Exception:
             return None
 
     def read(self, pids: set[int]) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         nv = self.nvml
+        if nv is None:
+            return rows
         for i, h in self.handles.items():
             try:
                 nv.nvmlDeviceGetMemoryInfo(h)  # a lost GPU fails here first
             except Exception as exc:
                 rows.append({"gpu_index": i, "note": f"GPU {i} lost: {exc}"})
                 continue
-            util = self._field(lambda: nv.nvmlDeviceGetUtilizationRates(h))
-            mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(h))
-            power = self._field(lambda: nv.nvmlDeviceGetPowerUsage(h))
-            procs = self._field(lambda: nv.nvmlDeviceGetComputeRunningProcesses(h)) or []
+            util = self._field(nv.nvmlDeviceGetUtilizationRates, h)
+            mem = self._field(nv.nvmlDeviceGetMemoryInfo, h)
+            power = self._field(nv.nvmlDeviceGetPowerUsage, h)
+            temp = self._field(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU)
+            sm_clock = self._field(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM)
+            procs = self._field(nv.nvmlDeviceGetComputeRunningProcesses, h) or []
             proc_mem = sum((p.usedGpuMemory or 0) for p in procs if p.pid in pids)
             rows.append(
                 {
@@ -104,15 +112,15 @@ class GpuReader:
                     "mem_used_mib": mem.used / MIB if mem else None,
                     "mem_total_mib": mem.total / MIB if mem else None,
                     "power_w": power / 1000.0 if power is not None else None,
-                    "temp_c": self._field(lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
-                    "sm_clock_mhz": self._field(lambda: float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))),
+                    "temp_c": float(temp) if temp is not None else None,
+                    "sm_clock_mhz": float(sm_clock) if sm_clock is not None else None,
                     "proc_mem_mib": proc_mem / MIB if procs else None,
                 }
             )
         return rows
 
     def close(self) -> None:
-        if self.handles:
+        if self.handles and self.nvml is not None:
             self._field(self.nvml.nvmlShutdown)
 
 
@@ -121,7 +129,8 @@ def gpu_memory_used_mib(indices: list[int], nvml: ModuleType | None | bool = Tru
     and the check that a stopped run gave its memory back."""
     reader = GpuReader(load_nvml() if nvml is True else (nvml or None), indices)
     try:
-        return {row["gpu_index"]: row["mem_used_mib"] for row in reader.read(set()) if row.get("mem_used_mib") is not None}
+        rows = reader.read(set())
+        return {row["gpu_index"]: row["mem_used_mib"] for row in rows if row.get("mem_used_mib") is not None}
     finally:
         reader.close()
 
@@ -303,8 +312,8 @@ class Sampler:
         host: dict[str, Any] = {"run_id": self.run_id, "t": t, "gpu_index": None}
         host.update(self._process_stats(tree))
         host["host_mem_used_pct"] = psutil.virtual_memory().percent
-        if self.metrics_url:
-            host.update(self._scrape())
+        if self._metrics is not None:
+            host.update(self._scrape(self._metrics))
         rows = [host]
         for g in self.gpus.read({p.pid for p in tree}):
             rows.append({"run_id": self.run_id, "t": t, **g})
@@ -345,9 +354,10 @@ class Sampler:
         self._cpu_seen = alive
         return {"cpu_pct": cpu if measured else None, "rss_mib": rss / MIB}
 
-    def _scrape(self) -> dict[str, Any]:
+    @staticmethod
+    def _scrape(metrics: MetricsReader) -> dict[str, Any]:
         try:
-            values = parse_prometheus(self._metrics.get())
+            values = parse_prometheus(metrics.get())
         except (OSError, http.client.HTTPException, ParseError) as exc:
             return {"note": f"/metrics unavailable: {type(exc).__name__}"}
         return {col: values[name] for name, col in METRIC_COLUMNS.items() if name in values}

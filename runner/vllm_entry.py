@@ -12,6 +12,7 @@ Both happen at import, so ``spawn``-started workers (re-importing this module as
 ``__mp_main__``) get them too. The CLI itself runs under the ``__main__`` guard only.
 """
 
+import contextlib
 import ctypes
 import importlib.metadata as _md
 import platform
@@ -31,22 +32,21 @@ def _find(name: str) -> tuple[_md.Distribution, bool]:
         return _md.Distribution.from_name(alias), True
 
 
-def _version(name: str) -> str:
-    dist, aliased = _find(name)
+def _version(distribution_name: str) -> str:
+    dist, aliased = _find(distribution_name)
     return dist.version + "+cpu" if aliased and "cpu" not in dist.version else dist.version
 
 
 if not getattr(_md, "_servelab_patched", False):
     _md.version = _version
-    _md.distribution = lambda name: _find(name)[0]
-    _md.metadata = lambda name: _find(name)[0].metadata
-    _md._servelab_patched = True
+    _md.distribution = lambda distribution_name: _find(distribution_name)[0]
+    _md.metadata = lambda distribution_name: _find(distribution_name)[0].metadata
+    _md._servelab_patched = True  # type: ignore[attr-defined]  # our mark on the stdlib module
 
 if sys.platform == "linux" and platform.machine() == "x86_64":
-    try:  # SYS_arch_prctl=158, ARCH_REQ_XCOMP_PERM=0x1023, XFEATURE_XTILEDATA=18
+    # SYS_arch_prctl=158, ARCH_REQ_XCOMP_PERM=0x1023, XFEATURE_XTILEDATA=18; no AMX or no permission: nothing to do
+    with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)
-    except Exception:  # no AMX or no permission: nothing to do
-        pass
 
 
 def main() -> None:
