@@ -89,9 +89,9 @@ def show(run_id: int, as_json: bool = typer.Option(False, "--json", help="Every 
 
 @app.command()
 def compare(
-    baseline: Optional[int] = typer.Argument(None, help="Baseline run (default: the older of the two newest "
-                                             "succeeded runs)."),
-    candidates: Optional[list[int]] = typer.Argument(None, help="Candidate runs (default: the newest succeeded)."),
+    baseline: int | None = typer.Argument(None, help="Baseline run (default: the older of the two newest "
+                                          "succeeded runs)."),
+    candidates: list[int] | None = typer.Argument(None, help="Candidate runs (default: the newest succeeded)."),
     fmt: str = typer.Option("table", "--format", help="table, markdown or csv"),
 ):
     """Each candidate against the baseline: benchmark gain table (95 % CIs, noise verdict, flags), accuracy,
@@ -111,7 +111,8 @@ def compare(
     if fmt == "csv":
         text = api.comparison_csv(reports)
         if not text:
-            _fail(ServelabError(f"runs {baseline} and {', '.join(str(r.candidate) for r in reports)} have no benchmark, "
+            candidates_text = ", ".join(str(r.candidate) for r in reports)
+            _fail(ServelabError(f"runs {baseline} and {candidates_text} have no benchmark, "
                                 "accuracy or KV capacity in common"), code=1)
         typer.echo(text, nl=False)
         return

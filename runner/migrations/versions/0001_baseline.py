@@ -55,7 +55,8 @@ def upgrade() -> None:
         sa.Column("source", sa.Enum("launched", "imported", name="runsource"), nullable=False),
         sa.Column("status", sa.Enum(*RUN_STATUSES, name="runstatus"), nullable=False, index=True),
         sa.Column("model", sa.String(), index=True),
-        *(sa.Column(f"{kind}_parallel_size", sa.Integer()) for kind in ("tensor", "decode_context", "pipeline", "data")),
+        *(sa.Column(f"{kind}_parallel_size", sa.Integer())
+          for kind in ("tensor", "decode_context", "pipeline", "data")),
         *(_text(name) for name in ("spec_json", "serve_argv_json", "env_json", "vllm_version", "host",
                                    "gpu_inventory_json", "gpu_ids_json")),
         sa.Column("port", sa.Integer()),
