@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # servelab on a fresh machine: each command creates the environment and installs what is missing.
 #   ./dev.sh start [servelab dashboard options]   the product (dashboard + worker) on its embedded default
-#   ./dev.sh test  [pytest options]               the test suite
+#   ./dev.sh test  [pytest options]               the quality gate (./dev.sh check), then the test suite
+#   ./dev.sh check                                lint-imports, ruff and mypy on runner/ and dashboard/
 #   ./dev.sh setup [test]                         only the environment
 # The environment lives outside the checkout (SERVELAB_VENV, default ~/.local/share/servelab/venv)
 # so that clones share it. vLLM's GPU build is installed where nvidia-smi sees a GPU, else the CPU build.
@@ -50,11 +51,19 @@ setup() {
   fi
 }
 
+# The quality gate (pyproject holds the settings): layer contracts, lint, types. Any finding fails.
+check() {
+  "$VENV/bin/lint-imports"
+  "$VENV/bin/ruff" check runner dashboard
+  "$VENV/bin/mypy" runner dashboard
+}
+
 cmd=${1:-start}
 shift || true
 case "$cmd" in
   setup) setup "${1:-}" ;;
   start) setup; exec "$VENV/bin/servelab" dashboard "$@" ;;
-  test) setup test; exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: ./dev.sh start|test|setup" >&2; exit 2 ;;
+  check) setup test; check ;;
+  test) setup test; check; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: ./dev.sh start|test|check|setup" >&2; exit 2 ;;
 esac

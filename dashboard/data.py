@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import Literal
 
 import pandas as pd
 
 from runner import api
+from runner.api import Store
 from runner.models import Run
-from runner.store import Store
 
-STATUS_BADGE = {  # colour and Material icon of st.badge (emoji fonts are not everywhere)
+BadgeColor = Literal["gray", "blue", "violet", "green", "red", "orange"]
+# colour and Material icon of st.badge (emoji fonts are not everywhere)
+STATUS_BADGE: dict[str, tuple[BadgeColor, str]] = {
     "queued": ("gray", ":material/schedule:"), "starting": ("blue", ":material/rocket_launch:"),
     "ready": ("blue", ":material/check_circle:"), "benchmarking": ("violet", ":material/speed:"),
     "evaluating": ("violet", ":material/calculate:"), "succeeded": ("green", ":material/check:"),
@@ -85,11 +88,11 @@ def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
 
 def bench_summary(store: Store, run_ids: list[int]) -> pd.DataFrame:
     """One row per run: its configuration, KV capacity and the mean of each bench metric over repeats."""
-    runs = [store.get_run(r) for r in run_ids]
+    runs = [api.get_run(store, r) for r in run_ids]
     labels = unique_labels(runs)
     rows = []
     for run in runs:
-        metrics = pd.DataFrame(store.run_metrics(run.id))
+        metrics = pd.DataFrame(api.run_metrics(store, run.id))
         means = metrics.mean(numeric_only=True).to_dict() if len(metrics) else {}
         rows.append({
             "run_id": run.id, "label": labels[run.id], "status": run.status.value,
@@ -111,26 +114,26 @@ def latency_intervals(store: Store, run_ids: list[int]) -> pd.DataFrame:
 
 
 def eval_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
-    runs = [store.get_run(r) for r in run_ids]
+    runs = [api.get_run(store, r) for r in run_ids]
     labels = unique_labels(runs)
     rows = [
         {"run_id": run.id, "label": labels[run.id], "task": e.task, "filter": e.filter, "metric": e.metric,
          "value": e.value, "stderr": e.stderr, "n_shot": e.n_shot, "samples": e.samples}
-        for run in runs for e in store.eval_results(run.id)
+        for run in runs for e in api.eval_results(store, run.id)
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=["run_id", "label", "task", "filter", "metric", "value", "stderr", "n_shot",
                                        "samples"])
 
 
 def phases_frame(store: Store, run_id: int) -> pd.DataFrame:
-    events = store.phases(run_id)
+    events = api.phases(store, run_id)
     return pd.DataFrame([{"t": e.t, "phase": e.phase, "detail": e.detail} for e in events],
                         columns=["t", "phase", "detail"])
 
 
 def run_samples(store: Store, run_id: int, max_points: int = 900) -> pd.DataFrame:
     """A run's telemetry with `t_s`, seconds since its first sample."""
-    frame = store.samples_frame([run_id], max_points=max_points)
+    frame = api.samples_frame(store, [run_id], max_points=max_points)
     if frame.empty:
         return frame.assign(t_s=pd.Series(dtype=float))
     return frame.assign(t_s=frame["t"] - frame["t"].min())
@@ -150,18 +153,18 @@ def aligned_samples(store: Store, run_ids: list[int], max_points: int = 600) -> 
     """Host/server telemetry of several runs on one clock: seconds since each run's first benchmark
     began sending requests (since its first sample when it has no benchmark), plus generated tokens
     per second and `bench_end_s`, when the run's last benchmark ended on that clock (NaN without one)."""
-    runs = [store.get_run(r) for r in run_ids]
+    runs = [api.get_run(store, r) for r in run_ids]
     labels = unique_labels(runs)
     parts = []
     for run in runs:
-        frame = store.samples_frame([run.id], max_points=max_points)
+        frame = api.samples_frame(store, [run.id], max_points=max_points)
         frame = frame[frame["gpu_index"].isna()]
         if frame.empty:
             continue
-        phases = store.phases(run.id)
+        phases = api.phases(store, run.id)
         starts = [p.t for p in phases if p.phase == "bench_start"]
         ends = sorted(p.t for p in phases if p.phase == "bench_end")
-        t0 = load_start(starts, ends, store.run_metrics(run.id)) if starts else frame["t"].min()
+        t0 = load_start(starts, ends, api.run_metrics(store, run.id)) if starts else frame["t"].min()
         bench_end_s = ends[-1] - t0 if starts and ends else float("nan")
         frame = frame.sort_values("t").assign(label=labels[run.id], t_s=frame["t"] - t0, bench_end_s=bench_end_s)
         dt = frame["t"].diff()

@@ -5,20 +5,17 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 
 from dashboard import presets
 from dashboard import spec_form as form
-from dashboard.run_view import lm_eval_command
-from runner.commands import bench_argv, display, serve_argv
+from dashboard.spec_form import FormState
+from runner import api
 from runner.config import BenchSpec, EvalSpec, Host, LaunchSpec, RunSpec, SweepSpec
-from runner.errors import Problem, RunError, SpecError
-from runner.evaluate import check_dataset, local_tasks
+from runner.errors import Problem, SpecError
 
 Spec = TypeVar("Spec", LaunchSpec, BenchSpec, EvalSpec)
 RUN_DIR = "data/runs/<run id>"  # shown in commands before the run exists
@@ -28,7 +25,7 @@ SWEEPABLE = [
 ]
 
 
-def apply(spec: RunSpec, state: MutableMapping[str, Any]) -> None:
+def apply(spec: RunSpec, state: FormState) -> None:
     """Fill the whole form from `spec` (a preset)."""
     form.load(spec.launch, "launch", state)
     form.load(spec.bench[0] if spec.bench else BenchSpec(), "bench", state)
@@ -38,7 +35,7 @@ def apply(spec: RunSpec, state: MutableMapping[str, Any]) -> None:
     state["run.other_worker"] = spec.other_worker
 
 
-def apply_command(command: str, state: MutableMapping[str, Any]) -> None:
+def apply_command(command: str, state: FormState) -> None:
     """Fill the launch part of the form from a pasted `vllm serve …` line (raises SpecError)."""
     launch = LaunchSpec.from_command(command)
     form.load(launch, "launch", state)
@@ -67,7 +64,7 @@ class Checked:
         return out
 
 
-def _section(model: type[Spec], prefix: str, state: MutableMapping[str, Any]) -> tuple[Spec | None, list[Problem]]:
+def _section(model: type[Spec], prefix: str, state: FormState) -> tuple[Spec | None, list[Problem]]:
     """One section of the form as its spec, and its problems named by form key."""
     data, problems = form.collect(model, prefix, state)
     try:
@@ -76,7 +73,7 @@ def _section(model: type[Spec], prefix: str, state: MutableMapping[str, Any]) ->
         return None, problems + [p.under(prefix) if isinstance(p, Problem) else Problem(p) for p in exc.problems]
 
 
-def read(state: MutableMapping[str, Any], host: Host | None) -> Checked:
+def read(state: FormState, host: Host | None) -> Checked:
     """Every section checked on its own, so each field with a problem shows it at once."""
     other_worker = bool(state.get("run.other_worker"))
     launch, problems = _section(LaunchSpec, "launch", state)
@@ -99,7 +96,7 @@ def read(state: MutableMapping[str, Any], host: Host | None) -> Checked:
 
 def check(spec: RunSpec, host: Host | None) -> Checked:
     notes = []
-    problems = spec.problems(host) + eval_problems(spec.eval)
+    problems = spec.problems(host) + api.eval_dataset_problems(spec.eval)
     if presets.is_missing_demo_model(spec.launch.model):
         problems = [p for p in problems if not p.startswith("Model path")]
         notes.append("The demo model is written to this path when you queue the run (first use only, ~10 s).")
@@ -114,33 +111,9 @@ def cannot_run_here(spec: RunSpec | None, host: Host | None) -> bool:
     return spec is not None and host is not None and bool(host.problems(spec.launch))
 
 
-def eval_problems(evaluation: EvalSpec | None) -> list[Problem]:
-    """What would stop the eval phase's local dataset, said before queueing rather than after the benchmark."""
-    if evaluation is None or not evaluation.dataset_path:
-        return []
-    try:
-        local_tasks(evaluation.tasks)
-        count = check_dataset(Path(evaluation.dataset_path).expanduser().resolve())
-    except RunError as exc:
-        return [Problem(str(exc), "eval.dataset_path")]
-    if evaluation.num_fewshot >= count:
-        return [Problem(f"Eval dataset {evaluation.dataset_path} has {count} questions, too few for "
-                        f"{evaluation.num_fewshot}-shot prompts drawn from the other questions; use at most "
-                        f"{count - 1} few-shot examples or add questions.", "eval.num_fewshot")]
-    return []
-
-
 def commands(spec: RunSpec) -> dict[str, str]:
     """The exact serve, bench and eval command lines the run will execute (`vllm` for the interpreter)."""
-    launch = spec.launch
-    base = f"http://{launch.host}:{launch.port}"
-    out = {"vllm serve": display(serve_argv(launch), launch.env)}
-    for i, bench in enumerate(spec.bench):
-        out[f"vllm bench serve (benchmark {i + 1})" if len(spec.bench) > 1 else "vllm bench serve"] = display(
-            bench_argv(bench, launch, base, RUN_DIR, f"bench-{i}-0.json"))
-    if spec.eval is not None:
-        out["lm_eval"] = lm_eval_command(spec.eval, launch, base, RUN_DIR)
-    return out
+    return api.command_lines(spec, RUN_DIR)
 
 
 def parse_values(text: str) -> list[str]:
@@ -171,7 +144,5 @@ def ensure_demo_model(spec: RunSpec) -> bool:
     """Write the demo model if this run needs it and it is not there yet; True when it was written."""
     if not presets.is_missing_demo_model(spec.launch.model):
         return False
-    from runner.demo_model import write_demo_model
-
-    write_demo_model(presets.demo_model_path())
+    api.write_demo_model(presets.demo_model_path())
     return True

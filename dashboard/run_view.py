@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 import yaml
@@ -12,11 +11,8 @@ from pydantic import ValidationError
 
 from dashboard import data
 from runner import api
-from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
 from runner.compare import metric_def
-from runner.config import EvalSpec, LaunchSpec, RunSpec
-from runner.errors import RunError
-from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_tasks
+from runner.config import RunSpec
 from runner.models import Run
 
 HEADLINE = [("output_throughput", "Output tok/s", "{:,.2f}"), ("request_throughput", "Requests/s", "{:,.2f}"),
@@ -99,29 +95,6 @@ def metrics_table(metrics: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def lm_eval_command(evaluation: EvalSpec, launch: LaunchSpec, base_url: str, run_dir: Path | str) -> str:
-    """The `lm_eval` line the eval phase runs: with a dataset path, the run's own task definition
-    (`--include_path`) stands in for gsm8k, as `runner.evaluate.run_eval` does."""
-    include = None
-    if evaluation.dataset_path:
-        try:
-            evaluation = evaluation.model_copy(update={"tasks": local_tasks(evaluation.tasks)})
-        except RunError:
-            pass  # the form says why; show the line as given
-        include = Path(run_dir) / TASK_DIR
-    return display(lm_eval_argv(evaluation, launch, base_url, Path(run_dir) / OUTPUT_DIR, include_path=include))
-
-
-def _logged_command(log: Path) -> str | None:
-    """The command line the eval phase wrote at the top of its log (`$ lm_eval …`), if it ran."""
-    try:
-        with open(log, encoding="utf-8") as f:
-            first = f.readline()
-    except OSError:
-        return None
-    return first[2:].strip() if first.startswith("$ ") else None
-
-
 def reproduce(run: Run) -> dict[str, tuple[str, str]]:
     """Title → (text, language): the exact command lines of a launched run and a `servelab run` file."""
     if not run.spec_json:
@@ -131,19 +104,7 @@ def reproduce(run: Run) -> dict[str, tuple[str, str]]:
     except ValidationError as exc:  # a stored spec this version cannot read: say so, keep the page
         return {"stored spec (unreadable)": (f"{run.spec_json}\n\n# {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
                                              "json")}
-    launch = spec.launch.model_copy(update={"port": run.port}) if run.port else spec.launch
-    env = api.reproduce_env(run) or launch.env
-    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else serve_argv(launch)
-    base = f"http://{launch.host}:{launch.port}"
-    run_dir = Path(run.run_dir or f"data/runs/{run.id}")
-    out = {"vllm serve": (display(serve, env), "bash")}
-    for i, bench in enumerate(spec.bench):
-        argv = bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json")
-        out[f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"] = (
-            display(argv), "bash")
-    if spec.eval is not None:
-        ran = _logged_command(run_dir / LOG_NAME)
-        out["lm_eval"] = (ran or lm_eval_command(spec.eval, launch, base, run_dir), "bash")
+    out = {title: (line, "bash") for title, line in api.run_commands(run).items()}
     body = spec.model_dump(exclude_defaults=True)  # python mode: inf stays inf (YAML .inf)
     out["run file for `servelab run run.yaml`"] = (yaml.safe_dump(body, sort_keys=False), "yaml")
     return out

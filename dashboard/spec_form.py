@@ -21,6 +21,8 @@ from runner.errors import Problem
 Kind = Literal["bool", "choice", "int", "text", "list", "dict"]
 Widget = Callable[[str, str, str], None]  # (state key, label, help) -> draws the widget
 
+FormState = MutableMapping[Any, Any]  # st.session_state (its keys may be str or int), a dict in tests
+
 
 def _parts(info: FieldInfo) -> tuple[Any, bool]:
     """The annotation without `None`, and whether None is allowed."""
@@ -95,7 +97,7 @@ def from_widget(value: Any, kind: Kind, info: FieldInfo) -> Any:
     return text
 
 
-def load(spec: BaseModel, prefix: str, state: MutableMapping[str, Any], only_missing: bool = False) -> None:
+def load(spec: BaseModel, prefix: str, state: FormState, only_missing: bool = False) -> None:
     """Put `spec`'s values into the widgets under `prefix` (all of them, or only those not set yet)."""
     for name, info in type(spec).model_fields.items():
         key = f"{prefix}.{name}"
@@ -104,7 +106,7 @@ def load(spec: BaseModel, prefix: str, state: MutableMapping[str, Any], only_mis
         state[key] = to_widget(getattr(spec, name), field_kind(info))
 
 
-def collect(model: type[BaseModel], prefix: str, state: MutableMapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+def collect(model: type[BaseModel], prefix: str, state: FormState) -> tuple[dict[str, Any], list[Problem]]:
     """The widget values under `prefix` as spec input, and the conversion problems (named by form key)."""
     data: dict[str, Any] = {}
     problems: list[Problem] = []

@@ -12,11 +12,9 @@ from zoneinfo import ZoneInfo
 import streamlit as st
 
 from runner import api
+from runner.api import Store
 from runner.config import Host
-from runner.execute import cpu_backend
 from runner.models import Run
-from runner.store import Store, default_db_url
-from runner.telemetry import GpuReader, load_nvml
 
 FORM_PREFIXES = ("launch.", "bench.", "eval.", "run.", "sweep.", "form.")
 PAGES = {
@@ -35,7 +33,7 @@ def _store(url: str) -> Store:
 
 def store() -> Store:
     """The store named by SERVELAB_DB (or the default), one engine per URL for the whole server."""
-    return _store(default_db_url())
+    return _store(api.database_url())
 
 
 @dataclass
@@ -69,14 +67,8 @@ class Machine:
 @st.cache_data(ttl=30, show_spinner=False)
 def machine() -> Machine:
     """NVML's view of the GPUs, refreshed every 30 s (free memory changes as runs come and go)."""
-    if cpu_backend():
-        return Machine(cpu=True, note="no GPU — CPU backend with the demo model")
-    reader = GpuReader(load_nvml())
-    try:
-        gpus = reader.inventory()
-    finally:
-        reader.close()
-    return Machine(cpu=False, gpus=gpus, note=reader.note)
+    found = api.inventory()
+    return Machine(cpu=found.cpu, gpus=found.gpus, note=found.note)
 
 
 def keep_form_state() -> None:

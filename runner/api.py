@@ -1,5 +1,7 @@
-"""What the dashboard and the CLI call: import, queue, cancel, delete, list, compare, export.
+"""What the dashboard and the CLI call: import, queue, cancel, delete, list, read, compare, export.
 
+The one door to the rest of runner: the dashboard imports this module and the pure value modules
+(config, errors, models, compare) only; `lint-imports` holds it to that (pyproject's importlinter contracts).
 Plain arguments in, values out; errors are `ServelabError`s with messages meant for a person.
 """
 
@@ -22,10 +24,12 @@ import sqlalchemy as sa
 
 from runner import compare as cmp
 from runner import noise
-from runner.config import Host, LaunchSpec, RunSpec, Settings, SweepSpec
-from runner.errors import ParseError, StoreError
-from runner.execute import INTERNAL_ENV
-from runner.models import ACTIVE, TERMINAL, BenchWindow, Run, RunSource, RunStatus, utcnow
+from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
+from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec
+from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
+from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
+from runner.execute import INTERNAL_ENV, cpu_backend
+from runner.models import ACTIVE, TERMINAL, BenchWindow, EvalResult, PhaseEvent, Run, RunSource, RunStatus, utcnow
 from runner.outputs import FLAG_BELOW_PCT, OutputAgreement, compare_answers
 from runner.parsers import (
     BenchParse,
@@ -38,7 +42,9 @@ from runner.parsers import (
     parse_lm_eval_table,
     parse_startup_log,
 )
+from runner.server import tail
 from runner.store import Store, default_db_url
+from runner.telemetry import GpuReader, load_nvml
 
 MAX_IMPORT_BYTES = 64 * 1024 * 1024
 
@@ -157,9 +163,6 @@ def _run_fields(spec: RunSpec) -> dict[str, Any]:
 
 def this_host() -> Host:
     """This machine as launches see it: its GPUs (NVML), or vLLM's CPU backend and its cores."""
-    from runner.execute import cpu_backend
-    from runner.telemetry import GpuReader, load_nvml
-
     if cpu_backend():
         return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
     reader = GpuReader(load_nvml())
@@ -538,6 +541,55 @@ def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
     return frame
 
 
+def command_lines(spec: RunSpec, run_dir: Path | str, serve: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> dict[str, str]:
+    """Title → the exact command line each phase of `spec` runs (`vllm serve`, every `vllm bench serve`,
+    `lm_eval`), with the run's folder `run_dir` (a placeholder before the run exists). `serve` and `env`
+    are what a run actually started its server with, when it did."""
+    launch = spec.launch
+    base = f"http://{launch.host}:{launch.port}"
+    run_dir = Path(run_dir)
+    out = {"vllm serve": display(serve or serve_argv(launch), launch.env if env is None else env)}
+    for i, bench in enumerate(spec.bench):
+        title = f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"
+        out[title] = display(bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json"))
+    if spec.eval is not None:
+        ev, include = spec.eval, None
+        if ev.dataset_path:
+            try:
+                ev = ev.model_copy(update={"tasks": local_tasks(ev.tasks)})
+            except ServelabError:
+                pass  # shown as given; the form says why
+            include = run_dir / TASK_DIR
+        out["lm_eval"] = display(lm_eval_argv(ev, launch, base, run_dir / OUTPUT_DIR, include_path=include))
+    return out
+
+
+def run_commands(run: Run) -> dict[str, str]:
+    """Title → command line of a launched run: `vllm serve` as it ran, each `vllm bench serve`, `lm_eval`."""
+    if not run.spec_json:
+        return {}
+    spec = RunSpec.model_validate_json(run.spec_json)
+    if run.port:
+        spec = spec.model_copy(update={"launch": spec.launch.model_copy(update={"port": run.port})})
+    run_dir = Path(run.run_dir or f"data/runs/{run.id}")
+    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else None
+    out = command_lines(spec, run_dir, serve, reproduce_env(run) or None)
+    if "lm_eval" in out and (ran := _logged_command(run_dir / LOG_NAME)):
+        out["lm_eval"] = ran
+    return out
+
+
+def _logged_command(log: Path) -> str | None:
+    """The command line the eval phase wrote at the top of its log (`$ lm_eval …`), if it ran."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return first[2:].strip() if first.startswith("$ ") else None
+
+
 def results_frame(store: Store, run_ids: list[int] | None = None) -> pd.DataFrame:
     """One row per bench execution with every scalar metric, and one per eval score."""
     runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
@@ -625,3 +677,119 @@ def frame_to_csv(frame: pd.DataFrame) -> str:
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     return buf.getvalue()
+
+
+# -- reads ----------------------------------------------------------------------------------------
+def database_url() -> str:
+    """The database `open_store()` opens: SERVELAB_DB, else the SQLite file in the data folder."""
+    return default_db_url()
+
+
+def get_run(store: Store, run_id: int) -> Run:
+    return store.get_run(run_id)
+
+
+def list_runs(store: Store, status: RunStatus | None = None) -> list[Run]:
+    """Every run (or those in `status`), newest first."""
+    return store.list_runs(status=status) if status is not None else store.list_runs()
+
+
+def queued_ahead(store: Store, run_id: int) -> int:
+    """Queued runs a worker picks before `run_id` (the queue is served oldest first)."""
+    return sum(1 for r in store.list_runs(status=RunStatus.queued) if r.id < run_id)
+
+
+def run_metrics(store: Store, run_id: int) -> list[dict[str, float | None]]:
+    """The bench metrics of each execution of a run, in order."""
+    return store.run_metrics(run_id)
+
+
+def eval_results(store: Store, run_id: int) -> list[EvalResult]:
+    return store.eval_results(run_id)
+
+
+def phases(store: Store, run_id: int) -> list[PhaseEvent]:
+    return store.phases(run_id)
+
+
+def samples_frame(store: Store, run_ids: list[int], max_points: int | None = None) -> pd.DataFrame:
+    """Telemetry of `run_ids`, down-sampled to about `max_points` times per run when given."""
+    return store.samples_frame(run_ids, max_points=max_points)
+
+
+def runs_frame(store: Store, with_metrics: bool = True) -> pd.DataFrame:
+    """Every run as a row (with the mean headline bench metrics unless `with_metrics` is False)."""
+    return store.runs_frame(with_metrics=with_metrics)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a log file; empty when it cannot be read."""
+    return tail(path, lines)
+
+
+def describe_imported(
+    store: Store,
+    run_ids: list[int],
+    model: str | None = None,
+    tensor_parallel_size: int | None = None,
+    decode_context_parallel_size: int | None = None,
+) -> list[Run]:
+    """Record the configuration of imported results, which the files themselves rarely state
+    (a printed bench block names no TP size), so tables, labels and per-GPU charts can use it.
+
+    Only imported runs can be described: a launched run's configuration is what it ran with.
+    """
+    tp, dcp = tensor_parallel_size, decode_context_parallel_size
+    if dcp is not None and tp is None:
+        raise SpecError("A DCP size needs the TP size it divides; give the TP size too.")
+    fields: dict[str, object] = {}
+    if model:
+        fields["model"] = model.strip()
+    if tp is not None:
+        check = LaunchSpec.parse({"model": "imported", "tensor_parallel_size": tp,
+                                  "decode_context_parallel_size": dcp or 1})
+        if problems := check.problems():
+            raise SpecError(problems)
+        fields.update(tensor_parallel_size=tp, decode_context_parallel_size=dcp or 1)
+    runs = [store.get_run(r) for r in run_ids]
+    for run in runs:
+        if run.source != RunSource.imported:
+            raise StoreError(f"run {run.id} was launched here; its configuration is the one it ran with")
+    return [store.update_run(run.id, **fields) for run in runs] if fields else runs
+
+
+# -- this machine ---------------------------------------------------------------------------------
+@dataclass
+class Inventory:
+    """What this machine offers to runs: the CPU backend, or NVML's GPUs (`note` says why there are none)."""
+
+    cpu: bool
+    gpus: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    note: str | None = None
+
+
+def inventory() -> Inventory:
+    """The CPU backend when vLLM's CPU build is installed, else the GPUs NVML sees now."""
+    if cpu_backend():
+        return Inventory(cpu=True, note="no GPU — CPU backend with the demo model")
+    reader = GpuReader(load_nvml())
+    try:
+        gpus = reader.inventory()
+    finally:
+        reader.close()
+    return Inventory(cpu=False, gpus=gpus, note=reader.note)
+
+
+def write_demo_model(path: Path, mla: bool = False) -> Path:
+    """Write the tiny generated model the CPU backend serves (seconds; needs torch and transformers), or its
+    MLA (DeepSeek-V2 form) sibling; return the folder."""
+    from runner import demo_model  # torch is slow to import: only when asked
+
+    return demo_model.write_mla_model(path) if mla else demo_model.write_demo_model(path)
+
+
+def eval_dataset_problems(evaluation: EvalSpec | None) -> list[Problem]:
+    """What would stop the eval phase's local dataset (`eval.`-prefixed fields), said before queueing rather
+    than after the benchmark: tasks without gsm8k, an unreadable or malformed file, too few questions."""
+    problem = local_eval_problem(evaluation) if evaluation is not None else None
+    return [problem.under("eval")] if problem else []

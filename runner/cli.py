@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from runner import api, views
-from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, Settings, load_run_spec, load_sweep_spec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, load_run_spec, load_sweep_spec
 from runner.errors import ServelabError, SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Launch, benchmark and compare vLLM configs.")
@@ -195,7 +195,7 @@ _ELSEWHERE_HELP = ("Queue the run for a worker on another machine with the GPUs 
 @app.command()
 def run(
     spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, eval: sections."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    overrides: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     other_worker: bool = typer.Option(False, "--for-another-worker", help=_ELSEWHERE_HELP),
 ):
     """Launch, benchmark (and evaluate) one run; exits non-zero when it fails or cannot run here."""
@@ -222,7 +222,7 @@ def run(
 @app.command()
 def sweep(
     spec_file: Path = typer.Argument(..., help="YAML/JSON with launch:, bench:, matrix: sections."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    overrides: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     other_worker: bool = typer.Option(False, "--for-another-worker", help=_ELSEWHERE_HELP),
 ):
     """Run every cell of a sweep (re-running resumes: finished cells are kept)."""
@@ -281,11 +281,10 @@ def demo_model(
                              "mla: DeepSeek-V2-shaped config + tokenizer for --load-format dummy."),
 ):
     """Write a tiny model (config, tokenizer, weights) that vLLM serves without any download."""
-    from runner.demo_model import write_demo_model, write_mla_model
 
     if kind not in {"llama", "mla"}:
         _fail(ServelabError(f"unknown kind {kind!r}; choose llama or mla"))
-    typer.echo(write_mla_model(path) if kind == "mla" else write_demo_model(path))
+    typer.echo(api.write_demo_model(path, mla=kind == "mla"))
 
 
 @app.command()

@@ -410,7 +410,8 @@ def _repeated_flags(extra_args: list[str], spec: type[_Spec]) -> list[Problem]:
             field = _flag_to_field(arg.split("=", 1)[0], spec)
             if field is not None:
                 out.append(Problem(
-                    f"`{arg}` in extra args repeats the spec field `{field}`; set `{field}` instead of passing it twice.",
+                    f"`{arg}` in extra args repeats the spec field `{field}`; "
+                    f"set `{field}` instead of passing it twice.",
                     "extra_args"))
     return out
 

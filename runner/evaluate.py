@@ -17,7 +17,7 @@ import yaml
 
 from runner.commands import display, lm_eval_argv, lm_eval_prefix
 from runner.config import EvalSpec, LaunchSpec
-from runner.errors import Cancelled, ParseError, RunError
+from runner.errors import Cancelled, ParseError, Problem, RunError
 from runner.parsers import EvalScore, parse_lm_eval_json
 from runner.server import ManagedProcess, tail
 
@@ -78,6 +78,25 @@ def check_dataset(path: Path) -> int:
     if not count:
         raise RunError(f"Eval dataset {path} holds no questions; write GSM8K-form JSONL lines.")
     return count
+
+
+def local_eval_problem(spec: EvalSpec) -> Problem | None:
+    """What stops an eval's local dataset, with the EvalSpec field it is about; None when nothing does
+    (or there is no dataset path): tasks without gsm8k, an unreadable or malformed file, fewer questions
+    than the few-shot examples (drawn from the other questions) need. The form says it before queueing,
+    the eval phase refuses to start on it."""
+    if not spec.dataset_path:
+        return None
+    try:
+        local_tasks(spec.tasks)
+        count = check_dataset(Path(spec.dataset_path).expanduser().resolve())
+    except RunError as exc:
+        return Problem(str(exc), "dataset_path")
+    if spec.num_fewshot >= count:
+        return Problem(f"Eval dataset {spec.dataset_path} has {count} questions, too few for {spec.num_fewshot}-shot "
+                       f"prompts drawn from the other questions; use at most {count - 1} few-shot examples or add "
+                       "questions.", "num_fewshot")
+    return None
 
 
 def local_task_config(dataset_path: Path) -> dict:
@@ -154,14 +173,9 @@ def run_eval(
     proc_env = {**env, "TOKENIZERS_PARALLELISM": "false"}
     include_path = None
     if spec.dataset_path:
-        tasks = local_tasks(spec.tasks)
-        dataset = Path(spec.dataset_path).expanduser().resolve()
-        count = check_dataset(dataset)
-        if spec.num_fewshot >= count:
-            raise RunError(
-                f"Eval dataset {dataset} has {count} questions, too few for {spec.num_fewshot}-shot prompts "
-                f"drawn from the other questions; use at most {count - 1} few-shot examples or add questions."
-            )
+        if problem := local_eval_problem(spec):
+            raise RunError(problem)
+        tasks, dataset = local_tasks(spec.tasks), Path(spec.dataset_path).expanduser().resolve()
         include_path = write_local_task(dataset, run_dir / TASK_DIR).parent
         spec = spec.model_copy(update={"tasks": tasks})
         proc_env["HF_DATASETS_OFFLINE"] = "1"  # a local file needs no hub; never let lm-eval reach for it

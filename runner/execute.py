@@ -144,6 +144,8 @@ class RunExecutor:
         self.tick_s = tick_s
         self.interrupted = interrupted  # the worker is stopping: end the run `interrupted`, not `cancelled`
         run = store.get_run(run_id)
+        if run.spec_json is None:
+            raise RunError(f"run {run_id} has no launch spec (an imported run); only launched runs can execute")
         self.spec = RunSpec.model_validate_json(run.spec_json)
         self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
         self.cpu = cpu_backend()
@@ -158,6 +160,13 @@ class RunExecutor:
         self.window: WindowProbe | None = None
         self._last_cancel_check = 0.0
         self._cancelled = False
+
+    @property
+    def live(self) -> VllmServer:
+        """The run's vLLM server, once `_start_server` made it."""
+        if self.server is None:
+            raise RunError("internal error: the vLLM server was used before it was started")
+        return self.server
 
     # -- state ----------------------------------------------------------------------------------
     def _set(self, status: RunStatus | None = None, progress: float | None = None, phase: str | None = None, **kw):
@@ -225,7 +234,7 @@ class RunExecutor:
         if self.cancelled():
             raise Cancelled("cancelled before launch")
         self._gpu_idle = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
-        pid = self.server.start()
+        pid = self.live.start()
         self.store.update_run(self.run_id, server_pid=pid)
         dev_note = ("VLLM_SERVER_DEV_MODE=1: a cold prefix-cache benchmark resets the cache through /reset_prefix_cache"
                     if self.dev_mode else "")
@@ -233,11 +242,11 @@ class RunExecutor:
                                                     dev_note) if n))
         self.sampler = Sampler(
             self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
-            metrics_url=self.server.base_url + "/metrics", server_pid=pid,
+            metrics_url=self.live.base_url + "/metrics", server_pid=pid,
             gpu_indices=None if self.cpu else self.alloc.gpu_ids,
         ).start()
         t0 = time.monotonic()
-        self.server.wait_ready(
+        self.live.wait_ready(
             self.startup_timeout_s, self.cancelled,
             on_tick=lambda: self._set(phase=f"waiting for vLLM /health ({time.monotonic() - t0:.0f} s)"),
             tick_s=self.tick_s,
@@ -262,8 +271,8 @@ class RunExecutor:
         self._mark("bench_end", name)
         result = self.run_dir / f"{name}.json"
         if proc.poll() != 0 or not result.exists():
-            if not self.server.alive():
-                raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
+            if not self.live.alive():
+                raise RunError("vLLM server exited during the benchmark: " + self.live.failure_reason())
             raise RunError(f"vllm bench serve failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
         try:
             parsed = parse_bench_json(result.read_text())
@@ -281,7 +290,7 @@ class RunExecutor:
     def _prepare_cache(self, bench: BenchSpec, name: str, n: int, total: int) -> None:
         """Put the prefix cache in the state the benchmark asks for: emptied, or warmed by one unrecorded run."""
         if bench.prefix_cache == "cold":
-            seconds = reset_prefix_cache(self.server.base_url)
+            seconds = reset_prefix_cache(self.live.base_url)
             self._mark("cache_reset", f"{name}: prefix cache emptied in {seconds:.2f} s")
         elif bench.prefix_cache == "warm":
             self._set(phase=f"benchmark {n + 1}/{total}: warming the prefix cache (unrecorded run)")
@@ -289,8 +298,8 @@ class RunExecutor:
             proc, _, _ = self._bench_process(bench, name + "-warmup", lambda done: None)
             self._mark("warmup_end", name)
             if proc.poll() != 0:
-                if not self.server.alive():
-                    raise RunError("vLLM server exited during the warm-up run: " + self.server.failure_reason())
+                if not self.live.alive():
+                    raise RunError("vLLM server exited during the warm-up run: " + self.live.failure_reason())
                 raise RunError(f"the warm-up run of {name} failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
 
     def _bench_process(
@@ -298,18 +307,18 @@ class RunExecutor:
     ) -> tuple[ManagedProcess, Reading, Reading]:
         """Run one `vllm bench serve` to its end; the window readings at its measured requests' start
         (its "Starting main benchmark run" line; the process start if that line was missed) and end."""
-        argv = bench_argv(bench, self.launch, self.server.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
+        argv = bench_argv(bench, self.launch, self.live.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
         # unbuffered: the main-run line must reach the log when printed, not when the process exits
         proc = ManagedProcess(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
         if self.window is None:
-            self.window = WindowProbe(self.server.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
+            self.window = WindowProbe(self.live.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
         start = self.window.read()
         proc.start()
         main_seen = False
         try:
             while proc.poll() is None:
-                if not self.server.alive():
-                    raise RunError("vLLM server exited during the benchmark: " + self.server.failure_reason())
+                if not self.live.alive():
+                    raise RunError("vLLM server exited during the benchmark: " + self.live.failure_reason())
                 if self.cancelled():
                     raise Cancelled("cancelled during the benchmark")
                 if not main_seen and main_run_started(tail(proc.log_path, lines=40, max_bytes=16000)):
@@ -345,12 +354,12 @@ class RunExecutor:
         self._mark("outputs_start")
         t0 = time.monotonic()
         try:
-            answers = answer_prompts(self.server.base_url, self.launch.served_model_name or self.launch.model, spec,
+            answers = answer_prompts(self.live.base_url, self.launch.served_model_name or self.launch.model, spec,
                                      cancelled=self.cancelled)
         except RunError as exc:
             self._mark("outputs_end", f"failed: {exc}")
             self.store.update_run(self.run_id, failure_reason=f"output check failed: {exc}")
-            if not self.server.alive():
+            if not self.live.alive():
                 raise
             return
         self.store.add_output_answers(self.run_id, [a.__dict__ for a in answers], spec.max_tokens, spec.seed)
@@ -359,16 +368,19 @@ class RunExecutor:
     def _evaluate(self) -> None:
         from runner.evaluate import run_eval
 
+        evaluation = self.spec.eval
+        if evaluation is None:
+            return
         self._set(RunStatus.evaluating, 1 - _EVAL_SHARE, "evaluating (lm-eval)")
         self._mark("eval_start")
         try:
-            scores, raw_path = run_eval(self.spec.eval, self.launch, self.server.base_url, self.run_dir, self.env,
-                                        alive=self.server.alive, cancelled=self.cancelled, tick_s=self.tick_s)
+            scores, raw_path = run_eval(evaluation, self.launch, self.live.base_url, self.run_dir, self.env,
+                                        alive=self.live.alive, cancelled=self.cancelled, tick_s=self.tick_s)
         except RunError as exc:
             # the eval is one phase among others: its failure is recorded, the benchmarks stay valid
             self._mark("eval_end", f"failed: {exc}")
             self.store.update_run(self.run_id, failure_reason=f"eval failed: {exc}")
-            if not self.server.alive():
+            if not self.live.alive():
                 raise
             return
         self.store.add_eval_results(self.run_id, [{**s.__dict__, "raw_path": raw_path} for s in scores])

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from runner.api import label_of, one_line, reproduce_env
-from runner.config import RunSpec
+from runner.api import label_of, one_line, run_commands
 from runner.errors import ServelabError
-from runner.models import Run
 from runner.store import Store
 
 _RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 18, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
@@ -48,39 +45,6 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
             text += " " + (reason if len(reason) <= room else reason[:room - 1] + "…")
         lines.append(text.rstrip())
     return "\n".join(lines)
-
-
-def run_commands(run: Run) -> dict[str, str]:
-    """Title → command line of a launched run: `vllm serve` as it ran, each `vllm bench serve`, `lm_eval`."""
-    from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
-    from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_tasks
-
-    if not run.spec_json:
-        return {}
-    spec = RunSpec.model_validate_json(run.spec_json)
-    launch = spec.launch.model_copy(update={"port": run.port}) if run.port else spec.launch
-    env = reproduce_env(run) or launch.env
-    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else serve_argv(launch)
-    base = f"http://{launch.host}:{launch.port}"
-    run_dir = Path(run.run_dir or f"data/runs/{run.id}")
-    out = {"vllm serve": display(serve, env)}
-    for i, bench in enumerate(spec.bench):
-        title = f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"
-        out[title] = display(bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json"))
-    if spec.eval is not None:
-        ev, include = spec.eval, None
-        if ev.dataset_path:
-            try:
-                ev = ev.model_copy(update={"tasks": local_tasks(ev.tasks)})
-            except ServelabError:
-                pass  # shown as given
-            include = run_dir / TASK_DIR
-        out["lm_eval"] = display(lm_eval_argv(ev, launch, base, run_dir / OUTPUT_DIR, include_path=include))
-        log = run_dir / LOG_NAME
-        first = log.read_text(errors="replace").split("\n", 1)[0] if log.is_file() else ""
-        if first.startswith("$ "):
-            out["lm_eval"] = first[2:].strip()  # the line the eval phase actually ran
-    return out
 
 
 def run_record(store: Store, run_id: int) -> dict[str, Any]:

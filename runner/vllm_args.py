@@ -42,8 +42,8 @@ def serve_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser] | 
     return top, serve
 
 
-def _option_like(token: str) -> bool:
-    return token.startswith("-") and token != "-" and not _NUMBER.match(token)
+def _option_like(arg: str) -> bool:
+    return arg.startswith("-") and arg != "-" and not _NUMBER.match(arg)
 
 
 def _action(serve: argparse.ArgumentParser, name: str) -> argparse.Action | None:

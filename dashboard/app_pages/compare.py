@@ -28,7 +28,7 @@ def version(run_id: int) -> tuple:
 
 
 st.title("Compare runs")
-runs = sorted(db.list_runs(), key=lambda r: r.id)
+runs = sorted(api.list_runs(db), key=lambda r: r.id)
 if len(runs) < 2:
     st.info("Comparing needs two runs with results: launch them, or import the seed's bench outputs.")
     st.page_link(PAGES["import"], label="Import results →")
@@ -41,9 +41,9 @@ a = a if a in ids else pair[0] if pair else ids[0]
 wanted = [b for b in query_ints("b") if b in ids and b != a] or (
     [pair[1]] if pair and pair[1] != a else [i for i in ids if i != a][:1])
 c1, c2 = st.columns([1, 2])
-baseline = c1.selectbox("Baseline", ids, index=ids.index(a), format_func=titles.get)
+baseline = c1.selectbox("Baseline", ids, index=ids.index(a), format_func=titles.__getitem__)
 candidates = c2.multiselect("Candidates", [i for i in ids if i != baseline],
-                            default=[b for b in wanted if b != baseline], format_func=titles.get)
+                            default=[b for b in wanted if b != baseline], format_func=titles.__getitem__)
 st.query_params.update({"a": str(baseline), "b": ",".join(map(str, candidates))})
 if not candidates:
     st.info("Pick at least one candidate to compare with the baseline.")

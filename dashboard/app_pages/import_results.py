@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboard import launch_form as lf
 from dashboard.state import PAGES, run_title, store
-from runner import api, queries
+from runner import api
 from runner.errors import ParseError, ServelabError
 from runner.models import TERMINAL, RunSource
 
@@ -47,8 +47,8 @@ def _import() -> None:
         return
     tp, dcp, model = ss.get("import.tp"), ss.get("import.dcp"), (ss.get("import.model") or "").strip()
     try:
-        if into is None or db.get_run(into).source == RunSource.imported:  # a launched run keeps its own
-            queries.describe_imported(db, ids, model or None, tp, dcp if tp else None)
+        if into is None or api.get_run(db, into).source == RunSource.imported:  # a launched run keeps its own
+            api.describe_imported(db, ids, model or None, tp, dcp if tp else None)
     except ServelabError as exc:
         ss["import.result"] = ("warning", f"Imported runs {ids}, but their configuration was not recorded: {exc}")
         return
@@ -68,7 +68,7 @@ st.file_uploader("Files", accept_multiple_files=True, key=f"import.files.{ss.get
 st.text_area("…or paste text", key="import.text", height=180,
              placeholder="============ Serving Benchmark Result ============\nSuccessful requests: 998\n…")
 NEW = 0  # the "no" choice (None would show as an empty selectbox)
-finished = [r for r in db.list_runs() if r.status in TERMINAL]
+finished = [r for r in api.list_runs(db) if r.status in TERMINAL]
 titles = {r.id: run_title(r) for r in finished}
 if ss.get("import.into") not in titles:
     ss["import.into"] = NEW  # first visit, or the run was deleted meanwhile
@@ -80,7 +80,7 @@ c1, c2 = st.columns(2)
 c1.text_input("Name of the pasted text", key="import.name", placeholder="pasted.txt")
 c2.text_input("Label", key="import.label", placeholder="default: the file name", disabled=into is not None,
               help="Name of the new runs in tables (an existing run keeps its own).")
-launched_target = into is not None and db.get_run(into).source != RunSource.imported
+launched_target = into is not None and api.get_run(db, into).source != RunSource.imported
 with st.expander("Configuration of these results (optional: printed results rarely state it)"):
     if launched_target:
         st.caption(f"Run #{into} was launched here: it keeps the configuration it ran with.")

@@ -1,5 +1,7 @@
 """Launch: a form generated from the specs, presets, a paste box, live validation, commands, queueing."""
 
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
@@ -104,13 +106,13 @@ if checked.problems:
     st.error(f"**{count} problem{'s' if count > 1 else ''} keep{'' if count > 1 else 's'} this run from queueing** "
              "(each is also shown beside its field):\n" + "\n".join(f"- {p}" for p in checked.problems),
              icon=":material/block:")
-if st.button("Queue run", type="primary", disabled=bool(checked.problems) or checked.spec is None):
+if st.button("Queue run", type="primary", disabled=bool(checked.problems) or checked.spec is None) and checked.spec:
     try:
         with st.spinner("Writing the demo model (first use only)…"):
             lf.ensure_demo_model(checked.spec)
         run = api.queue_run(store(), checked.spec, box.host)
         st.success(f"Queued run #{run.id} ({api.label_of(run)}).")
-        st.page_link(PAGES["run"], label=f"Watch run #{run.id} →", query_params={"run": run.id})
+        st.page_link(PAGES["run"], label=f"Watch run #{run.id} →", query_params={"run": str(run.id)})
     except ServelabError as exc:
         st.error(str(exc))
 
@@ -124,7 +126,7 @@ with st.expander("Sweep — a matrix of runs around this form"):
     dcp_options = sorted({d for t in (tps or [tp_now]) for d in lf.divisors(t)})
     dcps = c2.multiselect("decode-context-parallel-size values", dcp_options, key="sweep.dcp",
                           help="Divisors of the chosen TP sizes.")
-    matrix = {"tensor_parallel_size": tps, "decode_context_parallel_size": dcps}
+    matrix: dict[str, list[Any]] = {"tensor_parallel_size": tps, "decode_context_parallel_size": dcps}
     for i in range(2):
         f1, f2 = st.columns([1, 2])
         other = f1.selectbox(f"Other field {i + 1}", [None, *lf.SWEEPABLE], key=f"sweep.field{i}",
@@ -141,7 +143,7 @@ with st.expander("Sweep — a matrix of runs around this form"):
             sweep = lf.sweep(ss.get("sweep.name") or "", checked.spec, matrix)
             cells = lf.sweep_cells(sweep, box.host)
         except SpecError as exc:
-            sweep, cells = None, None
+            cells = None
             for problem in exc.problems:
                 st.error(problem)
         if cells is not None:

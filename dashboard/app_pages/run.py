@@ -1,7 +1,7 @@
 """Run: one run, live while it runs; KV capacity, final metrics, downloads, the commands that reproduce it."""
 
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -10,10 +10,9 @@ from dashboard.state import PAGES, duration, query_int, run_title, store, when
 from runner import api
 from runner.errors import ServelabError
 from runner.models import ACTIVE, TERMINAL, RunSource, RunStatus
-from runner.server import tail
 
 db = store()
-runs = db.list_runs()
+runs = api.list_runs(db)
 if not runs:
     st.title("Run")
     st.info("No runs yet: queue one on Launch, or bring existing results in on Import.")
@@ -26,11 +25,13 @@ if wanted not in ids:
         st.warning(f"There is no run {wanted}; showing the newest. Runs lists them all.")
     wanted = ids[0]
 titles = {r.id: run_title(r) for r in runs}
-choice = st.sidebar.selectbox("Run", ids, index=ids.index(wanted), format_func=titles.get)
+choice = st.sidebar.selectbox("Run", ids, index=ids.index(wanted), format_func=titles.__getitem__)
+if choice is None:  # the list is never empty here
+    st.stop()
 if choice != query_int("run"):
     st.query_params["run"] = str(choice)
 
-run = db.get_run(choice)
+run = api.get_run(db, choice)
 live = run.status in ACTIVE or run.status == RunStatus.queued
 st.title(f"Run #{run.id} — {api.label_of(run)}")
 st.caption(run_view.summary_line(run))
@@ -57,7 +58,7 @@ def kv_card(r) -> None:
 
 @st.fragment(run_every=2 if live else None)
 def live_panel() -> None:
-    now = db.get_run(choice)
+    now = api.get_run(db, choice)
     if live and now.status in TERMINAL:
         st.rerun(scope="app")  # finished: show the final page once and stop refreshing
     if live:
@@ -67,7 +68,7 @@ def live_panel() -> None:
     st.caption(f"created {when(now.created_at)} · started {when(now.started_at)} · ready {when(now.ready_at)} · "
                f"finished {when(now.finished_at)} · took {duration(now.started_at, now.finished_at)}")
     if now.status == RunStatus.queued:
-        ahead = sum(1 for r in db.list_runs(status=RunStatus.queued) if r.id < now.id)
+        ahead = api.queued_ahead(db, now.id)
         st.info(f"Queued; {ahead} run(s) ahead. The worker (`servelab worker`, started by `servelab dashboard`) "
                 "claims it when the GPUs it needs are free.")
     if live:
@@ -93,7 +94,7 @@ def live_panel() -> None:
     log = api.run_files(now).get("server.log")
     if log is not None:
         st.markdown("**Server log** (last 40 lines)")
-        st.code(tail(log, 40) or "(empty)", language="log", height=320)
+        st.code(api.log_tail(log, 40) or "(empty)", language="log", height=320)
 
 
 def outcome() -> None:
@@ -104,14 +105,14 @@ def outcome() -> None:
         if rest:
             st.code(rest, language="log")
     kv_card(run)
-    if metrics := db.run_metrics(run.id):
+    if metrics := api.run_metrics(db, run.id):
         st.subheader("Results")
         for col, (name, value) in zip(st.columns(6), run_view.headline(metrics)):
             col.metric(name, value)
         with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
             st.dataframe(run_view.metrics_table(metrics), hide_index=True)
         signals_view.run_windows(db, run.id)
-    if scores := db.eval_results(run.id):
+    if scores := api.eval_results(db, run.id):
         st.subheader("Accuracy")
         cards = run_view.eval_metrics(scores)
         for row in range(0, len(cards), 4):
@@ -124,8 +125,8 @@ def outcome() -> None:
 
 if run.source == RunSource.imported:
     badge(run.status)
-    held = [f"{n} {what}" for n, what in ((len(db.run_metrics(run.id)), "benchmark result(s)"),
-                                          (len(db.eval_results(run.id)), "accuracy score(s)")) if n]
+    held = [f"{n} {what}" for n, what in ((len(api.run_metrics(db, run.id)), "benchmark result(s)"),
+                                          (len(api.eval_results(db, run.id)), "accuracy score(s)")) if n]
     st.info(f"Imported results ({', '.join(held) or run.phase}); there was no server to watch. "
             "Add more files to this run on Import.")
     outcome()
@@ -141,9 +142,11 @@ if run.status in TERMINAL:
     st.subheader("Downloads")
     files = api.run_files(run)
     cols = st.columns(4)
-    downloads = [(name, (lambda p=path: Path(p).read_bytes()), name) for name, path in files.items()]
-    if not db.samples_frame([run.id], max_points=1).empty:
-        downloads.append(("samples.csv (telemetry)", lambda: api.frame_to_csv(db.samples_frame([run.id])),
+    downloads: list[tuple[str, Callable[[], bytes | str], str]] = [
+        (name, path.read_bytes, name) for name, path in files.items()
+    ]
+    if not api.samples_frame(db, [run.id], max_points=1).empty:
+        downloads.append(("samples.csv (telemetry)", lambda: api.frame_to_csv(api.samples_frame(db, [run.id])),
                           f"run{run.id}-samples.csv"))
     downloads.append(("results.csv", lambda: api.frame_to_csv(api.results_frame(db, [run.id])),
                       f"run{run.id}-results.csv"))

@@ -13,7 +13,7 @@ db = store()
 LIVE = {s.value for s in ACTIVE} | {RunStatus.queued.value}
 
 st.title("Runs")
-everything = db.runs_frame(with_metrics=False)
+everything = api.runs_frame(db, with_metrics=False)
 if everything.empty:
     st.info("No runs yet: queue one on Launch, or bring existing results in on Import.")
     st.page_link(PAGES["launch"], label="Launch a run →")
@@ -37,7 +37,7 @@ live_at_load = everything["status"].isin(LIVE).any()
 
 
 def _filtered():
-    frame = db.runs_frame()
+    frame = api.runs_frame(db)
     keep = frame["status"].isin(statuses) if statuses else frame["status"].notna()
     if models:
         keep &= frame["model"].isin(models)

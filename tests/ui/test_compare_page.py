@@ -117,10 +117,10 @@ def test_an_eval_only_baseline_is_explained_and_charts_still_show(open_page, sto
 
 
 def test_kv_capacity_and_pareto_once_configuration_is_known(open_page, seeded) -> None:
-    from runner import queries
+    from runner import api
 
-    queries.describe_imported(seeded, [1], "moonshotai/Kimi-K2-Thinking", 8, 1)
-    queries.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
+    api.describe_imported(seeded, [1], "moonshotai/Kimi-K2-Thinking", 8, 1)
+    api.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
     seeded.update_run(2, kv_cache_tokens=5_721_088, kv_cache_gib=46.8, dcp_multiplier=8)
     at = open_page("compare", a=1, b=2)
     assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "KV-cache capacity", "Accuracy",

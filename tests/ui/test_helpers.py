@@ -1,4 +1,4 @@
-"""The dashboard's pure helpers: form conversions, presets, launch-form reading, gain colours, queries."""
+"""The dashboard's pure helpers: form conversions, presets, launch-form reading, gain colours, run descriptions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from dashboard import launch_form as lf
 from dashboard import presets, tables
 from dashboard import spec_form as form
-from runner import api, queries
+from runner import api
 from runner.config import BenchSpec, EvalSpec, Host, LaunchSpec, RunSpec
 from runner.errors import SpecError, StoreError
 
@@ -113,17 +113,17 @@ def test_only_changes_beyond_noise_are_coloured(seeded, store) -> None:
 
 
 def test_describe_imported_runs(seeded) -> None:
-    queries.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
+    api.describe_imported(seeded, [2], "moonshotai/Kimi-K2-Thinking", 8, 8)
     run = seeded.get_run(2)
     assert (run.model, run.tensor_parallel_size, run.decode_context_parallel_size) == (
         "moonshotai/Kimi-K2-Thinking", 8, 8)
     with pytest.raises(SpecError, match="DCP size 3 does not divide TP size 8; pick one of 1, 2, 4, 8."):
-        queries.describe_imported(seeded, [1], None, 8, 3)
+        api.describe_imported(seeded, [1], None, 8, 3)
     with pytest.raises(SpecError, match="needs the TP size"):
-        queries.describe_imported(seeded, [1], None, None, 2)
+        api.describe_imported(seeded, [1], None, None, 2)
     launched = seeded.create_run(label="here")
     with pytest.raises(StoreError, match="was launched here"):
-        queries.describe_imported(seeded, [launched.id], None, 2, 1)
+        api.describe_imported(seeded, [launched.id], None, 2, 1)
 
 
 def test_time_series_line_up_on_the_first_request_not_on_the_bench_process_start(tmp_path: Path) -> None:
