@@ -341,6 +341,8 @@ class RunExecutor:
             return []
         self.sampler.flush()
         frame = self.store.samples_frame([self.run_id])
+        if frame.empty or "power_w" not in frame:
+            return []
         frame = frame[frame.gpu_index.notna() & (frame.t >= start.t) & (frame.t <= end.t)]
         return [(float(t), int(g), None if w != w else float(w)) for t, g, w in
                 zip(frame.t, frame.gpu_index, frame.power_w, strict=True)]
