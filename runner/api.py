@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -29,7 +30,18 @@ from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSp
 from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
 from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
 from runner.execute import INTERNAL_ENV, cpu_backend
-from runner.models import ACTIVE, TERMINAL, BenchWindow, EvalResult, PhaseEvent, Run, RunSource, RunStatus, utcnow
+from runner.models import (
+    ACTIVE,
+    TERMINAL,
+    BenchWindow,
+    EvalResult,
+    PhaseEvent,
+    Run,
+    RunSource,
+    RunStatus,
+    WorkerError,
+    utcnow,
+)
 from runner.outputs import FLAG_BELOW_PCT, OutputAgreement, compare_answers
 from runner.parsers import (
     BenchParse,
@@ -720,6 +732,11 @@ def samples_frame(store: Store, run_ids: list[int], max_points: int | None = Non
 def runs_frame(store: Store, with_metrics: bool = True) -> pd.DataFrame:
     """Every run as a row (with the mean headline bench metrics unless `with_metrics` is False)."""
     return store.runs_frame(with_metrics=with_metrics)
+
+
+def worker_errors(store: Store, within_s: float = 3600.0, limit: int = 5) -> list[WorkerError]:
+    """What workers caught in the last `within_s` seconds outside a run's own failure, newest first."""
+    return store.worker_errors(since=time.time() - within_s, limit=limit)
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -252,6 +253,7 @@ def worker(poll: float = typer.Option(1.0, help="Seconds between queue checks.")
     """Execute queued runs until interrupted (reconciles interrupted runs first)."""
     from runner.worker import Worker
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = Worker(_store(), poll_s=poll)
     typer.echo(f"worker {w.worker_id}: GPUs {w.allocator.gpu_ids or 'none (CPU backend)'}", err=True)
     # SIGTERM (kill, systemd, the dashboard going away) and Ctrl-C stop the runs in flight cleanly:

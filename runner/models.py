@@ -268,3 +268,13 @@ class PhaseEvent(SQLModel, table=True):
     t: float  # epoch seconds, like Sample.t
     phase: str
     detail: str | None = None
+
+
+class WorkerError(SQLModel, table=True):
+    """Something a worker caught that is not a run's own failure (the database went away, a run thread
+    crashed): kept so that the dashboard can say it, not only the worker's console."""
+
+    id: int = Field(default=None, primary_key=True)  # set by the database on insert
+    t: float = Field(index=True)  # epoch seconds, like Sample.t
+    worker_id: str
+    message: str

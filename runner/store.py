@@ -35,6 +35,7 @@ from runner.models import (
     RunStatus,
     Sample,
     Sweep,
+    WorkerError,
 )
 
 BUSY_TIMEOUT_MS = 15_000
@@ -455,6 +456,23 @@ class Store:
     def phases(self, run_id: int) -> list[PhaseEvent]:
         """A run's phase events in time order."""
         q = select(PhaseEvent).where(PhaseEvent.run_id == run_id).order_by(col(PhaseEvent.t), col(PhaseEvent.id))
+        with self._session() as s:
+            return list(s.exec(q).all())
+
+    # --- worker errors ------------------------------------------------------------------------
+    def add_worker_error(self, worker_id: str, message: str, t: float | None = None) -> WorkerError:
+        """Record what a worker caught outside a run's own failure; `t` defaults to now (epoch seconds)."""
+        row = WorkerError(worker_id=worker_id, message=message, t=time.time() if t is None else t)
+        with self._session() as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+        return row
+
+    def worker_errors(self, since: float = 0.0, limit: int = 20) -> list[WorkerError]:
+        """The newest worker errors at or after `since` (epoch seconds), newest first."""
+        q = (select(WorkerError).where(col(WorkerError.t) >= since)
+             .order_by(col(WorkerError.t).desc(), col(WorkerError.id).desc()).limit(limit))
         with self._session() as s:
             return list(s.exec(q).all())
 

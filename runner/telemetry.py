@@ -8,6 +8,7 @@ that fails becomes a note on the sample, and the other sources go on. NVML is in
 from __future__ import annotations
 
 import http.client
+import logging
 import threading
 import time
 import urllib.parse
@@ -31,6 +32,8 @@ METRIC_COLUMNS = {
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
 }
+log = logging.getLogger(__name__)
+
 MIB = 1024 * 1024
 TREE_REFRESH_S = 5.0
 """How often the sampler re-walks the server's process tree at first (a walk reads every process of
@@ -51,6 +54,7 @@ class GpuReader:
 
     def __init__(self, nvml: ModuleType | None, indices: list[int] | None = None):
         self.nvml = nvml
+        self._nvml_error: tuple[type[BaseException], ...] = (nvml.NVMLError,) if nvml is not None else ()
         self.note: str | None = None
         self.handles: dict[int, Any] = {}
         if nvml is None:
@@ -61,7 +65,7 @@ class GpuReader:
             count = nvml.nvmlDeviceGetCount()
             wanted = indices if indices is not None else list(range(count))
             self.handles = {i: nvml.nvmlDeviceGetHandleByIndex(i) for i in wanted if i < count}
-        except Exception as exc:  # NVMLError subclasses, missing driver library
+        except nvml.NVMLError as exc:  # no GPU, no driver (NVMLError_LibraryNotFound), …
             self.note = f"no NVIDIA GPU or driver ({exc}): GPU sampling is off"
             self.handles = {}
 
@@ -80,11 +84,12 @@ class GpuReader:
             out.append(row)
         return out
 
-    @staticmethod
-    def _field(read: Callable[..., Any], *args: Any) -> Any:
+    def _field(self, read: Callable[..., Any], *args: Any) -> Any:
+        """One NVML read; None when NVML says no (not supported on this GPU, no permission, …).
+        Anything else is a bug and is raised."""
         try:
             return read(*args)
-        except Exception:
+        except self._nvml_error:
             return None
 
     def read(self, pids: set[int]) -> list[dict[str, Any]]:
@@ -95,7 +100,7 @@ class GpuReader:
         for i, h in self.handles.items():
             try:
                 nv.nvmlDeviceGetMemoryInfo(h)  # a lost GPU fails here first
-            except Exception as exc:
+            except nv.NVMLError as exc:
                 rows.append({"gpu_index": i, "note": f"GPU {i} lost: {exc}"})
                 continue
             util = self._field(nv.nvmlDeviceGetUtilizationRates, h)
@@ -282,6 +287,7 @@ class Sampler:
                 rows = self.sample()
                 self.samples_taken += 1
             except Exception as exc:  # the sampler never crashes the run
+                log.exception("run %s: a telemetry sample failed; a note row stands in for it", self.run_id)
                 self.errors += 1
                 rows = [{"run_id": self.run_id, "t": time.time(), "note": f"sampler error: {exc}"}]
             with self._buffer_lock:
@@ -303,6 +309,7 @@ class Sampler:
             try:
                 self.sink(rows)
             except Exception:
+                log.exception("run %s: %d telemetry rows could not be stored and are dropped", self.run_id, len(rows))
                 self.errors += 1
 
     def sample(self) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ start reconciles what an earlier worker left behind (interrupted runs, orphan vL
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -18,6 +19,8 @@ from runner.models import ACTIVE, RunStatus, utcnow
 from runner.server import free_port, kill_group
 from runner.store import Store
 from runner.telemetry import GpuReader, load_nvml
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Worker:
         self.threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self.errors: list[str] = []  # the last scheduling errors, newest last
+        self.errors: list[str] = []  # the last errors this worker caught, newest last (also in the store)
         self.interrupting = threading.Event()
         self._wake = threading.Event()  # a run ended or stop was asked: schedule now, not at the next poll
 
@@ -182,6 +185,7 @@ class Worker:
                                              interrupted=self.interrupting.is_set, **self.executor_kw)
             executor.execute()
         except Exception as exc:  # never lose a run silently
+            self._caught(f"run {run_id} crashed its executor: {type(exc).__name__}: {exc}")
             self.store.update_run(run_id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
                                   failure_reason=f"internal error: {type(exc).__name__}: {exc}")
         finally:
@@ -213,11 +217,21 @@ class Worker:
                 if until() and not self.busy():
                     return
             except Exception as exc:  # a database hiccup must not end the worker; try again next tick
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                del self.errors[:-20]
+                self._caught(f"scheduling failed: {type(exc).__name__}: {exc}")
             self._wake.wait(self.poll_s)
         for t in list(self.threads.values()):
             t.join()
+
+    def _caught(self, message: str) -> None:
+        """Say what was caught (called from an `except` block): the console's log with the traceback, this
+        worker's last errors, and the store, where the dashboard shows it (when the store answers)."""
+        log.exception("worker %s: %s", self.worker_id, message)
+        self.errors.append(message)
+        del self.errors[:-20]
+        try:
+            self.store.add_worker_error(self.worker_id, message)
+        except Exception:  # the database is what failed: the console has it
+            log.exception("worker %s: the error could not be stored", self.worker_id)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -131,7 +131,7 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
 
 def test_a_fresh_database_at_head_equals_the_models(db_url: str) -> None:
     with Store(db_url) as store, store.engine.connect() as conn:
-        assert store.revision() == migrations.head() == "0003"
+        assert store.revision() == migrations.head() == "0004"
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
 
 
@@ -140,7 +140,7 @@ def test_a_newer_database_is_refused_not_touched(db_url: str) -> None:
         store.create_run(label="kept")
         with store.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0003; upgrade servelab"):
+    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0004; upgrade servelab"):
         Store(db_url)
     engine = sa.create_engine(db_url if "://" in db_url else f"sqlite:///{db_url}")
     with engine.connect() as conn:
@@ -169,6 +169,6 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(db_url: str) -
             return store.revision()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert list(pool.map(open_store, range(4), timeout=60)) == ["0003"] * 4
+        assert list(pool.map(open_store, range(4), timeout=60)) == ["0004"] * 4
     with Store(db_url) as store, store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar_one() == 1

@@ -7,6 +7,7 @@ serving a captured vLLM `/metrics`, real subprocesses, and a real SQLite store t
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -516,3 +517,36 @@ def test_scrape_decides_on_the_first_answer_not_on_a_refused_connection() -> Non
     with pytest.raises(OSError):
         reader.get()  # vLLM not up yet
     assert reader.filtered is None
+
+
+# -- failures are said where they are caught ------------------------------------------------------------
+def test_a_batch_the_store_refuses_is_logged_with_its_size(run_id: int, caplog) -> None:
+    def refusing_sink(rows: list[dict[str, Any]]) -> None:
+        raise OSError("disk full")
+
+    s = Sampler(run_id, refusing_sink, interval_s=0.05, nvml=None)
+    for _ in range(3):
+        s._buffer.extend(s.sample())
+    with caplog.at_level(logging.ERROR, logger="runner.telemetry"):
+        s.flush()
+    assert s.errors == 1
+    assert [(r.levelname, r.getMessage(), r.exc_info[0]) for r in caplog.records] == [
+        ("ERROR", f"run {run_id}: 3 telemetry rows could not be stored and are dropped", OSError)]
+
+
+def test_an_nvml_no_becomes_none_but_a_bug_in_a_field_read_is_raised() -> None:
+    nvml = two_healthy_h200s()
+    reader = GpuReader(nvml)
+    try:
+        assert [row["power_w"] for row in reader.read(set())] == [512.345, 75.0]
+        nvml.gpus[1].power_mw = None  # the board says "Not Supported": an NVMLError
+        assert [row["power_w"] for row in reader.read(set())] == [512.345, None]
+
+        def broken(h: FakeGpu) -> int:
+            raise TypeError("a bug, not NVML")
+
+        nvml.nvmlDeviceGetPowerUsage = broken  # type: ignore[method-assign]
+        with pytest.raises(TypeError, match="a bug, not NVML"):
+            reader.read(set())
+    finally:
+        reader.close()

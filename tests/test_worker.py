@@ -7,6 +7,7 @@ executor below takes its place at the worker's `executor_factory` seam.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -465,16 +466,24 @@ def test_orphan_servers_finds_only_marked_processes_not_held(store, settings) ->
             p.wait()
 
 
-def test_a_scheduling_error_does_not_end_the_worker(store, settings, monkeypatch) -> None:
+def test_a_scheduling_error_does_not_end_the_worker(store, settings, monkeypatch, caplog) -> None:
     worker = Worker(store, settings, gpu_ids=[], poll_s=0.01)
     calls = {"n": 0}
+    locked = sa_exc.OperationalError("UPDATE run", {}, Exception("database is locked"))
 
     def flaky_step():
         calls["n"] += 1
         if calls["n"] == 1:
-            raise sa_exc.OperationalError("UPDATE run", {}, Exception("database is locked"))
+            raise locked
         return []
 
     monkeypatch.setattr(worker, "step", flaky_step)
-    worker.run_forever(until=lambda: calls["n"] >= 3)
-    assert calls["n"] >= 3 and "database is locked" in worker.errors[0]
+    with caplog.at_level(logging.ERROR, logger="runner.worker"):
+        worker.run_forever(until=lambda: calls["n"] >= 3)
+    message = f"scheduling failed: OperationalError: {locked}"
+    assert "database is locked" in message
+    assert calls["n"] >= 3 and worker.errors == [message]
+    # said on the console with its traceback, and kept in the store for the dashboard
+    assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
+        ("ERROR", f"worker {worker.worker_id}: {message}", True)]
+    assert [(e.worker_id, e.message) for e in api.worker_errors(store)] == [(worker.worker_id, worker.errors[0])]

@@ -1,9 +1,11 @@
 """Runs: every run with its state and headline metrics; filter, select to compare or open, cancel, delete."""
 
+from datetime import UTC, datetime
+
 import streamlit as st
 
 from dashboard import data
-from dashboard.state import PAGES, store, tz
+from dashboard.state import PAGES, store, tz, when
 from runner import api
 from runner.errors import ServelabError
 from runner.models import ACTIVE, TERMINAL, RunStatus
@@ -13,6 +15,11 @@ db = store()
 LIVE = {s.value for s in ACTIVE} | {RunStatus.queued.value}
 
 st.title("Runs")
+if worker_errors := api.worker_errors(db):
+    newest = worker_errors[0]
+    st.warning(f"**The worker caught {len(worker_errors)} error(s) in the last hour** (its console has the "
+               f"tracebacks). Newest, at {when(datetime.fromtimestamp(newest.t, UTC))}: {newest.message}",
+               icon=":material/warning:")
 everything = api.runs_frame(db, with_metrics=False)
 if everything.empty:
     st.info("No runs yet: queue one on Launch, or bring existing results in on Import.")
