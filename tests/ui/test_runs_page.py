@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,15 @@ def test_local_model_paths_are_shortened_in_the_table(open_page, seeded, demo_mo
     api.queue_run(seeded, RunSpec(launch=LaunchSpec(model=str(demo_model)), bench=[BenchSpec(num_prompts=2)]))
     at = open_page("runs")
     assert at.dataframe[0].value["Model"].tolist() == ["—", "—", "…/models/demo"]
+
+
+def test_worker_errors_of_the_last_hour_show_as_a_banner(open_page, seeded) -> None:
+    seeded.add_worker_error("gpu-box:1:2", "scheduling failed: database is locked", t=time.time() - 7200)
+    at = open_page("runs")
+    assert [w.value for w in at.warning] == []  # two hours old: past
+    seeded.add_worker_error("gpu-box:1:2", "run 7 crashed its executor: KeyError: 'x'")
+    at = open_page("runs")
+    [banner] = at.warning
+    assert banner.value.startswith("**The worker caught 1 error(s) in the last hour** (its console has the "
+                                   "tracebacks). Newest, at ")
+    assert banner.value.endswith(": run 7 crashed its executor: KeyError: 'x'")
