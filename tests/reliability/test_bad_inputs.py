@@ -205,7 +205,7 @@ def unicode_label_import(c: Ctx) -> Outcome:
     name = "résultats_测试.txt"
     (run_id,) = api.import_files(c.store, [(name, (FIXTURES / "seed" / "tp8.txt").read_bytes())], label=UNICODE_LABEL)
     assert c.store.get_run(run_id).label == UNICODE_LABEL
-    shown = c.cli("show", str(run_id))
+    shown = c.cli("show", str(run_id), "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["label"] == UNICODE_LABEL
     listed = c.cli("runs", "--format", "json")
     assert [r["label"] for r in json.loads(listed.stdout)] == [UNICODE_LABEL]
@@ -343,8 +343,9 @@ CASES = [
          lambda c: refused(check_spec(spec(bench={"dataset-name": "sharegpt"})),
                            "Dataset sharegpt needs dataset-path; give the file or use the random dataset.")),
     Case("nothing-to-run", "spec", "refused: a bench or eval section asked for",
-         lambda c: refused(check_spec(spec(bench=[])),
-                           "The run has neither a benchmark nor an evaluation; add a bench: or eval: section.")),
+         lambda c: refused(check_spec(spec(bench=[], **{"output-check": "off"})),
+                           "The run has neither a benchmark nor an evaluation nor an output check; "
+                           "add a bench: or eval: section.")),
     Case("sweep-matrix-unknown-key", "spec", "refused: the matrix key named",
          lambda c: refused(lambda: SweepSpec.parse({**spec(), "matrix": {"tp": [1, 2]}}),
                            "matrix key 'tp' is neither a launch nor a bench field")),
