@@ -33,9 +33,15 @@ if Settings.from_env().password and not st.session_state.get("authenticated"):
     st.navigation([st.Page(_sign_in, title="Sign in")], position="hidden").run()
     st.stop()
 
+def _home() -> None:
+    # Streamlit serves its default page at `/` only; Launch is a page of its own so that `/launch` works
+    st.switch_page(PAGES["launch"], query_params=st.query_params.to_dict())
+
+
 keep_form_state()
 pages = [
-    st.Page(PAGES["launch"], title="Launch", icon=":material/rocket_launch:", url_path="launch", default=True),
+    st.Page(_home, title="servelab", url_path="home", default=True, visibility="hidden"),
+    st.Page(PAGES["launch"], title="Launch", icon=":material/rocket_launch:", url_path="launch"),
     st.Page(PAGES["runs"], title="Runs", icon=":material/table_rows:", url_path="runs"),
     st.Page(PAGES["run"], title="Run", icon=":material/monitoring:", url_path="run"),
     st.Page(PAGES["compare"], title="Compare", icon=":material/compare_arrows:", url_path="compare"),

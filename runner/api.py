@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -739,9 +740,16 @@ def worker_errors(store: Store, within_s: float = 3600.0, limit: int = 5) -> lis
     return store.worker_errors(since=time.time() - within_s, limit=limit)
 
 
+_LOGO = re.compile("[█▄▀]")  # vLLM's ASCII logo at startup: block characters only it prints
+_EMPTY_RECORD = re.compile(r"\[[\w.]+:\d+\]\s*$")  # a log record with no message (the logo's frame)
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
-    """The last `lines` lines of a log file; empty when it cannot be read."""
-    return tail(path, lines)
+    """The last `lines` lines of a server log worth reading, vLLM's ASCII logo and empty records left out;
+    empty when it cannot be read."""
+    kept = [line for line in tail(path, lines + 200).splitlines()
+            if not _LOGO.search(line) and not _EMPTY_RECORD.search(line)]
+    return "\n".join(kept[-lines:])
 
 
 def describe_imported(

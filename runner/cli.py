@@ -315,7 +315,8 @@ def dashboard(
     argv = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
             # a product, not a dev server: no module reloads when files change under it
-            "--server.fileWatcherType", "none", "--server.runOnSave", "false"]
+            "--server.fileWatcherType", "none", "--server.runOnSave", "false",
+            "--client.toolbarMode", "minimal"]  # no "Deploy" button: this is not a Streamlit app to publish
     worker_proc = None
     # The worker and Streamlit live and die with this process: SIGTERM runs the `finally` below, and on
     # Linux the kernel sends them SIGTERM when it dies any other way (even SIGKILL), so a restarted

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv, vllm_prefix
-from runner.config import BenchSpec, EvalSpec, LaunchSpec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec
 
 KIMI = "moonshotai/Kimi-K2-Thinking"
 SEED_FLAGS = ["--enable-auto-tool-choice"]
@@ -103,3 +103,31 @@ def test_display_shows_vllm_and_quotes():
     assert shown.startswith("X='1 2' vllm serve m ")
     assert shown.endswith("'a b'")
     assert vllm_prefix()[0] == sys.executable
+
+
+def test_command_lines_are_every_command_of_a_run_once():
+    """The Launch page (before queueing), the Run page and `servelab show` all show these lines."""
+    from runner import api
+
+    spec = RunSpec(launch=LaunchSpec(model="org/m", port=8124, env={"A": "1"}),
+                   bench=[BenchSpec(num_prompts=5), BenchSpec(num_prompts=6, request_rate=2)],
+                   eval=EvalSpec(limit=50, dataset_path="/data/gsm8k.jsonl"))
+    common = ("--base-url http://127.0.0.1:8124 --dataset-name random --random-input-len 1024 "
+              "--random-output-len 128 --num-prompts")
+    tail = ("--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --save-result --save-detailed "
+            "--result-dir /runs/7 --result-filename")
+    assert api.command_lines(spec, "/runs/7") == {
+        "vllm serve": "A=1 vllm serve org/m --host 127.0.0.1 --port 8124 --tensor-parallel-size 1",
+        "vllm bench serve (1 of 2)": f"vllm bench serve --model org/m {common} 5 --request-rate inf --burstiness 1 "
+                                     f"--seed 0 {tail} bench-0-0.json",
+        "vllm bench serve (2 of 2)": f"vllm bench serve --model org/m {common} 6 --request-rate 2 --burstiness 1 "
+                                     f"--seed 0 {tail} bench-1-0.json",
+        "lm_eval": "lm_eval --model local-completions --model_args model=org/m,base_url=http://127.0.0.1:8124/v1/"
+                   "completions,tokenized_requests=False,tokenizer_backend=None,num_concurrent=32,max_retries=3,"
+                   "timeout=3000 --tasks gsm8k_local --num_fewshot 5 --batch_size 1 --output_path /runs/7/eval "
+                   "--limit 50 --include_path /runs/7/eval_tasks",
+    }
+    ran = ["vllm", "serve", "org/m", "--port", "8200"]  # a run shows the argv it ran with and its environment
+    assert api.command_lines(spec, "/runs/7", serve=ran, env={})["vllm serve"] == "vllm serve org/m --port 8200"
+    no_gsm8k = spec.model_copy(update={"eval": EvalSpec(tasks="mmlu", dataset_path="/d.jsonl")})
+    assert "--tasks mmlu" in api.command_lines(no_gsm8k, "/r")["lm_eval"]  # as given; the form says why it cannot run

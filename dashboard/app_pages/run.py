@@ -94,7 +94,7 @@ def live_panel() -> None:
     log = api.run_files(now).get("server.log")
     if log is not None:
         st.markdown("**Server log** (last 40 lines)")
-        st.code(api.log_tail(log, 40) or "(empty)", language="log", height=320)
+        st.code(api.log_tail(log, 40) or "(empty)", language="log", height=320, wrap_lines=True)
 
 
 def outcome() -> None:

@@ -30,6 +30,7 @@ from runner.execute import Allocation, RunExecutor, server_env
 from runner.models import RunStatus
 from runner.server import ManagedProcess
 from runner.store import Store
+from runner.vllm_args import serve_parser
 from runner.worker import Worker
 from tests.reliability.conftest import REPO, Untouched
 
@@ -503,6 +504,7 @@ def _queue_button(at):
 def dashboard_refused(c: Ctx, must: str, paste: str | None = None, fields: dict[str, str] | None = None) -> Outcome:
     at = c.page()
     if paste is not None:
+        serve_parser()  # vLLM's parser loaded before the page run is timed (its first import takes seconds)
         at.text_area(key="form.paste").set_value(paste)
         next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
     for key, value in (fields or {}).items():

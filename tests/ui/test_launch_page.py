@@ -135,6 +135,15 @@ def test_accuracy_section_has_every_eval_field_and_shows_the_lm_eval_line(open_p
     assert "--tasks gsm8k_local --num_fewshot 2" in line and "--include_path 'data/runs/<run id>/eval_tasks'" in line
 
 
+@pytest.fixture(scope="module", autouse=True)
+def vllm_parser() -> None:
+    """vLLM's own parser, loaded before any page run is timed: its first import loads torch (tens of seconds on
+    a busy machine), which the dashboard pays once per process, on the first paste."""
+    from runner.vllm_args import serve_parser
+
+    assert serve_parser() is not None
+
+
 def paste(at, command: str):
     at.text_area(key="form.paste").set_value(command)
     return next(b for b in at.button if b.label.startswith("Fill the form")).click().run()
