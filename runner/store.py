@@ -23,6 +23,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, select
 
 from runner import migrations
+from runner.config import Settings
 from runner.errors import StoreError
 from runner.models import (
     BENCH_COLUMNS,
@@ -42,11 +43,6 @@ BUSY_TIMEOUT_MS = 15_000
 _M = TypeVar("_M", bound=SQLModel)
 
 
-def data_dir() -> Path:
-    """Where servelab keeps its database and run folders: `SERVELAB_DATA` or `./data`."""
-    return Path(os.environ.get("SERVELAB_DATA") or "data")
-
-
 def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
     """A SQLAlchemy URL as is; a plain file path as `sqlite:///<absolute path>`; ":memory:" as in-memory SQLite."""
     text = os.fspath(url_or_path)
@@ -57,10 +53,10 @@ def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
-def default_db_url() -> str:
-    """`SERVELAB_DB` (a path or any SQLAlchemy URL) if set, else `<data dir>/servelab.db`."""
-    env = os.environ.get("SERVELAB_DB")
-    return resolve_url(env if env else data_dir() / "servelab.db")
+def default_db_url(settings: Settings | None = None) -> str:
+    """`settings.db` (a path or any SQLAlchemy URL; SERVELAB_DB) if set, else `<data dir>/servelab.db`."""
+    settings = settings or Settings.from_env()
+    return resolve_url(settings.db or settings.data_dir / "servelab.db")
 
 
 def _is_memory(url: sa.URL) -> bool:

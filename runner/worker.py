@@ -110,7 +110,7 @@ class Worker:
         self.store = store
         self.settings = settings or Settings.from_env()
         if gpu_ids is None:
-            gpu_ids = [] if cpu_backend() else list(GpuReader(load_nvml()).handles)
+            gpu_ids = [] if cpu_backend(self.settings) else list(GpuReader(load_nvml()).handles)
         # no GPU given: vLLM's CPU backend, one rank per core
         self.host = Host(gpus=len(gpu_ids)) if gpu_ids else Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
         self.allocator = Allocator(gpu_ids)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import BenchSpec, EvalSpec, LaunchSpec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +47,26 @@ def test_the_readme_two_commands_and_ci_runs_the_tests() -> None:
         assert re.search(rf"^{re.escape(command)}\b", readme, re.M), f"README lacks `{command}`"
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.lstrip().startswith("#")]
     assert any(re.search(r"(^|\s)\./dev\.sh test\b", line) for line in ci)
+
+
+def test_the_readme_environment_table_is_the_settings() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Environment", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(SERVELAB_\w+)` \|", section, re.M)
+    assert sorted(documented) == sorted([*Settings.env_names().values(), "SERVELAB_VENV"])
+
+
+def test_settings_read_their_documented_variables(monkeypatch, tmp_path) -> None:
+    values = {"SERVELAB_DB": "postgresql://h/db", "SERVELAB_DATA": str(tmp_path), "SERVELAB_SAMPLE_INTERVAL": "0.5",
+              "SERVELAB_STARTUP_TIMEOUT": "90", "SERVELAB_PASSWORD": "pw", "SERVELAB_BACKEND": "cpu"}
+    assert sorted(values) == sorted(Settings.env_names().values())
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SERVELAB_RUN_ID", "7")  # a run's mark in its server's environment, not a setting
+    assert Settings.from_env() == Settings(db="postgresql://h/db", data_dir=tmp_path, sample_interval_s=0.5,
+                                           startup_timeout_s=90.0, password="pw", backend="cpu")
+    for name in values:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SERVELAB_DB", "")  # empty is unset
+    assert Settings.from_env() == Settings(db=None, data_dir=Path("data"), sample_interval_s=1.0,
+                                           startup_timeout_s=1800.0, password=None, backend="auto")
