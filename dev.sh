@@ -30,10 +30,19 @@ setup() {
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
       || "$VENV/bin/python" -m pip install -q --no-deps -e .
   fi
-  if [ "${1:-}" = test ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    # the store's tests run on PostgreSQL too; tests/conftest.py starts a throwaway server (and fails without one)
+  # The store's tests run on PostgreSQL too: tests/conftest.py starts a throwaway server from Debian's
+  # packages (/usr/lib/postgresql/<version>/bin) and fails them without one, so a test run stops here instead.
+  if [ "${1:-}" = test ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "servelab: the store tests need Debian's PostgreSQL server: sudo apt-get install postgresql" >&2
+      exit 1
+    fi
     echo "servelab: installing Debian postgresql for the store tests" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+      || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+      echo "servelab: postgresql could not be installed (apt-get install postgresql); the store tests need it" >&2
+      exit 1
+    fi
   fi
   # The browser tests drive Debian's chromium at /usr/bin/chromium through the test extra's python playwright;
   # without it they fail, so a test run stops here when it cannot be had.
