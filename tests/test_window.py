@@ -41,6 +41,8 @@ class NVMLError(Exception):
 class FakeEnergyNvml:
     """`pynvml` as far as a window reads it: handles and nvmlDeviceGetTotalEnergyConsumption (mJ)."""
 
+    NVMLError = NVMLError
+
     def __init__(self, energy_mj: dict[int, list[float] | None]):
         self.energy = energy_mj  # GPU → successive counter values; None: "Not Supported"
         self.inits = self.shutdowns = 0
