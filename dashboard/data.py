@@ -10,7 +10,8 @@ import pandas as pd
 
 from runner import api
 from runner.api import Store
-from runner.models import Run
+from runner.config import gpus_for, parallel_label
+from runner.models import LIVE, Run
 
 BadgeColor = Literal["gray", "blue", "violet", "green", "red", "orange"]
 # colour and Material icon of st.badge (emoji fonts are not everywhere)
@@ -21,23 +22,22 @@ STATUS_BADGE: dict[str, tuple[BadgeColor, str]] = {
     "failed": ("red", ":material/error:"), "cancelled": ("orange", ":material/block:"),
     "interrupted": ("orange", ":material/warning:"),
 }  # fmt: skip
-LIVE = frozenset({"queued", "starting", "ready", "benchmarking", "evaluating"})
 
 
 def gpus_of(run: Run) -> int | None:
     """GPUs a run used (TP×PP×DP), None when its configuration is unknown (e.g. an imported result)."""
     if run.tensor_parallel_size is None:
         return None
-    return run.tensor_parallel_size * (run.pipeline_parallel_size or 1) * (run.data_parallel_size or 1)
+    return gpus_for(run.tensor_parallel_size, run.pipeline_parallel_size or 1, run.data_parallel_size or 1)
 
 
 def config_label(tp: float | None, dcp: float | None) -> str:
+    """`TP8+DCP8` from a frame's TP and DCP cells (NaN where unknown); `—` without a TP size."""
     if tp is None or (isinstance(tp, float) and math.isnan(tp)):
         return "—"
-    text = f"TP{int(tp)}"
-    if dcp is not None and not (isinstance(dcp, float) and math.isnan(dcp)) and int(dcp) > 1:
-        text += f"+DCP{int(dcp)}"
-    return text
+    if dcp is None or (isinstance(dcp, float) and math.isnan(dcp)):
+        return parallel_label(int(tp))
+    return parallel_label(int(tp), int(dcp))
 
 
 def short_model(model: object) -> str:

@@ -158,12 +158,12 @@ def _headline(store, run_id: int) -> str:
 
 def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
     """Execute queued runs in this process with a progress line until all have ended."""
-    from runner.models import ACTIVE, RunStatus
+    from runner.models import LIVE
     from runner.worker import Worker
 
     worker = Worker(store, gpu_ids=gpu_ids)
     pending = set(run_ids)
-    done = lambda: all(store.get_run(r).status not in ACTIVE | {RunStatus.queued} for r in pending)  # noqa: E731
+    done = lambda: all(store.get_run(r).status not in LIVE for r in pending)  # noqa: E731
     thread = threading.Thread(target=worker.run_forever, kwargs={"until": done}, daemon=True)
     thread.start()
     tty = sys.stderr.isatty()

@@ -158,6 +158,17 @@ class Host:
         return out
 
 
+def gpus_for(tp: int, pp: int = 1, dp: int = 1) -> int:
+    """GPUs (CPU ranks on the CPU backend) a launch takes: TP × PP × DP."""
+    return tp * pp * dp
+
+
+def parallel_label(tp: int, dcp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False) -> str:
+    """`TP8`, `TP8+DCP8`, `TP4+PP2`, `TP8+EP` — the name the seed uses for a configuration."""
+    parts = [f"TP{tp}", *(f"{tag}{size}" for size, tag in ((dcp, "DCP"), (pp, "PP"), (dp, "DP")) if size > 1)]
+    return "+".join(parts + (["EP"] if ep else []))
+
+
 class LaunchSpec(_Spec):
     """How to start `vllm serve`. Every field maps to the vLLM flag of the same name."""
 
@@ -219,7 +230,7 @@ class LaunchSpec(_Spec):
     # -- derived ---------------------------------------------------------------------------------
     @property
     def gpus_needed(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+        return gpus_for(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
 
     @property
     def api_model_name(self) -> str:
@@ -232,17 +243,8 @@ class LaunchSpec(_Spec):
 
     def short_label(self) -> str:
         """`TP8`, `TP8+DCP8`, `TP4+PP2`… — the name the seed uses for a configuration."""
-        parts = [f"TP{self.tensor_parallel_size}"]
-        for size, tag in (
-            (self.decode_context_parallel_size, "DCP"),
-            (self.pipeline_parallel_size, "PP"),
-            (self.data_parallel_size, "DP"),
-        ):
-            if size > 1:
-                parts.append(f"{tag}{size}")
-        if self.enable_expert_parallel:
-            parts.append("EP")
-        return "+".join(parts)
+        return parallel_label(self.tensor_parallel_size, self.decode_context_parallel_size,
+                              self.pipeline_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
 
     def local_model_path(self) -> Path | None:
         """The model folder when the model is local (an explicit path, or one that exists)."""

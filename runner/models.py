@@ -70,6 +70,8 @@ ACTIVE: frozenset[RunStatus] = frozenset(
     {RunStatus.starting, RunStatus.ready, RunStatus.benchmarking, RunStatus.evaluating}
 )
 """A worker holds the run (queued runs are neither active nor terminal)."""
+LIVE: frozenset[RunStatus] = ACTIVE | {RunStatus.queued}
+"""Not ended yet: queued, or held by a worker (the complement of TERMINAL)."""
 
 
 class RunSource(StrEnum):

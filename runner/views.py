@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from runner.api import label_of, one_line, run_commands
+from runner.config import parallel_label
 from runner.errors import ServelabError
 from runner.store import Store
 
@@ -30,7 +31,7 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
     lines = [(head + " REASON")[:width]]
     for r in frame.to_dict("records"):
         tp, dcp = r.get("tensor_parallel_size"), r.get("decode_context_parallel_size")
-        config = "" if tp is None or pd.isna(tp) else f"TP{int(tp)}" + (f"+DCP{int(dcp)}" if dcp and dcp > 1 else "")
+        config = "" if tp is None or pd.isna(tp) else parallel_label(int(tp), int(dcp) if dcp and dcp > 1 else 1)
         created = r.get("created_at")
         cells = [str(r["id"]), r["status"], str(r.get("label") or ""), config,
                  _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}"),

@@ -9,7 +9,7 @@ from dashboard import charts, data, run_view, signals_view
 from dashboard.state import PAGES, duration, query_int, run_title, store, when
 from runner import api
 from runner.errors import ServelabError
-from runner.models import ACTIVE, TERMINAL, RunSource, RunStatus
+from runner.models import LIVE, TERMINAL, RunSource, RunStatus
 
 db = store()
 runs = api.list_runs(db)
@@ -32,7 +32,7 @@ if choice != query_int("run"):
     st.query_params["run"] = str(choice)
 
 run = api.get_run(db, choice)
-live = run.status in ACTIVE or run.status == RunStatus.queued
+live = run.status in LIVE
 st.title(f"Run #{run.id} — {api.label_of(run)}")
 st.caption(run_view.summary_line(run))
 if live and st.button("Cancel this run", help="A queued run stops at once, a running one at the worker's next tick."):

@@ -8,11 +8,10 @@ from dashboard import data
 from dashboard.state import PAGES, store, tz, when
 from runner import api
 from runner.errors import ServelabError
-from runner.models import ACTIVE, TERMINAL, RunStatus
+from runner.models import LIVE, TERMINAL, RunStatus
 
 ss = st.session_state
 db = store()
-LIVE = {s.value for s in ACTIVE} | {RunStatus.queued.value}
 
 st.title("Runs")
 if worker_errors := api.worker_errors(db):
