@@ -140,10 +140,18 @@ class PostgresCluster:
 def postgres() -> Iterator[PostgresCluster]:
     """The session's PostgreSQL server, started on first use. A server that cannot start fails the tests
     that need it (never skips them): CI must test the PostgreSQL store."""
-    try:
-        cluster = PostgresCluster().start()
-    except (RuntimeError, OSError) as exc:
-        pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
+    for attempt in range(3):  # the free port may be taken between its probe and the server's bind
+        cluster = None
+        try:
+            cluster = PostgresCluster()
+            cluster.start()
+            break
+        except (RuntimeError, OSError) as exc:
+            if cluster is not None:
+                shutil.rmtree(cluster.dir, ignore_errors=True)
+            if attempt == 2:
+                pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
+    assert cluster is not None
     yield cluster
     cluster.stop()
 
