@@ -17,8 +17,16 @@ Figures:
 
     python benchmarks/overhead.py           # 2 pairs, 120 requests a benchmark at 10 req/s
     python benchmarks/overhead.py --quick   # 1 pair, 48 requests at 12 req/s
+    python benchmarks/overhead.py --per-bench   # only the per-benchmark overhead below (about 3 min)
 
 Last line: `overhead ratio=<x>`, the wall-time ratio over all pairs.
+
+Per-benchmark overhead (`--per-bench`): one run, one server, a load sweep of 5 loads (every load run),
+executed twice through a Worker: with one `vllm bench serve` process per benchmark (SERVELAB_BENCH_CLIENT=0,
+as before), and with the one long-lived benchmark client (`runner.bench_client`). Overhead of a benchmark =
+its `bench_start` → `bench_end` phase events less the benchmark's own measured duration (first request →
+last answer). Last line: `bench_overhead seconds=<x>`, the largest overhead of a benchmark after the first
+with the client (target ≤ 2 s).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from _common import Foreign, cpu_speed_ms, demo_model, figure, free_bench_port, 
 
 from runner import api
 from runner.commands import bench_argv, serve_argv, vllm_prefix
-from runner.config import SweepSpec
+from runner.config import RunSpec, SweepSpec
 from runner.execute import server_env
 from runner.server import kill_group, port_is_free
 from runner.store import Store
@@ -187,13 +195,60 @@ def by_hand(sweep: SweepSpec, work: Path, port: int) -> dict:
     return out
 
 
+def bench_overheads(model: Path, port: int, work: Path, use_client: bool) -> list[float]:
+    """Seconds each benchmark of a 5-load sweep on one server spends outside its measured duration."""
+    os.environ["SERVELAB_DATA"] = str(work)
+    os.environ["SERVELAB_BENCH_CLIENT"] = "1" if use_client else "0"
+    store = Store(work / "servelab.db")
+    spec = RunSpec.parse({
+        "launch": {"model": str(model), "enforce-eager": True, "max-model-len": 2048, "port": port},
+        "bench": {"random-input-len": 128, "random-output-len": 64, "ignore-eos": True, "num-prompts": 24,
+                  "request-rate": [8, 16, 32, 64, "inf"], "stop-early": False},
+    })
+    run = api.queue_run(store, spec)
+    Worker(store, gpu_ids=[]).run_forever(until=lambda: store.get_run(run.id).status.value in
+                                          {"succeeded", "failed", "cancelled", "interrupted"})
+    done = store.get_run(run.id)
+    assert done.status.value == "succeeded", (done.status, done.failure_reason)
+    events = store.phases(run.id)
+    starts = [e.t for e in events if e.phase == "bench_start"]
+    ends = [e.t for e in events if e.phase == "bench_end"]
+    out = [end - start - (b.duration or 0.0) for start, end, b in zip(starts, ends, store.bench_results(run.id))]
+    store.close()
+    os.environ.pop("SERVELAB_BENCH_CLIENT")
+    return out
+
+
+def per_bench(root: Path, model: Path, port: int) -> None:
+    arms = {}
+    for name, use_client in (("one process per benchmark", False), ("one client per server", True)):
+        work = root / ("client" if use_client else "processes")
+        work.mkdir()
+        with Foreign(track=True) as f:
+            arms[name] = bench_overheads(model, port, work, use_client)
+        say(f"  {name}: overhead per benchmark " + ", ".join(f"{x:.2f}" for x in arms[name])
+            + f" s; after the first {spread(arms[name][1:])} s; other work {f.cores:.2f} cores")
+    before, after = arms["one process per benchmark"][1:], arms["one client per server"][1:]
+    say(f"per-benchmark overhead after the first: before {statistics.mean(before):.2f} s (max {max(before):.2f}), "
+        f"after {statistics.mean(after):.2f} s (max {max(after):.2f}); first benchmark "
+        f"{arms['one process per benchmark'][0]:.2f} s → {arms['one client per server'][0]:.2f} s")
+    figure("bench_overhead", seconds=max(after))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one pair, shorter benchmarks")
     ap.add_argument("--pairs", type=int, help="servelab/by-hand pairs (default 2, quick 1)")
     ap.add_argument("--budget", type=float, default=560, help="seconds the script may take, retries included")
     ap.add_argument("--disturbed", type=float, default=0.25, help="other work above this many cores discards a pair")
+    ap.add_argument("--per-bench", action="store_true", help="only the per-benchmark overhead of a load sweep")
     args = ap.parse_args()
+    if args.per_bench:
+        root = Path(tempfile.mkdtemp(prefix="servelab-overhead-"))
+        say(f"per-benchmark overhead, 5 loads on one server; work in {root}")
+        say(f"CPU speed: reference loop {cpu_speed_ms():.1f} ms (lower is faster)")
+        per_bench(root, demo_model(root), free_bench_port())
+        return
     deadline = time.monotonic() + args.budget
     pairs = args.pairs or (1 if args.quick else 2)
     root = Path(tempfile.mkdtemp(prefix="servelab-overhead-"))

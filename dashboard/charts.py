@@ -338,3 +338,56 @@ def pareto_chart(summary: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="median TPOT (ms) — lower is better")
     fig.update_yaxes(title_text="output tok/s per GPU — higher is better", rangemode="tozero")
     return _layout(fig, "Throughput per GPU vs median TPOT", 400)
+
+
+# -- load curves ----------------------------------------------------------------------------------
+CURVE_AXES = (("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)"), ("load", "load"))
+
+
+def _load_axis(loads: pd.Series) -> tuple[pd.Series, list[float], list[str]]:
+    """Loads as x positions on a log axis: an unlimited rate (inf) sits at twice the largest finite load."""
+    finite = loads[~loads.isin([math.inf])]
+    top = float(finite.max()) * 2 if len(finite) else 1.0
+    xs = loads.replace(math.inf, top)
+    ticks = sorted(set(xs))
+    text = ["inf" if t == top and math.inf in set(loads) else f"{t:g}" for t in ticks]
+    return xs, ticks, text
+
+
+def load_curves_chart(curves: pd.DataFrame, per_gpu: bool = True) -> go.Figure:
+    """Output tok/s (per GPU, or total) against P99 TTFT, P99 TPOT and load: one line per run through its
+    loads, the same colour in each panel; its knee (highest load meeting the SLO) a star.
+
+    `curves` is `runner.api.load_curves`: one row per run and load, columns `label`, `load`, `load_text`,
+    `output_throughput`, `tok_s_per_gpu`, `p99_ttft_ms`, `p99_tpot_ms`, `knee`."""
+    y_col = "tok_s_per_gpu" if per_gpu else "output_throughput"
+    y_title = "output tok/s per GPU" if per_gpu else "output tok/s"
+    data = curves.dropna(subset=[y_col]) if y_col in curves.columns else curves.iloc[0:0]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[f"vs {t}" for _, t in CURVE_AXES], horizontal_spacing=0.06)
+    colors = _colors(list(data["label"]))
+    xs_load, ticks, text = _load_axis(data["load"]) if len(data) else (data["load"], [], [])
+    knee_shown = False
+    for label, part in data.groupby("label", sort=False):
+        part = part.sort_values("load")
+        for col, (x_col, _) in enumerate(CURVE_AXES, start=1):
+            xs = xs_load.loc[part.index] if x_col == "load" else part[x_col]
+            fig.add_scatter(x=xs, y=part[y_col], mode="lines+markers", name=str(label), legendgroup=str(label),
+                            showlegend=col == 1, line=dict(color=colors[label]), customdata=part["load_text"],
+                            hovertemplate=f"%{{customdata}}<br>x %{{x:,.4g}}<br>y %{{y:,.1f}}<extra>{label}</extra>",
+                            row=1, col=col)
+            knee = part[part["knee"].astype(bool)]
+            if len(knee):
+                kx = xs_load.loc[knee.index] if x_col == "load" else knee[x_col]
+                fig.add_scatter(x=kx, y=knee[y_col], mode="markers", name="knee: highest load meeting the SLO",
+                                legendgroup="knee", showlegend=not knee_shown,
+                                marker=dict(symbol="star", size=16, color=colors[label],
+                                            line=dict(width=1, color="#222")),
+                                customdata=knee["load_text"], hovertemplate="knee at %{customdata}<extra>"
+                                + str(label) + "</extra>", row=1, col=col)
+                knee_shown = True
+    for col, (_, title) in enumerate(CURVE_AXES, start=1):
+        fig.update_xaxes(title_text=title, row=1, col=col)
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=text, row=1, col=3)
+    fig.update_yaxes(title_text=y_title, rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, f"Load curves: {y_title} against latency and load", 430)

@@ -25,12 +25,13 @@ import pandas as pd
 import sqlalchemy as sa
 
 from runner import compare as cmp
-from runner import noise
+from runner import noise, slo
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
 from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
 from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
 from runner.execute import INTERNAL_ENV, cpu_backend
+from runner.loads import STOP_PHASE
 from runner.models import (
     ACTIVE,
     TERMINAL,
@@ -819,3 +820,65 @@ def eval_dataset_problems(evaluation: EvalSpec | None) -> list[Problem]:
     than after the benchmark: tasks without gsm8k, an unreadable or malformed file, too few questions."""
     problem = local_eval_problem(evaluation) if evaluation is not None else None
     return [problem.under("eval")] if problem else []
+
+
+# -- load curves and SLOs -------------------------------------------------------------------------
+def gpus_of(run: Run) -> int | None:
+    """GPUs a run used (TP×PP×DP), None when its configuration is unknown (e.g. an imported result)."""
+    if run.tensor_parallel_size is None:
+        return None
+    return run.tensor_parallel_size * (run.pipeline_parallel_size or 1) * (run.data_parallel_size or 1)
+
+
+def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """One row per stored benchmark result: run id, label, GPUs, its load (from its bench spec, else from the
+    result's own `request_rate`/`max_concurrency`) and its metrics — what `runner.slo` reads."""
+    runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
+    rows = []
+    for run in runs:
+        for br in store.bench_results(run.id):
+            metrics = json.loads(br.metrics_json)
+            spec = json.loads(br.bench_spec_json) if br.bench_spec_json else {}
+            rate = spec.get("request_rate", metrics.get("request_rate"))
+            rows.append({**metrics, "run_id": run.id, "label": label_of(run), "gpus": gpus_of(run),
+                         "request_rate": float(rate) if rate is not None else None,  # "Infinity" → inf
+                         "max_concurrency": spec.get("max_concurrency", metrics.get("max_concurrency"))})
+    return rows
+
+
+def load_curves(store: Store, run_ids: list[int], slo_texts: list[str] | None = None) -> pd.DataFrame:
+    """One row per run and load (means over repeats), with `meets_slo` and `knee` under the SLOs given."""
+    points = slo.curves(load_rows(store, run_ids), slo.parse_slos(slo_texts or []))
+    return pd.DataFrame([{
+        "run_id": p.run_id, "label": p.label, "gpus": p.gpus, "load_kind": p.load_kind, "load": p.load,
+        "load_text": p.load_text, "repeats": p.repeats, "output_throughput": p.tok_s,
+        "tok_s_per_gpu": p.tok_s_per_gpu, "p99_ttft_ms": p.metrics.get("p99_ttft_ms"),
+        "p99_tpot_ms": p.metrics.get("p99_tpot_ms"), "failed": p.metrics.get("failed"),
+        "meets_slo": p.meets, "knee": p.knee,
+    } for p in points], columns=LOAD_CURVE_COLUMNS)  # fmt: skip
+
+
+LOAD_CURVE_COLUMNS = ["run_id", "label", "gpus", "load_kind", "load", "load_text", "repeats", "output_throughput",
+                      "tok_s_per_gpu", "p99_ttft_ms", "p99_tpot_ms", "failed", "meets_slo", "knee"]
+
+
+def recommend(store: Store, slo_texts: list[str], run_ids: list[int] | None = None) -> list[slo.Recommendation]:
+    """Runs ranked by output tok/s per GPU at the highest load meeting every SLO (`runner.slo.rank`)."""
+    try:
+        slos = slo.parse_slos(slo_texts)
+        return slo.rank(load_rows(store, run_ids), slos)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def render_recommendations(recs: list[slo.Recommendation], slo_texts: list[str]) -> str:
+    return slo.render(recs, slo.parse_slos(slo_texts))
+
+
+def load_sweep_stops(store: Store, run_id: int) -> list[str]:
+    """Why each load sweep of a run stopped before its last load (none when every load ran)."""
+    return [p.detail or "" for p in store.phases(run_id) if p.phase == STOP_PHASE]
+
+
+def recommendations_table(recs: list[slo.Recommendation], slo_texts: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(slo.table(recs, slo.parse_slos(slo_texts)))

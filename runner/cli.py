@@ -127,6 +127,20 @@ def compare(
 
 
 @app.command()
+def recommend(
+    runs: list[int] | None = typer.Argument(None, help="Runs to rank (default: every run with results)."),
+    slos: list[str] = typer.Option(..., "--slo", help="An SLO: METRIC:STAT<=MS, e.g. ttft:p99<=2000 (repeatable), "
+                                   "or vLLM's goodput form ttft:2000 (P99)."),
+):
+    """Rank runs by output tok/s per GPU at the highest load that meets every SLO."""
+    try:
+        recs = api.recommend(_store(), slos, runs or None)
+        typer.echo(api.render_recommendations(recs, slos))
+    except ServelabError as exc:
+        _fail(exc)
+
+
+@app.command()
 def export(
     what: str = typer.Argument(..., help="runs, samples or results"),
     run: list[int] | None = typer.Option(None, "--run", help="Only these runs (repeatable)."),

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import Problem, SpecError
+from runner.loads import expand_load_lists
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Upper bounds that keep a typo from becoming a benchmark that runs for days or a launch vLLM refuses late.
@@ -495,6 +496,10 @@ class BenchSpec(_Spec):
         description="Prefix cache before each execution: cold resets it (the server then runs with "
         "VLLM_SERVER_DEV_MODE=1), warm runs the benchmark once unrecorded first, as-is leaves it.",
     )
+    stop_early: bool = Field(
+        True, description="In a load sweep (request-rate or max-concurrency given as a list), skip the higher "
+        "loads once the server saturates: throughput up < 5 %, failed requests, or P99 TTFT > 10× the first load's."
+    )
     extra_args: list[str] = Field(default_factory=list, description="More `vllm bench serve` arguments, verbatim.")
 
     @field_validator("request_rate", mode="before")
@@ -585,7 +590,7 @@ class RunSpec(_Spec):
     def _one_or_many(cls, v: Any) -> Any:
         if v is None:
             return []
-        return [v] if isinstance(v, dict) else v
+        return expand_load_lists([v] if isinstance(v, dict) else v)
 
     @property
     def display_label(self) -> str:
@@ -625,7 +630,7 @@ class SweepSpec(_Spec):
     @field_validator("bench", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, dict) else (v or [])
+        return expand_load_lists([v] if isinstance(v, dict) else (v or []))
 
     @field_validator("output_check", mode="before")
     @classmethod
@@ -684,6 +689,8 @@ class Settings(BaseSettings):
     password: str | None = Field(None, description="Password that gates the dashboard.")
     backend: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="vLLM backend: auto (the CPU build when it is the only vLLM installed), gpu or cpu.")
+    bench_client: bool = Field(True, description="One benchmark client process per run, importing vLLM's "
+                               "benchmark code once; false: one `vllm bench serve` process per benchmark.")
 
     @classmethod
     def from_env(cls) -> Settings:

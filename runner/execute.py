@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.bench_client import BenchClients, ClientJob
 from runner.commands import bench_argv, installed_vllm, serve_argv, vllm_prefix
 from runner.config import BenchSpec, LaunchSpec, OutputCheckSpec, RunSpec, Settings
 from runner.errors import Cancelled, ParseError, RunError
+from runner.loads import STOP_PHASE, LoadSweeps
 from runner.models import RunStatus, utcnow
 from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
 from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, tail
@@ -140,6 +142,8 @@ class RunExecutor:
         self.env.update(self.dev_mode)
         self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
         self.server: VllmServer | None = None
+        # one client process for all the run's benchmarks (Settings.bench_client)
+        self.bench_clients = BenchClients(self.run_dir / "bench-client.log", self.settings.bench_client)
         self._gpu_idle: dict[int, float] = {}
         self.sampler: Sampler | None = None
         self.window: WindowProbe | None = None
@@ -184,8 +188,13 @@ class RunExecutor:
         try:
             self._start_server()
             benches = [(i, r, b) for i, b in enumerate(self.spec.bench) for r in range(b.repeats)]
+            sweeps = LoadSweeps(self.spec.bench)
             for n, (i, r, bench) in enumerate(benches):
-                self._benchmark(bench, i, r, n, len(benches))
+                if sweeps.skip(i):
+                    continue
+                metrics = self._benchmark(bench, i, r, n, len(benches))
+                if stop := sweeps.record(i, metrics):
+                    self._mark(STOP_PHASE, stop)
             if self.spec.output_check is not None:
                 self._output_check()
             if self.spec.eval is not None:
@@ -243,7 +252,7 @@ class RunExecutor:
                   kv_cache_gib=kv.kv_cache_gib, max_concurrency=kv.max_concurrency, dcp_multiplier=dcp,
                   vllm_version=kv.vllm_version or vllm_version())
 
-    def _benchmark(self, bench: BenchSpec, index: int, repeat: int, n: int, total: int) -> None:
+    def _benchmark(self, bench: BenchSpec, index: int, repeat: int, n: int, total: int) -> dict[str, float | None]:
         name = f"bench-{index}-{repeat}"
         share = (1 - _STARTUP_SHARE - (_EVAL_SHARE if self.spec.eval else 0)) / total
         base = _STARTUP_SHARE + n * share
@@ -271,6 +280,7 @@ class RunExecutor:
         row = self.store.add_bench_result(self.run_id, {**parsed.metrics, **scalars}, repeat=repeat,
                                           bench_spec_json=bench.model_dump_json(), raw_path=str(result))
         self.store.add_bench_window(row.id, bench.prefix_cache, detail)
+        return parsed.metrics
 
     def _prepare_cache(self, bench: BenchSpec, name: str, n: int, total: int) -> None:
         """Put the prefix cache in the state the benchmark asks for: emptied, or warmed by one unrecorded run."""
@@ -289,12 +299,12 @@ class RunExecutor:
 
     def _bench_process(
         self, bench: BenchSpec, name: str, on_progress: Callable[[tuple[int, int]], None]
-    ) -> tuple[ManagedProcess, Reading, Reading]:
+    ) -> tuple[ManagedProcess | ClientJob, Reading, Reading]:
         """Run one `vllm bench serve` to its end; the window readings at its measured requests' start
         (its "Starting main benchmark run" line; the process start if that line was missed) and end."""
         argv = bench_argv(bench, self.launch, self.live.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
         # unbuffered: the main-run line must reach the log when printed, not when the process exits
-        proc = ManagedProcess(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
+        proc = self.bench_clients.job(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
         if self.window is None:
             self.window = WindowProbe(self.live.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
         start = self.window.read()
@@ -374,6 +384,7 @@ class RunExecutor:
         self._mark("eval_end")
 
     def _teardown(self) -> None:
+        self.bench_clients.close()
         if self.server is not None and self.server.proc is not None:
             seconds = self.server.stop()
             after = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}

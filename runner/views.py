@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from runner.api import label_of, one_line, run_commands
+from runner.api import label_of, load_sweep_stops, one_line, run_commands
 from runner.config import parallel_label
 from runner.errors import ServelabError
 from runner.store import Store
@@ -56,6 +56,8 @@ def run_record(store: Store, run_id: int) -> dict[str, Any]:
         if key in out:
             out[key.removesuffix("_json")] = json.loads(out.pop(key))
     out["bench"] = store.run_metrics(run_id)
+    if stops := load_sweep_stops(store, run_id):
+        out["load_sweep_stopped"] = stops
     out["eval"] = [s.model_dump(exclude={"id", "run_id"}) for s in store.eval_results(run_id)]
     return out
 
@@ -111,6 +113,7 @@ def run_text(store: Store, run_id: int) -> str:
         for i, m in enumerate(metrics):
             cells = [f"{fmt.format(m[k])} {name}" for k, name, fmt in _SHOW_METRICS if m.get(k) is not None]
             lines.append(("  " if len(metrics) == 1 else f"  #{i + 1} ") + ", ".join(cells))
+        lines += [f"  load sweep stopped early: {stop}" for stop in load_sweep_stops(store, run_id)]
     scores = store.eval_results(run_id)
     if scores:
         lines += ["", "accuracy:"]

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, signals_view, tables
+from dashboard import charts, data, loads_view, signals_view, tables
 from dashboard.state import PAGES, query_int, query_ints, run_title, store
 from runner import api
 from runner.errors import ServelabError
@@ -182,3 +182,5 @@ else:
         st.caption(f"Left out (GPU count unknown): {', '.join(left_out)}.")
     st.download_button("Pareto points (CSV)", api.frame_to_csv(pareto), "compare-pareto.csv", "text/csv",
                        on_click="ignore")
+
+loads_view.render(db, chosen)

@@ -111,6 +111,8 @@ def outcome() -> None:
             col.metric(name, value)
         with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
             st.dataframe(run_view.metrics_table(metrics), hide_index=True)
+        for stop in api.load_sweep_stops(db, run.id):
+            st.info(f"Load sweep stopped early: {stop}.", icon=":material/speed:")
         signals_view.run_windows(db, run.id)
     if scores := api.eval_results(db, run.id):
         st.subheader("Accuracy")

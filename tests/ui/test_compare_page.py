@@ -79,7 +79,8 @@ def test_seed_accuracy_beside_the_gain_table_of_the_same_two_runs(open_page, see
     markdown = [c.value for c in at.code if c.language == "markdown"][-1]
     assert "| gsm8k | strict-match | exact_match | 0.9409 ± 0.0065 | 0.9371 ± 0.0067 | -0.0038 | no |" in markdown
     assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "Accuracy",
-                                "Accuracy vs output throughput"]
+                                "Accuracy vs output throughput",
+                                "Load curves: output tok/s against latency and load"]  # GPU counts unknown
     assert at.selectbox[-1].label == "Filter for the chart below" and at.selectbox[-1].value == "strict-match"
     assert not any("Left out of accuracy" in c.value for c in at.caption)  # both runs have both
     assert {"Gain table (CSV)", "Accuracy comparison (CSV)"} <= {d.label for d in at.download_button}
@@ -124,7 +125,8 @@ def test_kv_capacity_and_pareto_once_configuration_is_known(open_page, seeded) -
     seeded.update_run(2, kv_cache_tokens=5_721_088, kv_cache_gib=46.8, dcp_multiplier=8)
     at = open_page("compare", a=1, b=2)
     assert chart_titles(at) == ["Throughput", "Latency (mean, median, P99)", "KV-cache capacity", "Accuracy",
-                                "Accuracy vs output throughput", "Throughput per GPU vs median TPOT"]
+                                "Accuracy vs output throughput", "Throughput per GPU vs median TPOT",
+                                "Load curves: output tok/s per GPU against latency and load"]
     assert "Pareto points (CSV)" in [d.label for d in at.download_button]
 
 

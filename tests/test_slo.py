@@ -1,0 +1,83 @@
+"""SLOs, load curves, knees and the ranking, on a real SQLite store of results at several loads."""
+
+import math
+
+import pytest
+
+from runner import api, slo
+from runner.config import BenchSpec, LaunchSpec, RunSpec
+from runner.errors import SpecError
+from runner.store import Store
+
+
+def test_slo_forms():
+    assert slo.parse_slo("ttft:p99<=2000") == slo.Slo("ttft", "p99", 2000.0)
+    assert slo.parse_slo("TPOT:median<=12.5ms") == slo.Slo("tpot", "median", 12.5)
+    assert slo.parse_slo("ttft:500") == slo.Slo("ttft", "p99", 500.0)  # vLLM's --goodput form
+    assert slo.parse_slos(["ttft:500 tpot:50"]) == [slo.Slo("ttft", "p99", 500.0), slo.Slo("tpot", "p99", 50.0)]
+    assert str(slo.Slo("ttft", "p99", 2000.0)) == "P99 TTFT ≤ 2000 ms"
+    assert slo.Slo("tpot", "p99", 50).key == "p99_tpot_ms"
+    with pytest.raises(ValueError, match="e.g. ttft:p99<=2000"):
+        slo.parse_slo("latency<2")
+    with pytest.raises(ValueError, match="same statistic twice"):
+        slo.parse_slos(["ttft:1", "ttft:p99<=2"])
+
+
+def test_ci95_is_the_t_interval():
+    lo, hi = slo.ci95([10.0, 12.0, 14.0])
+    half = 4.302652729911275 * 2.0 / math.sqrt(3)  # t(0.975, 2) × sd / √n
+    assert (lo, hi) == pytest.approx((12.0 - half, 12.0 + half), rel=1e-6)
+    assert slo.ci95([1.0]) is None
+
+
+def _run(store: Store, label: str, tp: int, points: list[tuple[float, float, float, float]]) -> int:
+    """A finished run with one result per (rate, output tok/s, P99 TTFT, P99 TPOT)."""
+    spec = RunSpec(launch=LaunchSpec(model="m", tensor_parallel_size=tp))
+    run = api.queue_run(store, spec)
+    store.update_run(run.id, label=label, status="succeeded")
+    for rate, tok, ttft, tpot in points:
+        bench = BenchSpec(request_rate=rate)
+        store.add_bench_result(run.id, {"completed": 10.0, "failed": 0.0, "output_throughput": tok,
+                                        "p99_ttft_ms": ttft, "p99_tpot_ms": tpot, "request_rate": rate},
+                               repeat=0, bench_spec_json=bench.model_dump_json())
+    return run.id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "s.db")
+    yield s
+    s.close()
+
+
+def test_rank_per_gpu_at_the_knee_with_cis_where_repeated(store):
+    inf = math.inf
+    a = _run(store, "A TP1", 1, [(2, 100, 50, 10), (8, 380, 90, 20), (32, 600, 2500, 40), (inf, 610, 9000, 45)])
+    b = _run(store, "B TP2", 2, [(2, 100, 40, 8), (8, 400, 60, 12), (8, 420, 70, 14), (32, 1300, 900, 30)])
+    c = _run(store, "C TP1", 1, [(2, 90, 3000, 60)])
+    recs = api.recommend(store, ["ttft:p99<=2000", "tpot:p99<=50"])
+    # A meets both at 2 and 8 req/s (32 has TTFT 2500): knee 8 req/s, 380 tok/s on 1 GPU.
+    # B meets at every load: knee 32 req/s, 1300 / 2 = 650 per GPU. C meets at none.
+    assert [(r.rank, r.run_id, r.knee and r.knee.load_text, r.knee and r.knee.tok_s_per_gpu) for r in recs] == [
+        (1, b, "32 req/s", 650.0), (2, a, "8 req/s", 380.0), (None, c, None, None)]
+    assert recs[2].note == "no load meets the SLO (lowest: 2 req/s)"
+    assert recs[2].slo_values == {"p99_ttft_ms": 3000.0, "p99_tpot_ms": 60.0}
+
+    # a tighter TTFT bound moves B's knee to 8 req/s, where it was repeated: mean 410 / 2 and a t-interval
+    [first, second, _] = api.recommend(store, ["ttft:p99<=100"])
+    knee = first.knee
+    assert (first.run_id, knee.load_text, knee.tok_s_per_gpu, knee.repeats) == (a, "8 req/s", 380.0, 1)
+    assert (second.run_id, second.knee.tok_s_per_gpu) == (b, 205.0)
+    lo, hi = second.ci95_per_gpu
+    half = 12.706204736174696 * math.sqrt(((200 - 205) ** 2 + (210 - 205) ** 2) / 1) / math.sqrt(2)
+    assert (lo, hi) == pytest.approx((205 - half, 205 + half), rel=1e-6)
+
+    text = api.render_recommendations(recs, ["ttft:p99<=2000", "tpot:p99<=50"])
+    assert text.splitlines()[0] == "SLO: P99 TTFT ≤ 2000 ms, P99 TPOT ≤ 50 ms"
+    assert text.splitlines()[2].split()[:9] == ["1", str(b), "B", "TP2", "2", "32", "req/s", "1,300.0", "650.0"]
+
+    curves = api.load_curves(store, [a, b], ["ttft:p99<=2000"])
+    assert list(curves[curves.run_id == a][["load", "meets_slo", "knee"]].itertuples(index=False, name=None)) == [
+        (2.0, True, False), (8.0, True, True), (32.0, False, False), (inf, False, False)]
+    with pytest.raises(SpecError, match="at least one SLO"):
+        api.recommend(store, [])
