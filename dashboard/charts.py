@@ -391,3 +391,23 @@ def load_curves_chart(curves: pd.DataFrame, per_gpu: bool = True) -> go.Figure:
     fig.update_yaxes(title_text=y_title, rangemode="tozero", row=1, col=1)
     fig.update_yaxes(rangemode="tozero")
     return _layout(fig, f"Load curves: {y_title} against latency and load", 430)
+
+
+def energy_curves_chart(curves: pd.DataFrame) -> go.Figure:
+    """Energy per output token (J) and output tok/s per watt against load, one line per run: the
+    `j_per_output_token` and `output_tok_per_s_per_w` columns of `runner.api.load_curves`."""
+    data = curves.dropna(subset=["j_per_output_token"])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["J per output token (lower is better)",
+                                                        "output tok/s per W (higher is better)"])
+    colors = _colors(list(data["label"]))
+    xs_load, ticks, text = _load_axis(data["load"]) if len(data) else (data["load"], [], [])
+    for label, part in data.groupby("label", sort=False):
+        part = part.sort_values("load")
+        for col, y in enumerate(("j_per_output_token", "output_tok_per_s_per_w"), start=1):
+            fig.add_scatter(x=xs_load.loc[part.index], y=part[y], mode="lines+markers", name=str(label),
+                            legendgroup=str(label), showlegend=col == 1, line=dict(color=colors[label]),
+                            customdata=part["load_text"], row=1, col=col,
+                            hovertemplate=f"%{{customdata}}<br>%{{y:,.4g}}<extra>{label}</extra>")
+        fig.update_xaxes(title_text="load", type="log", tickvals=ticks, ticktext=text)
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, "Energy against load (NVML energy counter per benchmark window)", 380)

@@ -78,6 +78,20 @@ def run_windows(db: Any, run_id: int) -> None:
             st.dataframe(pd.DataFrame(answers), hide_index=True)
 
 
+def energy_curves_section(db: Any, run_ids: list[int]) -> None:
+    """Energy per output token and tok/s per watt against load, beside the load curves; blank on the CPU."""
+    from dashboard import charts
+
+    curves = api.load_curves(db, run_ids)
+    if curves.empty:
+        return
+    if curves["j_per_output_token"].isna().all():
+        st.caption("Energy against load: no GPU energy readings for these runs (CPU runs and imported results "
+                   "have none).")
+        return
+    st.plotly_chart(charts.energy_curves_chart(curves), key="energy_curves")
+
+
 def output_check_section(db: Any, baseline: int, candidates: list[int], labels: dict[int, str]) -> None:
     """Per candidate: its share of answers identical to the baseline's, flagged below the threshold."""
     st.header("Output check")

@@ -855,11 +855,15 @@ def load_curves(store: Store, run_ids: list[int], slo_texts: list[str] | None = 
         "tok_s_per_gpu": p.tok_s_per_gpu, "p99_ttft_ms": p.metrics.get("p99_ttft_ms"),
         "p99_tpot_ms": p.metrics.get("p99_tpot_ms"), "failed": p.metrics.get("failed"),
         "meets_slo": p.meets, "knee": p.knee,
+        **{k: p.metrics.get(k) for k in WINDOW_CURVE_COLUMNS},
     } for p in points], columns=LOAD_CURVE_COLUMNS)  # fmt: skip
 
 
+WINDOW_CURVE_COLUMNS = ["j_per_output_token", "output_tok_per_s_per_w", "prefix_cache_hit_pct"]
+"""What each load's benchmark windows measured (runner.window): blank on the CPU and for imported results."""
 LOAD_CURVE_COLUMNS = ["run_id", "label", "gpus", "load_kind", "load", "load_text", "repeats", "output_throughput",
-                      "tok_s_per_gpu", "p99_ttft_ms", "p99_tpot_ms", "failed", "meets_slo", "knee"]
+                      "tok_s_per_gpu", "p99_ttft_ms", "p99_tpot_ms", "failed", "meets_slo", "knee",
+                      *WINDOW_CURVE_COLUMNS]
 
 
 def recommend(store: Store, slo_texts: list[str], run_ids: list[int] | None = None) -> list[slo.Recommendation]:

@@ -184,3 +184,4 @@ else:
                        on_click="ignore")
 
 loads_view.render(db, chosen)
+signals_view.energy_curves_section(db, chosen)

@@ -66,3 +66,23 @@ def test_window_table_blanks_and_unknowns() -> None:
                            "prefix_cache_hit_pct": None, "j_per_output_token": None}])
     assert window_table(frame).to_dict("records") == [{"Run": "a", "Repeat": "0", "Prefix cache": "unknown (as-is)"}]
     assert api.cache_state_text("as-is") == "unknown (as-is)" and api.cache_state_text(None) == "unknown"
+
+
+def test_energy_against_load_from_stored_windows(tmp_path) -> None:
+    from dashboard.charts import energy_curves_chart
+    from runner.store import Store
+
+    store = Store(tmp_path / "s.db")
+    run = store.create_run(label="TP1", tensor_parallel_size=1)
+    for rate, jpt, tpw in ((2.0, 0.5, 2.0), (8.0, 0.2, 5.0)):  # as window_metrics stores them on a GPU
+        store.add_bench_result(run.id, {"request_rate": rate, "output_throughput": 100.0 * rate,
+                                        "j_per_output_token": jpt, "output_tok_per_s_per_w": tpw})
+    cpu = store.create_run(label="CPU", tensor_parallel_size=1)
+    store.add_bench_result(cpu.id, {"request_rate": 2.0, "output_throughput": 10.0, "j_per_output_token": None})
+    curves = api.load_curves(store, [run.id, cpu.id])
+    assert curves[["label", "load", "j_per_output_token", "output_tok_per_s_per_w"]].to_dict("records")[:2] == [
+        {"label": "TP1", "load": 2.0, "j_per_output_token": 0.5, "output_tok_per_s_per_w": 2.0},
+        {"label": "TP1", "load": 8.0, "j_per_output_token": 0.2, "output_tok_per_s_per_w": 5.0}]
+    assert curves[curves.label == "CPU"]["j_per_output_token"].isna().all()
+    fig = energy_curves_chart(curves)
+    assert [(t.name, list(t.y)) for t in fig.data] == [("TP1", [0.5, 0.2]), ("TP1", [2.0, 5.0])]
