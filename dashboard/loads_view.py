@@ -22,7 +22,12 @@ def slo_inputs() -> list[str]:
     goodput = c3.text_input("…or vLLM's --goodput form", key="slo_goodput", placeholder="ttft:500 tpot:50",
                             help="METRIC:MS pairs (ttft, tpot, itl, e2el), read as P99 bounds; replaces the two "
                                  "fields on the left. METRIC:STAT<=MS (e.g. tpot:median<=20) works too.")
-    return goodput.split() if goodput.strip() else [f"ttft:p99<={ttft:g}", f"tpot:p99<={tpot:g}"]
+    return goodput.split() if goodput.strip() else [f"ttft:p99<={_ms(ttft)}", f"tpot:p99<={_ms(tpot)}"]
+
+
+def _ms(value: float) -> str:
+    """A bound as the SLO parser reads it: plain digits, never `1e+06`."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def render(db: Any, chosen: list[int]) -> None:

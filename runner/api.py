@@ -848,7 +848,11 @@ def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, 
 
 def load_curves(store: Store, run_ids: list[int], slo_texts: list[str] | None = None) -> pd.DataFrame:
     """One row per run and load (means over repeats), with `meets_slo` and `knee` under the SLOs given."""
-    points = slo.curves(load_rows(store, run_ids), slo.parse_slos(slo_texts or []))
+    try:
+        slos = slo.parse_slos(slo_texts or [])
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    points = slo.curves(load_rows(store, run_ids), slos)
     return pd.DataFrame([{
         "run_id": p.run_id, "label": p.label, "gpus": p.gpus, "load_kind": p.load_kind, "load": p.load,
         "load_text": p.load_text, "repeats": p.repeats, "output_throughput": p.tok_s,

@@ -38,7 +38,7 @@ class Slo:
 
     def __str__(self) -> str:
         stat = self.stat.upper() if self.stat.startswith("p") else self.stat.capitalize()
-        return f"{stat} {METRICS[self.metric]} ≤ {self.limit_ms:g} ms"
+        return f"{stat} {METRICS[self.metric]} ≤ {self.limit_ms:.10g} ms"
 
     def met(self, value: float | None) -> bool:
         return value is not None and not math.isnan(value) and value <= self.limit_ms

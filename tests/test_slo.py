@@ -81,3 +81,9 @@ def test_rank_per_gpu_at_the_knee_with_cis_where_repeated(store):
         (2.0, True, False), (8.0, True, True), (32.0, False, False), (inf, False, False)]
     with pytest.raises(SpecError, match="at least one SLO"):
         api.recommend(store, [])
+
+
+def test_a_large_bound_reads_in_plain_digits() -> None:
+    # 1,000,000 ms is a bound a user types for the seed's 686 s P99 TTFT; `:g` printed it as 1e+06
+    assert str(slo.Slo("ttft", "p99", 1_000_000.0)) == "P99 TTFT ≤ 1000000 ms"
+    assert str(slo.Slo("tpot", "p99", 12.5)) == "P99 TPOT ≤ 12.5 ms"

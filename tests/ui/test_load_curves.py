@@ -84,3 +84,20 @@ def test_run_page_and_show_tell_why_a_load_sweep_stopped(open_page, swept) -> No
     at = open_page("run", run=a)
     assert [i.value for i in at.info if "Load sweep" in i.value] == [f"Load sweep stopped early: {reason}."]
     assert api.load_sweep_stops(store, a) == [reason]
+
+
+def test_slo_picker_takes_large_bounds_and_says_what_is_wrong_with_a_typo(open_page, swept) -> None:
+    _, a, b = swept
+    at = open_page("compare", a=a, b=b)
+    # 1,000,000 ms was sent to the parser as `ttft:p99<=1e+06` and raised on the page
+    at.number_input(key="slo_ttft").set_value(1_000_000.0).run()
+    assert not at.exception
+    assert any("servelab recommend --slo 'ttft:p99<=1000000' --slo 'tpot:p99<=100'" in c.value for c in at.caption)
+    # TP2 meets both at inf (TTFT 1500, TPOT 30), seqs 4 at 32 req/s (TTFT 2600, TPOT 40)
+    assert list(at.dataframe[-1].value["load at knee"]) == ["inf req/s", "32 req/s"]
+    # a goodput typo is a message on the page, not a traceback
+    at.text_input(key="slo_goodput").set_value("ttft 500").run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "SLO 'ttft' is not understood; write METRIC:STAT<=MS with METRIC one of ttft, tpot, itl, e2el, "
+        "e.g. ttft:p99<=2000, or vLLM's goodput form ttft:2000"]
