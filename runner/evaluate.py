@@ -17,7 +17,7 @@ import yaml
 
 from runner.commands import display, lm_eval_argv, lm_eval_prefix
 from runner.config import EvalSpec, LaunchSpec
-from runner.errors import Cancelled, ParseError, Problem, RunError
+from runner.errors import ParseError, Problem, RunError
 from runner.parsers import EvalScore, parse_lm_eval_json
 from runner.server import ManagedProcess, tail
 
@@ -187,17 +187,7 @@ def run_eval(
         log.write(f"$ {display(argv)}\n")
     proc = ManagedProcess(argv, proc_env, log_path)
     started = time.time()
-    proc.start()
-    try:
-        while proc.poll() is None:
-            if cancelled():
-                raise Cancelled("cancelled during the evaluation")
-            if not alive():
-                raise RunError("vLLM server exited during the evaluation")
-            proc.wait(tick_s)  # returns as soon as lm-eval exits
-    finally:
-        proc.stop(grace_s=10)
-    code = proc.poll()
+    code = proc.supervise("the evaluation", lambda: None if alive() else "", cancelled, lambda: tick_s)
     if code != 0:
         if not alive():
             raise RunError("vLLM server exited during the evaluation")

@@ -157,6 +157,10 @@ class RunExecutor:
             raise RunError("internal error: the vLLM server was used before it was started")
         return self.server
 
+    def _server_gone(self) -> str | None:
+        """Why the run's server is gone (`: <its failure reason>`); None while it lives."""
+        return None if self.live.alive() else ": " + self.live.failure_reason()
+
     # -- state ----------------------------------------------------------------------------------
     def _set(self, status: RunStatus | None = None, progress: float | None = None, phase: str | None = None, **kw):
         fields = dict(kw)
@@ -307,25 +311,22 @@ class RunExecutor:
         proc = self.bench_clients.job(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
         if self.window is None:
             self.window = WindowProbe(self.live.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
-        start = self.window.read()
-        proc.start()
+        window = self.window
+        start = window.read()
         main_seen = False
-        try:
-            while proc.poll() is None:
-                if not self.live.alive():
-                    raise RunError("vLLM server exited during the benchmark: " + self.live.failure_reason())
-                if self.cancelled():
-                    raise Cancelled("cancelled during the benchmark")
-                if not main_seen and main_run_started(tail(proc.log_path, lines=40, max_bytes=16000)):
-                    start, main_seen = self.window.read(), True
-                done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
-                if done and done[1]:
-                    on_progress(done)
-                # until the measured requests start, look often: the window opens at most 0.1 s late
-                proc.wait(self.tick_s if main_seen else min(0.1, self.tick_s))
-        finally:
-            proc.stop(grace_s=10)
-        end = self.window.read()
+
+        def tick() -> float:
+            nonlocal start, main_seen
+            if not main_seen and main_run_started(tail(proc.log_path, lines=40, max_bytes=16000)):
+                start, main_seen = window.read(), True
+            done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
+            if done and done[1]:
+                on_progress(done)
+            # until the measured requests start, look often: the window opens at most 0.1 s late
+            return self.tick_s if main_seen else min(0.1, self.tick_s)
+
+        proc.supervise("the benchmark", self._server_gone, self.cancelled, tick)
+        end = window.read()
         if not main_seen:
             start.note = "window opened at the benchmark process start (its main-run line was not seen)"
         return proc, start, end
