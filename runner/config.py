@@ -565,6 +565,11 @@ def _output_check(v: Any) -> Any:
     return v
 
 
+def _bench_list(v: Any) -> Any:
+    """`bench:` as one mapping or a list of them (none: an empty list), load lists expanded."""
+    return expand_load_lists([v] if isinstance(v, dict) else (v or []))
+
+
 class RunSpec(_Spec):
     """One run: a launch, the benchmarks run against it, and an optional evaluation."""
 
@@ -580,17 +585,8 @@ class RunSpec(_Spec):
         description="Fixed prompts answered greedily after the benchmarks, compared between runs; off to skip.",
     )
 
-    @field_validator("output_check", mode="before")
-    @classmethod
-    def _check_switch(cls, v: Any) -> Any:
-        return _output_check(v)
-
-    @field_validator("bench", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        return expand_load_lists([v] if isinstance(v, dict) else v)
+    _check_switch = field_validator("output_check", mode="before")(_output_check)
+    _one_or_many = field_validator("bench", mode="before")(_bench_list)
 
     @property
     def display_label(self) -> str:
@@ -627,15 +623,8 @@ class SweepSpec(_Spec):
     )
     other_worker: bool = Field(False, description="Every run queued for a worker on another machine (see RunSpec).")
 
-    @field_validator("bench", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return expand_load_lists([v] if isinstance(v, dict) else (v or []))
-
-    @field_validator("output_check", mode="before")
-    @classmethod
-    def _check_switch(cls, v: Any) -> Any:
-        return _output_check(v)
+    _one_or_many = field_validator("bench", mode="before")(_bench_list)
+    _check_switch = field_validator("output_check", mode="before")(_output_check)
 
     @field_validator("matrix", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from runner.commands import display, lm_eval_argv, lm_eval_prefix
 from runner.config import EvalSpec, LaunchSpec
 from runner.errors import ParseError, Problem, RunError
 from runner.parsers import EvalScore, parse_lm_eval_json
-from runner.server import ManagedProcess, tail
+from runner.server import ManagedProcess, supervise, tail
 
 LOCAL_TASK = "gsm8k_local"
 TASK_DIR = "eval_tasks"
@@ -187,7 +187,7 @@ def run_eval(
         log.write(f"$ {display(argv)}\n")
     proc = ManagedProcess(argv, proc_env, log_path)
     started = time.time()
-    code = proc.supervise("the evaluation", lambda: None if alive() else "", cancelled, lambda: tick_s)
+    code = supervise(proc, "the evaluation", lambda: None if alive() else "", cancelled, lambda: tick_s)
     if code != 0:
         if not alive():
             raise RunError("vLLM server exited during the evaluation")

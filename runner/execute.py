@@ -24,7 +24,7 @@ from runner.errors import Cancelled, ParseError, RunError
 from runner.loads import STOP_PHASE, LoadSweeps
 from runner.models import RunStatus, utcnow
 from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
-from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, tail
+from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, supervise, tail
 from runner.store import Store
 from runner.telemetry import Sampler, gpu_memory_used_mib
 from runner.window import (
@@ -325,7 +325,7 @@ class RunExecutor:
             # until the measured requests start, look often: the window opens at most 0.1 s late
             return self.tick_s if main_seen else min(0.1, self.tick_s)
 
-        proc.supervise("the benchmark", self._server_gone, self.cancelled, tick)
+        supervise(proc, "the benchmark", self._server_gone, self.cancelled, tick)
         end = window.read()
         if not main_seen:
             start.note = "window opened at the benchmark process start (its main-run line was not seen)"
@@ -355,13 +355,18 @@ class RunExecutor:
             answers = answer_prompts(self.live.base_url, self.launch.served_model_name or self.launch.model, spec,
                                      cancelled=self.cancelled)
         except RunError as exc:
-            self._mark("outputs_end", f"failed: {exc}")
-            self.store.update_run(self.run_id, failure_reason=f"output check failed: {exc}")
-            if not self.live.alive():
-                raise
+            self._after_phase_failed("outputs_end", "output check", exc)
             return
         self.store.add_output_answers(self.run_id, [a.__dict__ for a in answers], spec.max_tokens, spec.seed)
         self._mark("outputs_end", f"{len(answers)} answers in {time.monotonic() - t0:.1f} s")
+
+    def _after_phase_failed(self, end_mark: str, what: str, exc: RunError) -> None:
+        """A phase after the benchmarks failed: its failure is recorded and the benchmarks stay valid,
+        unless the server went with it (then the run fails)."""
+        self._mark(end_mark, f"failed: {exc}")
+        self.store.update_run(self.run_id, failure_reason=f"{what} failed: {exc}")
+        if not self.live.alive():
+            raise exc
 
     def _evaluate(self) -> None:
         from runner.evaluate import run_eval
@@ -375,11 +380,7 @@ class RunExecutor:
             scores, raw_path = run_eval(evaluation, self.launch, self.live.base_url, self.run_dir, self.env,
                                         alive=self.live.alive, cancelled=self.cancelled, tick_s=self.tick_s)
         except RunError as exc:
-            # the eval is one phase among others: its failure is recorded, the benchmarks stay valid
-            self._mark("eval_end", f"failed: {exc}")
-            self.store.update_run(self.run_id, failure_reason=f"eval failed: {exc}")
-            if not self.live.alive():
-                raise
+            self._after_phase_failed("eval_end", "eval", exc)
             return
         self.store.add_eval_results(self.run_id, [{**s.__dict__, "raw_path": raw_path} for s in scores])
         self._mark("eval_end")

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import psutil
@@ -117,23 +118,33 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
         return time.monotonic() - start
 
-    def supervise(self, during: str, server_gone: Callable[[], str | None], cancelled: Callable[[], bool],
-                  tick: Callable[[], float], grace_s: float = 10.0) -> int | None:
-        """Start the process and wait for its exit, the loop every phase beside a vLLM server runs: stop
-        it (its whole group) and raise `RunError` when the server goes (`server_gone()` says why, None while
-        it lives), `Cancelled` when `cancelled()`. Between checks `tick()` runs (progress, say) and returns
-        how long to wait for the exit. Returns the exit code."""
-        self.start()
-        try:
-            while self.poll() is None:
-                if (gone := server_gone()) is not None:
-                    raise RunError(f"vLLM server exited during {during}{gone}")
-                if cancelled():
-                    raise Cancelled(f"cancelled during {during}")
-                self.wait(tick())
-        finally:
-            self.stop(grace_s)
-        return self.poll()
+
+class Supervised(Protocol):
+    """What `supervise` needs of a process: a `ManagedProcess`, or a job with its face."""
+
+    def start(self) -> int: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout_s: float) -> int | None: ...
+    def stop(self, grace_s: float = 30.0) -> object: ...
+
+
+def supervise(proc: Supervised, during: str, server_gone: Callable[[], str | None], cancelled: Callable[[], bool],
+              tick: Callable[[], float], grace_s: float = 10.0) -> int | None:
+    """Start `proc` and wait for its exit, the loop every phase beside a vLLM server runs: stop it (its
+    whole group) and raise `RunError` when the server goes (`server_gone()` says why, None while it lives),
+    `Cancelled` when `cancelled()`. Between checks `tick()` runs (progress, say) and returns how long to
+    wait for the exit. Returns the exit code."""
+    proc.start()
+    try:
+        while proc.poll() is None:
+            if (gone := server_gone()) is not None:
+                raise RunError(f"vLLM server exited during {during}{gone}")
+            if cancelled():
+                raise Cancelled(f"cancelled during {during}")
+            proc.wait(tick())
+    finally:
+        proc.stop(grace_s)
+    return proc.poll()
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
