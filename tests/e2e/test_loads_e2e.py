@@ -2,7 +2,6 @@
 the early stop, the stored reason, and `servelab recommend` checked by hand against the stored results."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from tests.e2e.conftest import assert_no_run_processes
 
 CLI = [sys.executable, "-m", "runner.cli"]
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-RATES = [2, 8, 32, math.inf]
+LOADS = [1, 4, 16, 64]  # max-concurrency: past 4 the max-num-seqs 4 server only queues
 SLOS = ["ttft:p99<=2000", "tpot:p99<=100"]
 
 
@@ -28,9 +27,10 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
     sweep.write_text(yaml.safe_dump({
         "name": "loads",
         "launch": {"model": str(demo_model), "enforce-eager": True, "max-model-len": 2048, "port": 8420},
-        # few requests per load: the whole test stays near 3 minutes on 2 cores
+        # few requests per load: the whole test stays near 3 minutes on 2 cores; two warm-up requests keep the
+        # fresh server's first (slow) answers out of the first load's P99 TTFT, the base of the 10× rule
         "bench": {"random-input-len": 128, "random-output-len": 64, "num-prompts": 16, "ignore-eos": True,
-                  "request-rate": [2, 8, 32, "inf"]},
+                  "max-concurrency": [1, 4, 16, 64], "extra-args": ["--num-warmups", "2"]},
         "matrix": {"max-num-seqs": [4, 64]},
     }))
     t0 = time.monotonic()
@@ -47,21 +47,24 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
     detailed_keys = set(json.loads((FIXTURES / "cpu_0.32" / "bench_detailed.json").read_text()))
     for run in runs:
         results = store.bench_results(run.id)
-        rates = [json.loads(b.bench_spec_json)["request_rate"] for b in results]
-        assert [float(r) for r in rates] == RATES[: len(results)]  # in order, on the one server
+        loads = [json.loads(b.bench_spec_json)["max_concurrency"] for b in results]
+        assert loads == LOADS[: len(results)]  # in order, on the one server
         # the early stop, re-derived from the stored numbers: each load's points so far
-        points = [LoadPoint(f"{float(r):g} req/s", b.output_throughput, "output_throughput", b.failed,
-                            b.completed, b.p99_ttft_ms) for r, b in zip(rates, results)]
+        points = [LoadPoint(f"concurrency {c}", b.output_throughput, "output_throughput", b.failed,
+                            b.completed, b.p99_ttft_ms) for c, b in zip(loads, results, strict=True)]
         reasons = [saturation(points[: k + 1]) for k in range(len(points))]
         stops = api.load_sweep_stops(store, run.id)
-        if len(results) < len(RATES):
+        if len(results) < len(LOADS):
             fired += 1
             assert all(r is None for r in reasons[:-1]) and reasons[-1] is not None
-            skipped = ", ".join(f"{x:g} req/s" for x in RATES[len(results):])
+            skipped = ", ".join(f"concurrency {x}" for x in LOADS[len(results):])
             assert stops == [f"{reasons[-1]}; skipped {skipped}"]
-            shown = json.loads(subprocess.run([*CLI, "show", str(run.id)], capture_output=True, text=True,
+            shown = json.loads(subprocess.run([*CLI, "show", str(run.id), "--json"], capture_output=True, text=True,
                                               env=os.environ, check=True).stdout)
             assert shown["load_sweep_stopped"] == stops
+            text = subprocess.run([*CLI, "show", str(run.id)], capture_output=True, text=True, env=os.environ,
+                                  check=True).stdout
+            assert f"load sweep stopped early: {stops[0]}" in text
         else:
             assert stops == [] and all(r is None for r in reasons[:-1])
         print(f"run {run.id} {run.label}: " + "; ".join(
@@ -86,11 +89,11 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
     # the ranking, by hand: each run's highest load meeting both bounds, output tok/s per GPU (TP1: one)
     expected = []
     for run in runs:
-        ok = [(json.loads(b.bench_spec_json)["request_rate"], b) for b in store.bench_results(run.id)
+        ok = [(json.loads(b.bench_spec_json)["max_concurrency"], b) for b in store.bench_results(run.id)
               if b.p99_ttft_ms <= 2000 and b.p99_tpot_ms <= 100]
         if ok:
-            rate, best = max(ok, key=lambda x: float(x[0]))
-            expected.append((best.output_throughput / 1, run.id, float(rate)))
+            load, best = max(ok, key=lambda x: x[0])
+            expected.append((best.output_throughput / 1, run.id, float(load)))
     expected.sort(reverse=True)
     assert expected, "no load met the SLO on this machine"
     out = subprocess.run([*CLI, "recommend", *[a for s in SLOS for a in ("--slo", s)]], capture_output=True,
