@@ -102,6 +102,13 @@ METRICS: dict[str, MetricDef] = _registry()
 CONFIG_KEYS = frozenset({"request_rate", "max_concurrency", "burstiness", "num_prompts"})
 """Canonical keys that describe the benchmark's configuration, not its outcome: never compared."""
 
+_CONFIG_DEFS = {d.key: d for d in (
+    MetricDef("request_rate", "Request Rate (configured)", "req/s", None, "count"),
+    MetricDef("max_concurrency", "Max Concurrency (configured)", "", None, "count"),
+    MetricDef("burstiness", "Burstiness (configured)", "", None, "count"),
+    MetricDef("num_prompts", "Prompts (configured)", "", None, "count"),
+)}
+
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
 _FINISHED = re.compile(r"^finished_(\w+)$")
 _FAILED_REASONS = frozenset({"abort", "error"})
@@ -112,6 +119,8 @@ def metric_def(key: str) -> MetricDef:
     """The definition of `key`: registered, a latency percentile such as `p95_itl_ms`, or neutral."""
     if key in METRICS:
         return METRICS[key]
+    if key in _CONFIG_DEFS:
+        return _CONFIG_DEFS[key]
     m = _PCT.match(key)
     if m:
         name = dict(_LATENCIES)[m.group(2)]

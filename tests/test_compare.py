@@ -247,3 +247,13 @@ def test_no_percentage_against_a_baseline_that_rounds_to_zero():
 
     [row] = gain_table([{"median_itl_ms": 0.001}], [{"median_itl_ms": 26.0}], metrics=["median_itl_ms"])
     assert (row.improvement_pct, row.better, row.flags) == (None, None, ("≈0 ms on baseline",))
+
+
+def test_configuration_keys_have_words_and_units_where_results_list_them() -> None:
+    # the run page's results table showed the raw key `request_rate` with no unit
+    assert [(metric_def(k).label, metric_def(k).unit, metric_def(k).better)
+            for k in ("request_rate", "max_concurrency", "burstiness", "num_prompts")] == [
+        ("Request Rate (configured)", "req/s", None), ("Max Concurrency (configured)", "", None),
+        ("Burstiness (configured)", "", None), ("Prompts (configured)", "", None)]
+    assert [r.key for r in gain_table([{"request_rate": 100.0, "failed": 0}], [{"request_rate": 50.0, "failed": 1}])] \
+        == ["failed"]  # still never compared
