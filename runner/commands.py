@@ -107,6 +107,8 @@ def bench_argv(
     argv += ["--burstiness", _num(bench.burstiness), "--seed", str(bench.seed)]
     if bench.ignore_eos:
         argv.append("--ignore-eos")
+    if bench.num_warmups:
+        argv += ["--num-warmups", str(bench.num_warmups)]
     argv += ["--percentile-metrics", bench.percentile_metrics, "--metric-percentiles", bench.metric_percentiles]
     if bench.goodput:
         argv += ["--goodput", *bench.goodput]

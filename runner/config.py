@@ -500,6 +500,8 @@ class BenchSpec(_Spec):
         True, description="In a load sweep (request-rate or max-concurrency given as a list), skip the higher "
         "loads once the server saturates: throughput up < 5 %, failed requests, or P99 TTFT > 10× the first load's."
     )
+    num_warmups: int = Field(8, ge=0, le=1000, description="Warm-up requests vLLM sends before timing starts; "
+                             "not measured (0: none).")
     extra_args: list[str] = Field(default_factory=list, description="More `vllm bench serve` arguments, verbatim.")
 
     @field_validator("request_rate", mode="before")

@@ -47,5 +47,14 @@ class RunError(ServelabError):
     """A run could not be executed (vLLM failed to start, benchmark failed, ...)."""
 
 
+class PortConflict(RunError):
+    """The run's port was taken by another process before vLLM could listen on it."""
+
+    def __init__(self, message: str, port: int, holder: str | None = None):
+        super().__init__(message)
+        self.port = port
+        self.holder = holder  # "pid 123 (python3)", when the holder could be seen
+
+
 class Cancelled(ServelabError):
     """The user cancelled the run; not a failure."""

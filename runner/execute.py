@@ -20,11 +20,11 @@ from pathlib import Path
 from runner.bench_client import BenchClients, ClientJob
 from runner.commands import bench_argv, installed_vllm, serve_argv, vllm_prefix
 from runner.config import BenchSpec, LaunchSpec, OutputCheckSpec, RunSpec, Settings
-from runner.errors import Cancelled, ParseError, RunError
+from runner.errors import Cancelled, ParseError, PortConflict, RunError
 from runner.loads import STOP_PHASE, LoadSweeps
 from runner.models import RunStatus, utcnow
-from runner.parsers import parse_bench_json, parse_bench_progress, parse_startup_log
-from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, supervise, tail
+from runner.parsers import BenchParse, meaningful_tail, parse_bench_json, parse_bench_progress, parse_startup_log
+from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, free_port, port_holder, supervise, tail
 from runner.store import Store
 from runner.telemetry import Sampler, gpu_memory_used_mib
 from runner.window import (
@@ -101,10 +101,54 @@ def _gpu_note(title: str, used: dict[int, float]) -> str:
     return f"{title}: " + ", ".join(f"GPU {i} {mib:.0f} MiB" for i, mib in sorted(used.items()))
 
 
+_SERVER_CHECK_S = 0.2
+"""How often a running benchmark looks whether vLLM is still alive: it is stopped within this of vLLM's exit."""
+
+
+class _WarmupWatch:
+    """Follows `vllm bench serve`'s log through its warm-up requests (`--num-warmups`), which its own words
+    mark, the same from 0.24 to 0.32 (benchmarks/serve.py): "Warming up with N requests..." → "Warmup run
+    completed." → "Starting main benchmark run...". The timing starts after the last of them."""
+
+    _START, _END = ("Warming up with",), ("Warmup run completed", "Starting main benchmark run")
+
+    def __init__(self, num_warmups: int):
+        self.started = self.ended = not num_warmups
+
+    def events(self, log_text: str) -> list[str]:
+        """Phase events that `log_text` shows for the first time: `request_warmup_start`, then `…_end`."""
+        out = []
+        if not self.started and any(m in log_text for m in self._START + self._END):
+            self.started = True
+            out.append("request_warmup_start")
+        if not self.ended and any(m in log_text for m in self._END):
+            self.ended = True
+            out.append("request_warmup_end")
+        return out
+
+
+def _taken(conflict: PortConflict) -> str:
+    return f"port {conflict.port} taken by {conflict.holder or 'a process not visible here'}"
+
+
+def _all_failed(parsed: BenchParse, log_text: str) -> str:
+    """The reason for a benchmark in which no request succeeded: the requests' own errors, most frequent
+    first, else the bench log's last meaningful lines."""
+    errors = [e.strip().splitlines()[-1] for e in parsed.arrays.get("errors", []) if isinstance(e, str) and e.strip()]
+    head = f"no benchmark request succeeded ({parsed.metrics.get('failed') or 0:.0f} failed)"
+    if errors:
+        counts = sorted(((errors.count(e), e) for e in set(errors)), reverse=True)
+        return head + ": " + "; ".join(f"{c}× {e}" for c, e in counts[:3])
+    return head + ":\n" + meaningful_tail(log_text, 8)
+
+
 @dataclass
 class Allocation:
     gpu_ids: list[int] = field(default_factory=list)
     port: int = 8000
+    # ports the worker has given to its other runs: a port retry must not take one (a vLLM that has bound its
+    # port but does not listen yet looks free)
+    ports_in_use: Callable[[], set[int]] = set
 
 
 class RunExecutor:
@@ -158,8 +202,13 @@ class RunExecutor:
         return self.server
 
     def _server_gone(self) -> str | None:
-        """Why the run's server is gone (`: <its failure reason>`); None while it lives."""
-        return None if self.live.alive() else ": " + self.live.failure_reason()
+        """Why the run's server is gone (`: <its failure reason>`); None while it lives. Once it is gone,
+        /metrics is no longer read: another process may take the port."""
+        if self.live.alive():
+            return None
+        if self.sampler is not None:
+            self.sampler.scrape_from(None)
+        return f": {self.live.exit_error()}"
 
     # -- state ----------------------------------------------------------------------------------
     def _set(self, status: RunStatus | None = None, progress: float | None = None, phase: str | None = None, **kw):
@@ -223,43 +272,81 @@ class RunExecutor:
         return status
 
     def _start_server(self) -> None:
-        argv = serve_argv(self.launch, prefix=vllm_prefix())
-        log = self.run_dir / "server.log"
-        self.server = VllmServer(argv, self.env, log, self.alloc.port, self.launch.host)
+        """Launch vLLM and wait until it is proven ready. When vLLM says its port was taken (between the
+        port's choice and vLLM's bind), launch once more on another free port and record why."""
         self._set(RunStatus.starting, 0.0, "launching vLLM", started_at=utcnow(), port=self.alloc.port,
-                  serve_argv_json=json.dumps(argv), env_json=json.dumps(self.env), vllm_version=vllm_version(),
-                  host=socket.gethostname(), gpu_ids_json=json.dumps(self.alloc.gpu_ids), run_dir=str(self.run_dir))
+                  env_json=json.dumps(self.env), vllm_version=vllm_version(), host=socket.gethostname(),
+                  gpu_ids_json=json.dumps(self.alloc.gpu_ids), run_dir=str(self.run_dir))
+        self._gpu_idle = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
+        try:
+            self._launch()
+        except PortConflict as exc:
+            lost, first = self.alloc.port, _taken(exc)
+            self.live.stop(grace_s=10)
+            self.alloc.port = free_port(lost + 1, taken={lost, *self.alloc.ports_in_use()})
+            self.launch = self.launch.model_copy(update={"port": self.alloc.port})
+            self._mark("port_retry", f"{first}; retried on {self.alloc.port} ({str(exc).splitlines()[0]})")
+            try:
+                self._launch()
+            except PortConflict as again:
+                raise RunError(f"{again} ({_taken(again)}, after {first}; retried once)") from None
+        kv = parse_startup_log(tail(self.live.log_path, lines=5000, max_bytes=2_000_000))
+        dcp = kv.dcp_multiplier or (self.launch.decode_context_parallel_size if kv.kv_cache_tokens else None)
+        self._set(RunStatus.ready, _STARTUP_SHARE, "ready", ready_at=utcnow(), kv_cache_tokens=kv.kv_cache_tokens,
+                  kv_cache_gib=kv.kv_cache_gib, max_concurrency=kv.max_concurrency, dcp_multiplier=dcp,
+                  vllm_version=kv.vllm_version or vllm_version())
+
+    def _launch(self) -> None:
+        """One launch of vLLM on `self.alloc.port`, up to the proof that it is this run's server."""
+        argv = serve_argv(self.launch, prefix=vllm_prefix())
+        self.server = VllmServer(argv, self.env, self.run_dir / "server.log", self.alloc.port, self.launch.host,
+                                 model_name=self.launch.api_model_name)
+        self.store.update_run(self.run_id, port=self.alloc.port, serve_argv_json=json.dumps(argv))
         if self.cancelled():
             raise Cancelled("cancelled before launch")
-        self._gpu_idle = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
         pid = self.live.start()
         self.store.update_run(self.run_id, server_pid=pid)
         dev_note = ("VLLM_SERVER_DEV_MODE=1: a cold prefix-cache benchmark resets the cache through /reset_prefix_cache"
                     if self.dev_mode else "")
         self._mark("launched", "; ".join(n for n in (_gpu_note("GPU memory used before launch", self._gpu_idle),
                                                     dev_note) if n))
-        self.sampler = Sampler(
-            self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
-            metrics_url=self.live.base_url + "/metrics", server_pid=pid,
-            gpu_indices=None if self.cpu else self.alloc.gpu_ids,
-        ).start()
+        if self.sampler is None:
+            # the host, the process tree (followed across a relaunch) and the GPUs from launch on; vLLM's
+            # /metrics only once the server is proven to be this run's, below
+            self.sampler = Sampler(
+                self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
+                server_pid=lambda: self.server.pid if self.server else None,
+                gpu_indices=None if self.cpu else self.alloc.gpu_ids,
+            ).start()
         t0 = time.monotonic()
         self.live.wait_ready(
             self.startup_timeout_s, self.cancelled,
             on_tick=lambda: self._set(phase=f"waiting for vLLM /health ({time.monotonic() - t0:.0f} s)"),
             tick_s=self.tick_s,
         )
+        self.sampler.scrape_from(self.live.base_url + "/metrics")
         self._mark("ready")
-        kv = parse_startup_log(tail(log, lines=5000, max_bytes=2_000_000))
-        dcp = kv.dcp_multiplier or (self.launch.decode_context_parallel_size if kv.kv_cache_tokens else None)
-        self._set(RunStatus.ready, _STARTUP_SHARE, "ready", ready_at=utcnow(), kv_cache_tokens=kv.kv_cache_tokens,
-                  kv_cache_gib=kv.kv_cache_gib, max_concurrency=kv.max_concurrency, dcp_multiplier=dcp,
-                  vllm_version=kv.vllm_version or vllm_version())
+
+    def _gone(self, during: str = "the benchmark") -> RunError:
+        """The error for a server that exited during `during`."""
+        return RunError(f"vLLM server exited during {during}{self._server_gone() or ''}")
+
+    def _check_identity(self, what: str) -> None:
+        """Raise unless this run's server is alive and still the one listening on its port."""
+        if not self.live.alive():
+            raise self._gone()
+        if not self.live.owns_port():
+            if self.sampler is not None:
+                self.sampler.scrape_from(None)
+            holder = port_holder(self.live.port)
+            raise RunError(f"port {self.live.port} is no longer this run's vLLM ({holder or 'nobody'} listens on "
+                           f"it); {what} discarded")
 
     def _benchmark(self, bench: BenchSpec, index: int, repeat: int, n: int, total: int) -> dict[str, float | None]:
         name = f"bench-{index}-{repeat}"
         share = (1 - _STARTUP_SHARE - (_EVAL_SHARE if self.spec.eval else 0)) / total
         base = _STARTUP_SHARE + n * share
+        self._check_identity("benchmark not started")
         self._set(RunStatus.benchmarking, base, f"benchmark {n + 1}/{total}: starting")
         self._prepare_cache(bench, name, n, total)
         self._mark("bench_start", name)
@@ -270,16 +357,18 @@ class RunExecutor:
         result = self.run_dir / f"{name}.json"
         if proc.poll() != 0 or not result.exists():
             if not self.live.alive():
-                raise RunError("vLLM server exited during the benchmark: " + self.live.failure_reason())
-            raise RunError(f"vllm bench serve failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
+                raise self._gone()
+            raise RunError(f"vllm bench serve failed (exit {proc.poll()}):\n"
+                           + meaningful_tail(tail(proc.log_path, 200), 8))
+        self._check_identity("benchmark result")  # a server that died as the benchmark ended measured nothing
         try:
             parsed = parse_bench_json(result.read_text())
         except ParseError as exc:
             raise RunError(f"benchmark result {result} unreadable: {exc}") from None
         if not parsed.metrics.get("completed"):
             # vllm bench exits 0 even when every request failed
-            raise RunError(f"no benchmark request succeeded ({parsed.metrics.get('failed') or 0:.0f} failed):\n"
-                           + tail(proc.log_path, 8))
+            raise RunError(_all_failed(parsed, tail(proc.log_path, 200)))
+        # bench_spec_json holds num_warmups: that many warm-up requests preceded the timing
         scalars, detail = window_metrics(start, end, parsed.metrics, self._power_samples(start, end))
         row = self.store.add_bench_result(self.run_id, {**parsed.metrics, **scalars}, repeat=repeat,
                                           bench_spec_json=bench.model_dump_json(), raw_path=str(result))
@@ -298,8 +387,9 @@ class RunExecutor:
             self._mark("warmup_end", name)
             if proc.poll() != 0:
                 if not self.live.alive():
-                    raise RunError("vLLM server exited during the warm-up run: " + self.live.failure_reason())
-                raise RunError(f"the warm-up run of {name} failed (exit {proc.poll()}):\n" + tail(proc.log_path, 8))
+                    raise self._gone("the warm-up run")
+                raise RunError(f"the warm-up run of {name} failed (exit {proc.poll()}):\n"
+                               + meaningful_tail(tail(proc.log_path, 200), 8))
 
     def _bench_process(
         self, bench: BenchSpec, name: str, on_progress: Callable[[tuple[int, int]], None]
@@ -313,17 +403,25 @@ class RunExecutor:
             self.window = WindowProbe(self.live.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
         window = self.window
         start = window.read()
-        main_seen = False
+        main_seen, warmup, next_progress = False, _WarmupWatch(bench.num_warmups), 0.0
 
         def tick() -> float:
-            nonlocal start, main_seen
-            if not main_seen and main_run_started(tail(proc.log_path, lines=40, max_bytes=16000)):
+            nonlocal start, main_seen, next_progress
+            log_tail = tail(proc.log_path, lines=40, max_bytes=16000)
+            for event in warmup.events(log_tail):
+                self._mark(event, f"{name}: {bench.num_warmups} requests")
+                if event == "request_warmup_start":
+                    self._set(phase=f"{name}: {bench.num_warmups} warm-up requests (not measured)")
+            if not main_seen and main_run_started(log_tail):
                 start, main_seen = window.read(), True
-            done = parse_bench_progress(tail(proc.log_path, lines=3, max_bytes=4000))
-            if done and done[1]:
+            done = parse_bench_progress(log_tail)
+            # the warm-up requests have a bar of their own, counting to num_warmups
+            if done and done[1] == bench.num_prompts and time.monotonic() >= next_progress:
                 on_progress(done)
-            # until the measured requests start, look often: the window opens at most 0.1 s late
-            return self.tick_s if main_seen else min(0.1, self.tick_s)
+                next_progress = time.monotonic() + self.tick_s
+            # vLLM's exit stops the benchmark within _SERVER_CHECK_S; until the measured requests start, look
+            # more often still: the window opens at most 0.1 s late
+            return min(_SERVER_CHECK_S if main_seen else 0.1, self.tick_s)
 
         supervise(proc, "the benchmark", self._server_gone, self.cancelled, tick)
         end = window.read()
@@ -388,7 +486,7 @@ class RunExecutor:
     def _teardown(self) -> None:
         self.bench_clients.close()
         if self.server is not None and self.server.proc is not None:
-            seconds = self.server.stop()
+            seconds = self.live.stop()
             after = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
             self._mark("stopped", f"port free after {seconds:.1f} s" + _gpu_note("; GPU memory used after stop", after))
         if self.sampler is not None:

@@ -328,18 +328,70 @@ def _validation_cause(lines: list[str], start: int) -> str | None:
     return f"{_PYDANTIC_KINDS[kind]}: {rest}" if comma and kind in _PYDANTIC_KINDS else message
 
 
+# Lines that never explain a failure: nanobind's leak report at interpreter exit, vLLM's ASCII logo, tqdm
+# progress bars, multiprocessing's resource_tracker warnings and the route table.
+_NOISE = re.compile(
+    r"^(?:nanobind: |- leaked (?:instance|type|function) |- \.\.\. skipped remainder"
+    r"|See https://nanobind\.readthedocs\.io"
+    r"|.*resource_tracker: |warnings\.warn\("
+    r"|[\s█▄▀▌▐▘▝▖▗]*$"  # the logo's block characters (or nothing at all)
+    r"|[▄█▀].*(?:version|model)\s"  # the logo lines that carry version and model
+    r"|Route: \S+, Methods: )"
+)
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # tqdm: " 45%|####5     | 72/160 [00:03<00:04, 19.1it/s]"
+# vLLM's own words when its port is taken: the launcher's warning naming the holder, or the socket error.
+_PORT_USED = re.compile(r"^port \d+ is used by process ")
+_ADDRESS_IN_USE = "[Errno 98] Address already in use"
+
+
+def _log_lines(log_text: str) -> list[tuple[str | None, str]]:
+    """(level, message) of each line: ANSI codes and log prefixes stripped, carriage-return redraws split."""
+    out = []
+    for raw in _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n"):
+        prefix = _LOG_PREFIX.match(raw)  # every part of it is optional: it matches every line
+        out.append((prefix.group(1), raw[prefix.end() :].strip()) if prefix else (None, raw.strip()))
+    return out
+
+
+def is_noise(line: str) -> bool:
+    """True for a log line that never explains a failure (leak reports, logo, progress bars, route table)."""
+    line = line.strip()
+    return bool(_NOISE.match(line) or _PROGRESS_BAR.search(line))
+
+
+def meaningful_tail(log_text: str, lines: int = 8) -> str:
+    """The last `lines` lines of a log that say something: prefixes kept, noise and blank lines dropped."""
+    kept = []
+    for raw in _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n"):
+        prefix = _LOG_PREFIX.match(raw)
+        if raw.strip() and not is_noise(raw[prefix.end() :] if prefix else raw):
+            kept.append(raw.rstrip())
+    return "\n".join(kept[-lines:])
+
+
+def port_conflict(log_text: str) -> str | None:
+    """vLLM's line saying its port is taken: the launcher's `port N is used by process …` (it names the
+    holder), else the `[Errno 98] Address already in use` error; None if neither."""
+    lines = [line for _, line in _log_lines(log_text)]
+    named = [line.rstrip(":") for line in lines if _PORT_USED.match(line)]
+    errno = [line for line in lines if _ADDRESS_IN_USE in line]
+    found = named or errno
+    return found[-1] if found else None
+
+
 def find_failure_reason(log_text: str) -> str | None:
     """The root-cause line of a failed vLLM startup, log prefixes stripped; None if none.
 
-    Takes the last exception line (`SomeError: message`) that is not one of vLLM's wrappers ("Engine core
-    initialization failed. See root cause above"); for a pydantic `ValidationError` (config checks) the
-    complaint below it, as `ValueError: ...`. Falls back to an argparse `error:` line, then to the last ERROR
-    line.
+    A port conflict wins (vLLM's `port N is used by process …`, or `Address already in use`): whatever fails
+    after it is its consequence. Otherwise the last exception line (`SomeError: message`) that is not one of
+    vLLM's wrappers ("Engine core initialization failed. See root cause above"); for a pydantic
+    `ValidationError` (config checks) the complaint below it, as `ValueError: ...`. Falls back to an argparse
+    `error:` line, then to the last ERROR line. Noise (nanobind leak reports, the logo, progress bars) is
+    never chosen.
     """
-    levels_and_lines = []
-    for raw in _ANSI.sub("", log_text or "").replace("\r", "\n").split("\n"):
-        prefix = _LOG_PREFIX.match(raw)  # every part of it is optional: it matches every line
-        levels_and_lines.append((prefix.group(1), raw[prefix.end() :].strip()) if prefix else (None, raw.strip()))
+    levels_and_lines = [(level, line) for level, line in _log_lines(log_text) if not is_noise(line)]
+    if conflict := port_conflict(log_text):
+        return conflict
     lines = [line for _, line in levels_and_lines]
     reason: str | None = None
     for index, line in enumerate(lines):

@@ -3,6 +3,10 @@
 Start in its own process group with a copied environment, logs to a file (never a pipe nobody
 drains), poll `/health` and `proc.poll()` on every tick, fail fast with vLLM's own reason, and stop
 with SIGTERM → wait → SIGKILL of the whole group.
+
+A `/health` 200 alone proves nothing: another server may answer on the port (one that took it while
+vLLM was loading). vLLM is ready when a process of the tree servelab started listens on the port and
+`/v1/models` lists the served model name.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Protocol
 import httpx
 import psutil
 
-from runner.errors import Cancelled, RunError
-from runner.parsers import find_failure_reason
+from runner.errors import Cancelled, PortConflict, RunError
+from runner.parsers import find_failure_reason, meaningful_tail, port_conflict
 
 CPU_BACKEND_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 HEALTH_POLL_S = 0.1
@@ -49,13 +53,51 @@ def free_port(start: int, taken: Collection[int] = frozenset(), host: str = "127
     raise RunError(f"No free port in {start}–{end - 1}; stop other servers or choose another port.")
 
 
-def tail(path: Path, lines: int = 30, max_bytes: int = 64_000) -> str:
-    """The last `lines` lines of a log file (reads at most `max_bytes` from its end)."""
+def listeners(port: int) -> dict[int, str]:
+    """The processes listening on TCP `port` (any address), pid → name. Reads every process's sockets:
+    for the rare moment a port is found taken, not for every tick."""
+    out: dict[int, str] = {}
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except psutil.Error:
+        return out
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid is not None:
+            try:
+                out[c.pid] = psutil.Process(c.pid).name()
+            except psutil.Error:
+                out[c.pid] = "exited"
+    return out
+
+
+def port_holder(port: int) -> str | None:
+    """`pid 123 (python3)` for each process listening on `port`, or None when none can be seen."""
+    return ", ".join(f"pid {pid} ({name})" for pid, name in sorted(listeners(port).items())) or None
+
+
+def _listens_on(p: psutil.Process, port: int) -> bool:
+    try:
+        conns = p.net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _model_ids(body: object) -> list[str]:
+    """The `id`s of an OpenAI `/v1/models` body (`{"data": [{"id": …}, …]}`); [] for anything else."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return []
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def tail(path: Path, lines: int = 30, max_bytes: int = 64_000, since: int = 0) -> str:
+    """The last `lines` lines of a log file (reads at most `max_bytes` from its end, nothing before byte `since`)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - max_bytes))
+            f.seek(max(since, size - max_bytes))
             data = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -71,11 +113,13 @@ class ManagedProcess:
         self.log_path = Path(log_path)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self.log_start = 0  # where this process's lines begin in a log that an earlier one wrote to
 
     def start(self) -> int:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()
             try:
                 self.proc = subprocess.Popen(
                     self.argv,
@@ -180,7 +224,8 @@ def kill_group(pgid: int, grace_s: float = 30.0) -> None:
 
 
 class VllmServer(ManagedProcess):
-    """`vllm serve` from a built argv; ready when `/health` answers 200."""
+    """`vllm serve` from a built argv; ready when its own process tree listens on `port`, `/health`
+    answers 200 and `/v1/models` lists `model_name` (None: any model list, for stand-ins in tests)."""
 
     def __init__(
         self,
@@ -189,24 +234,67 @@ class VllmServer(ManagedProcess):
         log_path: Path,
         port: int,
         host: str = "127.0.0.1",
+        model_name: str | None = None,
     ):
         super().__init__(argv, env, log_path)
         self.port = port
         # a wildcard bind address is reached on the loopback
         self.host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104
+        self.model_name = model_name
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> int:
-        if not port_is_free(self.port):
-            raise RunError(f"Port {self.port} is already in use; stop what holds it or choose another port.")
+        if not port_is_free(self.port):  # taken before anything started: said at once, not retried
+            held = f" It is held by {holder}." if (holder := port_holder(self.port)) else ""
+            raise RunError(f"Port {self.port} is already in use; stop what holds it or choose another port.{held}")
         return super().start()
 
+    def _own_log(self, lines: int = 400) -> str:
+        return tail(self.log_path, lines=lines, max_bytes=400_000, since=self.log_start)
+
     def failure_reason(self) -> str:
-        text = tail(self.log_path, lines=400, max_bytes=400_000)
-        return find_failure_reason(text) or ("vLLM exited; last log lines:\n" + "\n".join(text.splitlines()[-8:]))
+        text = self._own_log()
+        return find_failure_reason(text) or ("vLLM exited; last log lines:\n" + meaningful_tail(text, 8))
+
+    def exit_error(self) -> RunError:
+        """The error for a server that exited: `PortConflict` (with who holds the port now) when vLLM says
+        its port was taken, else `RunError` with vLLM's own reason."""
+        if port_conflict(self._own_log()):
+            return PortConflict(self.failure_reason(), self.port, port_holder(self.port))
+        return RunError(self.failure_reason())
+
+    def tree(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def owns_port(self) -> bool:
+        """True when a process of this server's tree listens on its port."""
+        return any(_listens_on(p, self.port) for p in self.tree())
+
+    def identity_problem(self, client: httpx.Client) -> str | None:
+        """Why what answers on the port is not proven to be this server; None once it is."""
+        if not self.owns_port():
+            holder = port_holder(self.port)
+            return (f"port {self.port} answers, but {holder or 'no process of this run'} listens on it, "
+                    "not this run's vLLM")
+        try:
+            resp = client.get(self.base_url + "/v1/models")
+            ids = _model_ids(resp.json()) if resp.status_code == 200 else []
+        except (httpx.HTTPError, ValueError):
+            ids = []
+        if not ids:
+            return f"/v1/models on port {self.port} lists no model"
+        if self.model_name is not None and self.model_name not in ids:
+            return f"/v1/models on port {self.port} lists {', '.join(ids)}, not {self.model_name}"
+        return None
 
     def wait_ready(
         self,
@@ -216,45 +304,53 @@ class VllmServer(ManagedProcess):
         tick_s: float = 1.0,
         poll_s: float = HEALTH_POLL_S,
     ) -> float:
-        """Block until `/health` answers 200; return seconds waited.
+        """Block until this server is ready (see the class); return seconds waited.
 
         `/health` and the process are checked every `poll_s`, so the run goes on within `poll_s` of
         vLLM being ready; `cancelled()` and `on_tick()` (which may write to the store) every `tick_s`.
-        Raises `RunError` with vLLM's own reason when the process exits, or on timeout; `Cancelled`
-        when `cancelled()` turns true.
+        While something that is not this server answers, it looks every `tick_s` only. Raises
+        `PortConflict` when vLLM exits saying its port is taken, `RunError` with vLLM's own reason when
+        it exits otherwise, or on timeout; `Cancelled` when `cancelled()` turns true.
         """
         start = time.monotonic()
         next_tick = start + tick_s
+        problem: str | None = None
         with httpx.Client(timeout=2.0) as client:
             while True:
-                code = self.poll()
-                if code is not None:
-                    raise RunError(self.failure_reason())
+                if self.poll() is not None:
+                    raise self.exit_error()
                 try:
-                    if client.get(self.base_url + "/health").status_code == 200:
-                        return time.monotonic() - start
+                    healthy = client.get(self.base_url + "/health").status_code == 200
                 except httpx.HTTPError:
-                    pass
+                    healthy = False
+                if healthy:
+                    problem = self.identity_problem(client)
+                    if problem is None:
+                        return time.monotonic() - start
                 now = time.monotonic()
                 if now - start > timeout_s:
+                    why = f"; {problem}" if problem else ""
                     raise RunError(
-                        f"vLLM was not ready after {timeout_s:.0f} s; raise the startup timeout or check the log:\n"
-                        + tail(self.log_path, 8)
+                        f"vLLM was not ready after {timeout_s:.0f} s{why}; raise the startup timeout or check the "
+                        "log:\n" + meaningful_tail(self._own_log(200), 8)
                     )
                 if now >= next_tick:
                     if cancelled():
                         raise Cancelled("cancelled during startup")
                     on_tick()
                     next_tick = now + tick_s
-                time.sleep(min(poll_s, tick_s))
+                time.sleep(tick_s if problem else min(poll_s, tick_s))
 
     def alive(self) -> bool:
         return self.poll() is None
 
     def stop(self, grace_s: float = 30.0) -> float:
-        """Stop the server and wait for its port to be free; return the seconds it took."""
+        """Stop the server and wait for its port to be free (unless another process listens on it);
+        return the seconds it took."""
         start = time.monotonic()
         super().stop(grace_s)
+        if not port_is_free(self.port) and listeners(self.port):
+            return time.monotonic() - start  # held by someone else: it will not come free by waiting
         deadline = time.monotonic() + 30
         while not port_is_free(self.port) and time.monotonic() < deadline:
             time.sleep(STOP_POLL_S)

@@ -254,8 +254,8 @@ class Sampler:
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{run_id}", daemon=True)
         self._buffer: list[dict[str, Any]] = []
         self._buffer_lock = threading.Lock()  # flush() may come from another thread than the loop's
-        self._metrics = (MetricsReader(metrics_url, timeout_s=min(2.0, max(0.2, interval_s)), names=METRIC_COLUMNS)
-                         if metrics_url else None)
+        self._metrics: MetricsReader | None = None
+        self.scrape_from(metrics_url)
         self._cpu_seen: dict[int, psutil.Process] = {}
         self._tree: list[psutil.Process] = []
         self._tree_key: tuple[int | None, float] = (None, 0.0)  # (root pid, when walked)
@@ -263,6 +263,17 @@ class Sampler:
         self._clock = time.monotonic
         self.samples_taken = 0
         self.errors = 0
+
+    def scrape_from(self, metrics_url: str | None) -> None:
+        """Read vLLM's `/metrics` at `metrics_url` from the next tick on; None stops reading it.
+
+        The executor calls it only once the server's identity is proven, and with None when that server is
+        gone: what another process answers on the port is never stored.
+        """
+        self.metrics_url = metrics_url
+        timeout_s = min(2.0, max(0.2, self.interval_s))
+        # the old reader's connection closes when it is collected (the sampler thread may be using it now)
+        self._metrics = MetricsReader(metrics_url, timeout_s, names=METRIC_COLUMNS) if metrics_url else None
 
     def start(self) -> Sampler:
         if self.gpus.note:
@@ -275,8 +286,8 @@ class Sampler:
         if self._thread.is_alive():
             self._thread.join(timeout=max(5.0, 3 * self.interval_s))
         self._flush()
-        if self._metrics is not None:
-            self._metrics.close()
+        if (reader := self._metrics) is not None:
+            reader.close()
         self.gpus.close()
 
     def _loop(self) -> None:
@@ -319,8 +330,9 @@ class Sampler:
         host: dict[str, Any] = {"run_id": self.run_id, "t": t, "gpu_index": None}
         host.update(self._process_stats(tree))
         host["host_mem_used_pct"] = psutil.virtual_memory().percent
-        if self._metrics is not None:
-            host.update(self._scrape(self._metrics))
+        reader, pid = self._metrics, self._pid()
+        if reader is not None and (pid is None or pid in self._cpu_seen):  # the server's root process is alive
+            host.update(self._scrape(reader))
         rows = [host]
         for g in self.gpus.read({p.pid for p in tree}):
             rows.append({"run_id": self.run_id, "t": t, **g})
@@ -342,6 +354,7 @@ class Sampler:
 
     def _process_stats(self, tree: list[psutil.Process]) -> dict[str, Any]:
         if not tree:
+            self._cpu_seen = {}
             return {}
         cpu, rss, measured = 0.0, 0.0, False
         alive = {}

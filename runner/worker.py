@@ -31,7 +31,11 @@ class Allocator:
     gpu_ids: list[int]
     cpu_slots: int = 1
     held: dict[int, list[int]] = field(default_factory=dict)  # run id → GPUs
-    ports: dict[int, int] = field(default_factory=dict)  # run id → port
+    allocs: dict[int, Allocation] = field(default_factory=dict)  # run id → what it was given (its port may move)
+
+    @property
+    def ports(self) -> dict[int, int]:
+        return {run_id: a.port for run_id, a in list(self.allocs.items())}
 
     @property
     def free_gpus(self) -> list[int]:
@@ -50,12 +54,13 @@ class Allocator:
                 return None
             gpus = free[:gpus_needed]
         port = free_port(port_wanted, taken=set(self.ports.values()))
-        self.held[run_id], self.ports[run_id] = gpus, port
-        return Allocation(gpus, port)
+        alloc = Allocation(gpus, port, ports_in_use=lambda: {p for r, p in self.ports.items() if r != run_id})
+        self.held[run_id], self.allocs[run_id] = gpus, alloc
+        return alloc
 
     def release(self, run_id: int) -> None:
         self.held.pop(run_id, None)
-        self.ports.pop(run_id, None)
+        self.allocs.pop(run_id, None)
 
 
 def this_worker_id() -> str:

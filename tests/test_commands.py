@@ -58,7 +58,7 @@ def test_seed_benchmark_command():
     assert bench_argv(bench, launch, "http://127.0.0.1:8000", "/runs/7", "bench-0.json") == [
         "vllm", "bench", "serve", "--model", KIMI, "--base-url", "http://127.0.0.1:8000",
         "--dataset-name", "random", "--random-input-len", "8000", "--random-output-len", "4000",
-        "--num-prompts", "1000", "--request-rate", "100", "--burstiness", "1", "--seed", "0",
+        "--num-prompts", "1000", "--request-rate", "100", "--burstiness", "1", "--seed", "0", "--num-warmups", "8",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
         "--trust-remote-code", "--save-result", "--save-detailed", "--result-dir", "/runs/7", "--result-filename", "bench-0.json",
     ]
@@ -66,7 +66,8 @@ def test_seed_benchmark_command():
 
 def test_bench_argv_options():
     bench = BenchSpec(dataset_name="sharegpt", dataset_path="/d.json", request_rate=math.inf, max_concurrency=32,
-                      ignore_eos=True, goodput=["ttft:500", "tpot:50"], extra_args=["--temperature", "0"])
+                      ignore_eos=True, goodput=["ttft:500", "tpot:50"], extra_args=["--temperature", "0"],
+                      num_warmups=0)  # 0: no warm-up flag at all
     launch = LaunchSpec(model="m", served_model_name="tiny")
     assert bench_argv(bench, launch, "http://h:1", "d", "f.json", prefix=["B"]) == [
         "B", "bench", "serve", "--model", "m", "--served-model-name", "tiny", "--base-url", "http://h:1",

@@ -14,6 +14,8 @@ from runner.parsers import (
     KvCapacity,
     detect_kind,
     find_failure_reason,
+    is_noise,
+    meaningful_tail,
     parse_bench_json,
     parse_bench_progress,
     parse_bench_text,
@@ -21,6 +23,7 @@ from runner.parsers import (
     parse_lm_eval_table,
     parse_prometheus,
     parse_startup_log,
+    port_conflict,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -625,3 +628,66 @@ def test_cpu_capture_prometheus(name):
     ):
         assert key in values
     assert not [key for key in values if key.endswith("_bucket")]
+
+
+# ---------------------------------------------------------------- noise is never a reason (issue 13)
+
+
+def test_noise_lines_of_real_cpu_logs():
+    log = read(CPU / "server_tp1.log").splitlines()
+    logo = [line.split("] ", 1)[1] if "] " in line else "" for line in log[1:7]]  # the ASCII logo block
+    assert [is_noise(line) for line in logo] == [True] * 6
+    nanobind = [line for line in log if "nanobind" in line or "leaked " in line]
+    assert len(nanobind) >= 20 and all(is_noise(line) for line in nanobind)
+    bars = read(CPU / "bench_stdout.txt").replace("\r", "\n").splitlines()
+    assert [line for line in bars if "%|" in line and not is_noise(line)] == []
+    for meaningful in ("ValueError: Decode context parallelism for GQA/MQA requires", "Successful requests: 160",
+                       "INFO:     Application startup complete.", "Starting main benchmark run..."):
+        assert not is_noise(meaningful)
+
+
+def test_meaningful_tail_of_a_stopped_server_ends_with_its_shutdown_not_nanobind():
+    assert meaningful_tail(read(CPU / "server_tp1.log"), 3) == (
+        "INFO:     Shutting down\nINFO:     Waiting for application shutdown.\nINFO:     Application shutdown complete."
+    )
+
+
+def test_meaningful_tail_of_a_benchmark_ends_with_its_result_block():
+    assert meaningful_tail(read(CPU / "bench_stdout.txt"), 2) == (
+        "P99 E2EL (ms):                           489.45\n" + "=" * 50
+    )
+
+
+def test_an_error_followed_by_nanobind_and_progress_bars_is_still_the_reason():
+    """The shape of issue 13's report: the cause, then the leak report and bars that end every CPU log."""
+    log = read(CPU / "server_tp1.log")
+    tail = log[log.index("nanobind: leaked"):]
+    bars = "\r 10%|#         | 16/160 [00:01<00:09, 15.2it/s]\r100%|##########| 160/160 [00:10<00:00, 15.9it/s]\n"
+    text = "(APIServer pid=1) ERROR 11-29 05:00:37 [core.py:1] EngineCore died unexpectedly\n" + bars + tail
+    assert find_failure_reason(text) == "EngineCore died unexpectedly"
+    assert find_failure_reason(tail + bars) is None  # noise alone: no reason at all rather than a leak line
+    assert meaningful_tail(tail + bars, 8) == ""
+
+
+def test_port_lost_before_vllm_binds_is_the_reason():
+    """Captured: a listener took the port between its choice and vLLM's bind (tests/e2e does it to a run)."""
+    log = read(CPU / "port_conflict.log")
+    assert find_failure_reason(log) == port_conflict(log) == "OSError: [Errno 98] Address already in use"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("(APIServer pid=7) WARNING 12-02 10:00:00 [launcher.py:299] port 8000 is used by process "
+         "psutil.Process(pid=4242, name='python3', status='sleeping', started='10:00:00') launched with command:\n"
+         "/usr/bin/python3 -m http.server 8000\n"
+         "(APIServer pid=7) ERROR 12-02 10:00:01 [core.py:1] OSError: [Errno 98] Address already in use\n"
+         "RuntimeError: Engine core initialization failed. See root cause above.\n",
+         "port 8000 is used by process psutil.Process(pid=4242, name='python3', status='sleeping', "
+         "started='10:00:00') launched with command"),
+        ("(APIServer pid=7) WARNING 12-02 10:00:00 [parallel.py:746] Address already in use. Retrying with a new "
+         "port.\nValueError: real cause\n", "ValueError: real cause"),  # vLLM's own DP-port retry is no conflict
+    ],
+)  # fmt: skip
+def test_port_conflict_wording(text, expected):
+    assert find_failure_reason(text) == expected

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,18 +16,33 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner.errors import Cancelled, RunError
-from runner.server import ManagedProcess, VllmServer, free_port, port_is_free, tail
+from runner.errors import Cancelled, PortConflict, RunError
+from runner.server import ManagedProcess, VllmServer, free_port, listeners, port_is_free, tail
 
-HEALTH_200 = """
-import http.server, sys
+# A stand-in for `vllm serve`: answers /health 200 and /v1/models with the model named on its command line.
+# With --child, a child process serves and the root only waits: the port's owner is deeper in the tree.
+FAKE_VLLM = """
+import http.server, json, subprocess, sys
+port, model = int(sys.argv[1]), sys.argv[2]
+if sys.argv[3:] == ["--child"]:
+    sys.exit(subprocess.call([sys.executable, __file__, str(port), model]))
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
+        body = json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode()
+        if self.path == "/health":
+            self.send_response(200)
+            self.end_headers()
+        elif self.path == "/v1/models" and model != "-":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.send_response(404)
+            self.end_headers()
     def log_message(self, *a):
         pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 DCP_GQA_FAILURE = """
@@ -184,25 +202,158 @@ def test_cancel_during_startup(tmp_path: Path, free: int) -> None:
 
 
 def test_a_healthy_server_is_ready_and_stops_freeing_its_port(tmp_path: Path, free: int) -> None:
-    script = tmp_path / "health.py"
-    script.write_text(HEALTH_200)
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
     ticks: list[float] = []
-    server = VllmServer([sys.executable, str(script), str(free)], {}, tmp_path / "server.log", free, host="0.0.0.0")
+    server = VllmServer([sys.executable, str(script), str(free), "demo"], {}, tmp_path / "server.log", free,
+                        host="0.0.0.0", model_name="demo")
     assert server.base_url == f"http://127.0.0.1:{free}"  # a wildcard bind is polled on loopback
     server.start()
     try:
         waited = server.wait_ready(timeout_s=10, on_tick=lambda: ticks.append(time.monotonic()), tick_s=0.05)
         assert 0 <= waited < 10 and server.alive()
-        assert not port_is_free(free)
+        assert not port_is_free(free) and server.owns_port()
     finally:
         seconds = server.stop(grace_s=2)
     assert seconds < 2 and port_is_free(free)
 
 
+def test_the_port_may_be_owned_deeper_in_the_tree(tmp_path: Path, free: int) -> None:
+    """vLLM's API server may be a child of the process servelab started (several API servers, wrappers)."""
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    server = VllmServer([sys.executable, str(script), str(free), "demo", "--child"], {}, tmp_path / "server.log",
+                        free, model_name="demo")
+    server.start()
+    try:
+        server.wait_ready(timeout_s=10, tick_s=0.05)
+        [child] = psutil.Process(server.pid).children()
+        assert server.owns_port() and listeners(free) == {child.pid: child.name()}
+    finally:
+        server.stop(grace_s=2)
+    assert not listeners(free)
+
+
+class Decoy:
+    """Another process's HTTP server on the run's port, here in a thread of the test process: answers
+    /health 200, /v1/models with `models`, /metrics with a decoy value; counts what it was asked."""
+
+    def __init__(self, port: int, models: list[str]):
+        self.asked: list[str] = []
+        decoy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                decoy.asked.append(self.path)
+                body = json.dumps({"data": [{"id": m} for m in models]}).encode() if self.path == "/v1/models" else b""
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_decoy_answering_health_and_models_is_never_taken_for_ready(tmp_path: Path, free: int) -> None:
+    """The run's own process never listens; a foreign server on its port answers everything, even the
+    right model name: it is not this run's server, so the run is never ready."""
+    server = VllmServer([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "server.log", free,
+                        model_name="demo")
+    server.start()
+    decoy = Decoy(free, ["demo"])
+    try:
+        with pytest.raises(RunError) as exc:
+            server.wait_ready(timeout_s=1.5, tick_s=0.25)
+        me = psutil.Process()
+        assert str(exc.value).startswith(
+            f"vLLM was not ready after 2 s; port {free} answers, but pid {me.pid} ({me.name()}) listens on it, "
+            "not this run's vLLM; raise the startup timeout"
+        )
+        assert "/v1/models" not in decoy.asked  # the port's owner is looked at first
+        assert 3 <= decoy.asked.count("/health") <= 8  # once a tick while a stranger answers, not every 0.1 s
+        assert server.alive()
+    finally:
+        decoy.close()
+        server.stop(grace_s=2)
+
+
+@pytest.mark.parametrize(
+    ("served", "problem"),
+    [("other", "/v1/models on port {port} lists other, not demo"), ("-", "/v1/models on port {port} lists no model")],
+)
+def test_health_alone_is_not_ready_without_the_model_listed(tmp_path: Path, free: int, served: str,
+                                                            problem: str) -> None:
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    server = VllmServer([sys.executable, str(script), str(free), served], {}, tmp_path / "server.log", free,
+                        model_name="demo")
+    server.start()
+    try:
+        with pytest.raises(RunError) as exc:
+            server.wait_ready(timeout_s=1.5, tick_s=0.25)
+        assert f"vLLM was not ready after 2 s; {problem.format(port=free)}; raise" in str(exc.value)
+        assert server.owns_port()
+    finally:
+        server.stop(grace_s=2)
+
+
+def test_vllm_exiting_on_a_taken_port_raises_port_conflict_naming_the_holder(tmp_path: Path, free: int) -> None:
+    """A stand-in replays what vLLM 0.32 printed when its port was taken before it could bind (captured)."""
+    captured = Path(__file__).parent / "fixtures" / "cpu_0.32" / "port_conflict.log"
+    script = f"import sys, time; time.sleep(1); sys.stdout.write(open({str(captured)!r}).read()); sys.exit(1)"
+    server = VllmServer([sys.executable, "-c", script], {}, tmp_path / "server.log", free, model_name="demo")
+    server.start()
+    decoy = Decoy(free, ["demo"])  # takes the port after servelab chose it, before "vLLM" binds
+    try:
+        with pytest.raises(PortConflict) as exc:
+            server.wait_ready(timeout_s=20, tick_s=0.05)
+    finally:
+        decoy.close()
+        server.stop(grace_s=2)
+    me = psutil.Process()
+    assert str(exc.value) == "OSError: [Errno 98] Address already in use"
+    assert (exc.value.port, exc.value.holder) == (free, f"pid {me.pid} ({me.name()})")
+    assert decoy.asked.count("/v1/models") == 0
+
+
+def test_a_second_launch_reads_only_its_own_lines_of_the_shared_log(tmp_path: Path, free: int) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("OSError: [Errno 98] Address already in use\n")  # the first launch's end
+    server = VllmServer([sys.executable, "-c", DCP_GQA_FAILURE], {}, log, free)
+    server.start()
+    try:
+        with pytest.raises(RunError) as exc:
+            server.wait_ready(timeout_s=10, tick_s=0.05)
+    finally:
+        server.stop(grace_s=2)
+    assert type(exc.value) is RunError and str(exc.value) == DCP_GQA_REASON
+
+
+def test_stop_does_not_wait_for_a_port_that_a_stranger_holds(tmp_path: Path, free: int) -> None:
+    server = VllmServer([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "server.log", free)
+    server.start()
+    decoy = Decoy(free, [])
+    try:
+        assert server.stop(grace_s=2) < 1.5  # not the 30 s a port of its own may take to come free
+    finally:
+        decoy.close()
+
+
 def test_start_refuses_a_taken_port(tmp_path: Path, held_port: int) -> None:
     server = VllmServer(["sleep", "60"], {}, tmp_path / "server.log", held_port)
-    with pytest.raises(RunError, match=f"Port {held_port} is already in use"):
+    with pytest.raises(RunError) as exc:
         server.start()
+    me = psutil.Process()
+    assert str(exc.value) == (f"Port {held_port} is already in use; stop what holds it or choose another port. "
+                              f"It is held by pid {me.pid} ({me.name()}).")
     assert server.proc is None and not (tmp_path / "server.log").exists()
 
 
