@@ -41,9 +41,10 @@ def test_cold_and_warm_cache_counters_and_the_output_check(env, store, worker, d
     assert final.status.value == "succeeded", final.failure_reason
     assert json.loads(final.env_json)["VLLM_SERVER_DEV_MODE"] == "1"
     phases = [(p.phase, p.detail) for p in store.phases(run.id)]
-    assert [p for p, _ in phases] == ["launched", "ready", "cache_reset", "bench_start", "bench_end",
-                                      "warmup_start", "warmup_end", "bench_start", "bench_end",
-                                      "outputs_start", "outputs_end", "stopped"]
+    warm_requests = ["request_warmup_start", "request_warmup_end"]  # vLLM's --num-warmups, in every bench process
+    assert [p for p, _ in phases] == ["launched", "ready", "cache_reset", "bench_start", *warm_requests, "bench_end",
+                                      "warmup_start", *warm_requests, "warmup_end", "bench_start", *warm_requests,
+                                      "bench_end", "outputs_start", "outputs_end", "stopped"]
     assert "VLLM_SERVER_DEV_MODE=1" in phases[0][1]
 
     cold, warm = store.run_metrics(run.id)
