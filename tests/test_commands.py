@@ -120,9 +120,9 @@ def test_command_lines_are_every_command_of_a_run_once():
     assert api.command_lines(spec, "/runs/7") == {
         "vllm serve": "A=1 vllm serve org/m --host 127.0.0.1 --port 8124 --tensor-parallel-size 1",
         "vllm bench serve (1 of 2)": f"vllm bench serve --model org/m {common} 5 --request-rate inf --burstiness 1 "
-                                     f"--seed 0 {tail} bench-0-0.json",
+                                     f"--seed 0 --num-warmups 8 {tail} bench-0-0.json",
         "vllm bench serve (2 of 2)": f"vllm bench serve --model org/m {common} 6 --request-rate 2 --burstiness 1 "
-                                     f"--seed 0 {tail} bench-1-0.json",
+                                     f"--seed 0 --num-warmups 8 {tail} bench-1-0.json",
         "lm_eval": "lm_eval --model local-completions --model_args model=org/m,base_url=http://127.0.0.1:8124/v1/"
                    "completions,tokenized_requests=False,tokenizer_backend=None,num_concurrent=32,max_retries=3,"
                    "timeout=3000 --tasks gsm8k_local --num_fewshot 5 --batch_size 1 --output_path /runs/7/eval "
