@@ -17,11 +17,16 @@ _RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 18, "<"), ("CONFIG"
               ("CREATED", 11, "<")]
 
 
-def _cell(value: Any, fmt: str) -> str:
-    """`value` formatted; blank when unknown; no decimals from 1,000 on (a column stays narrow)."""
+def _cell(value: Any, fmt: str, width: int = 9) -> str:
+    """`value` formatted; blank when unknown; no decimals from 1,000 on, and k/M/G where even that is wider
+    than `width` (a number is never cut: 134,554,560 once read `134,554,5`)."""
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NaT:
         return ""
-    return f"{value:,.0f}" if abs(value) >= 1000 else fmt.format(value)
+    text = f"{value:,.0f}" if abs(value) >= 1000 else fmt.format(value)
+    if len(text) <= width:
+        return text
+    div, suffix = next((d, s) for d, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if abs(value) >= d)
+    return f"{value / div:,.1f}{suffix}"
 
 
 def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
@@ -34,8 +39,8 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
         config = "" if tp is None or pd.isna(tp) else parallel_label(int(tp), int(dcp) if dcp and dcp > 1 else 1)
         created = r.get("created_at")
         cells = [str(r["id"]), r["status"], str(r.get("label") or ""), config,
-                 _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}"),
-                 _cell(r.get("median_ttft_ms"), "{:,.1f}"), _cell(r.get("median_tpot_ms"), "{:.2f}"),
+                 _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}", 6),
+                 _cell(r.get("median_ttft_ms"), "{:,.1f}"), _cell(r.get("median_tpot_ms"), "{:.2f}", 7),
                  _cell(r.get("kv_cache_tokens"), "{:,.0f}"),
                  "" if created is None or pd.isna(created) else pd.Timestamp(created).strftime("%m-%d %H:%M")]
         text = " ".join(f"{c[:w]:{align}{w}}" for c, (_, w, align) in zip(cells, _RUNS_TEXT))

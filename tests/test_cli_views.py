@@ -166,3 +166,16 @@ def test_default_pair_is_the_two_newest_succeeded_runs(store) -> None:
     ok2 = store.create_run(label="ok2", status=RunStatus.succeeded).id
     store.create_run(label="failed again", status=RunStatus.failed)
     assert api.default_pair(store) == (ok1, ok2)
+
+
+def test_runs_never_cut_a_number(env) -> None:
+    # an H200 run's 134,554,560 KV tokens printed as `134,554,5` in the 9-wide column
+    with api.open_store(env["SERVELAB_DB"]) as store:
+        run = api.queue_run(store, RunSpec(launch=LaunchSpec(model="m"), bench=[BenchSpec()]))
+        store.update_run(run.id, status=RunStatus.succeeded, label="big", kv_cache_tokens=134_554_560)
+        store.add_bench_result(run.id, {"completed": 200.0, "failed": 0.0, "output_throughput": 12_682.4,
+                                        "request_throughput": 99.08, "median_ttft_ms": 12_345_678.0,
+                                        "median_tpot_ms": 12_345.0})
+    line = sl(env, "runs").splitlines()[1]
+    assert line.split()[:8] == ["1", "succeeded", "big", "TP1", "12,682", "99.08", "12.3M", "12,345"]
+    assert line.split()[8] == "134.6M"
