@@ -302,8 +302,9 @@ def dev_mode_env(prefix_cache_states: Iterable[str]) -> dict[str, str]:
 
 
 def reset_prefix_cache(base_url: str, timeout_s: float = 30.0) -> float:
-    """Empty the server's prefix cache; returns the seconds it took. vLLM answers `{"success": false}`
-    while blocks are still held (requests finishing), so it is asked again until the deadline."""
+    """Empty the server's prefix cache; returns the seconds it took. vLLM 0.32 answers `{"success": false}`
+    while blocks are still held (requests finishing), so it is asked again until the deadline; vLLM 0.24
+    answers 200 with an empty body."""
     import httpx
 
     from runner.errors import RunError
@@ -319,7 +320,8 @@ def reset_prefix_cache(base_url: str, timeout_s: float = 30.0) -> float:
             if resp.status_code == 404:
                 raise RunError("the server does not serve POST /reset_prefix_cache (404); it needs "
                                "VLLM_SERVER_DEV_MODE=1, which servelab sets for runs with a cold benchmark")
-            if resp.status_code == 200 and resp.json().get("success", True):
+            # vLLM 0.24 answers an empty 200; 0.32 answers {"success": bool}
+            if resp.status_code == 200 and (not resp.content.strip() or resp.json().get("success", True)):
                 return time.monotonic() - t0
             if time.monotonic() >= deadline:
                 raise RunError(f"the prefix cache was not reset within {timeout_s:.0f} s "

@@ -170,7 +170,7 @@ def db_url(request: pytest.FixtureRequest, db_path: Path) -> Iterator[str]:
 
 # -- a real local HTTP server ----------------------------------------------------------------------------------
 class LocalHTTPServer:
-    """A real HTTP server on 127.0.0.1 (a free port) answering every GET with `respond(path)` → (status, body,
+    """A real HTTP server on 127.0.0.1 (a free port) answering every GET and POST with `respond(path)` → (status, body,
     content type); HTTP/1.1 keep-alive when asked. Counts the requests and connections it took."""
 
     def __init__(self, respond: Callable[[str], tuple[int, bytes, str]], *, keep_alive: bool = False) -> None:
@@ -195,6 +195,8 @@ class LocalHTTPServer:
                     self.wfile.write(body)
                 except OSError:  # the client gave up waiting (its timeout is short): no one to answer
                     return
+
+            do_POST = do_GET
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from runner import compare as cmp
+from runner.errors import RunError
 from runner.window import (
     Reading,
     Snapshot,
@@ -24,6 +25,7 @@ from runner.window import (
     histogram_quantile,
     integrate_power,
     parse_snapshot,
+    reset_prefix_cache,
     window_metrics,
 )
 from tests.conftest import LocalHTTPServer
@@ -211,3 +213,31 @@ def test_a_reading_without_gpus_is_blank() -> None:
     assert scalars == dict.fromkeys(("energy_j", "j_per_output_token", "mean_power_w_per_gpu",
                                      "output_tok_per_s_per_w"))
     assert detail == {"start_t": 1.0, "end_t": 2.0}
+
+
+@pytest.mark.parametrize(("answers", "tries"), [
+    ([(200, b"", "text/plain")], 1),  # vLLM 0.24: an empty 200
+    ([(200, b'{"success": false}', "application/json"), (200, b'{"success": true}', "application/json")], 2),  # 0.32
+])
+def test_reset_prefix_cache_takes_both_versions_answers(answers: list[tuple[int, bytes, str]], tries: int) -> None:
+    asked: list[str] = []
+
+    def respond(path: str) -> tuple[int, bytes, str]:
+        asked.append(path)
+        return answers[min(len(asked), len(answers)) - 1]
+
+    server = LocalHTTPServer(respond)
+    try:
+        assert reset_prefix_cache(server.base_url, timeout_s=5.0) < 5.0
+    finally:
+        server.shutdown()
+    assert asked == ["/reset_prefix_cache"] * tries
+
+
+def test_reset_prefix_cache_without_dev_mode_says_so() -> None:
+    server = LocalHTTPServer(lambda path: (404, b'{"detail": "Not Found"}', "application/json"))
+    try:
+        with pytest.raises(RunError, match="VLLM_SERVER_DEV_MODE=1"):
+            reset_prefix_cache(server.base_url, timeout_s=5.0)
+    finally:
+        server.shutdown()
