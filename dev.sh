@@ -14,7 +14,7 @@ setup() {
   local extras=eval backend=cpu
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then backend=gpu; fi
   extras="$extras,$backend"
-  [ "${1:-}" = test ] && extras="$extras,test,postgres"
+  [ "${1:-}" = test ] && extras="$extras,test,postgres,ray"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local stamp="$VENV/.servelab-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
   if [ ! -f "$stamp" ]; then

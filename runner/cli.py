@@ -263,11 +263,34 @@ def sweep(
 
 
 @app.command()
-def worker(poll: float = typer.Option(1.0, help="Seconds between queue checks.")):
+def worker(
+    poll: float = typer.Option(1.0, help="Seconds between queue checks."),
+    ray: bool = typer.Option(False, "--ray", help="Place runs on the nodes of a Ray cluster (SERVELAB_RAY_ADDRESS "
+                             "or --address; `auto`: the cluster this machine joined)."),
+    address: str | None = typer.Option(None, help="Ray cluster address for --ray (default SERVELAB_RAY_ADDRESS, "
+                                       "else auto)."),
+):
     """Execute queued runs until interrupted (reconciles interrupted runs first)."""
+    from runner.config import Settings
     from runner.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    if ray or address or settings.ray_address:
+        from runner.ray_worker import RayWorker
+
+        try:
+            rw = RayWorker(_store(), settings, address=address, poll_s=poll)
+        except ServelabError as exc:
+            _fail(exc)
+        typer.echo(f"Ray worker {rw.worker_id}: {len(rw.alive_nodes())} nodes, at most {rw.max_node_gpus()} GPUs "
+                   "on one node", err=True)
+        signal.signal(signal.SIGTERM, lambda *_: rw.stop())
+        try:
+            rw.run_forever()
+        except KeyboardInterrupt:
+            rw.stop()
+        return
     w = Worker(_store(), poll_s=poll)
     typer.echo(f"worker {w.worker_id}: GPUs {w.allocator.gpu_ids or 'none (CPU backend)'}", err=True)
     # SIGTERM (kill, systemd, the dashboard going away) and Ctrl-C stop the runs in flight cleanly:

@@ -682,6 +682,8 @@ class Settings(BaseSettings):
         "auto", description="vLLM backend: auto (the CPU build when it is the only vLLM installed), gpu or cpu.")
     bench_client: bool = Field(True, description="One benchmark client process per run, importing vLLM's "
                                "benchmark code once; false: one `vllm bench serve` process per benchmark.")
+    ray_address: str | None = Field(None, description="Ray cluster address (`auto`, `host:6379`): `servelab worker` "
+                                    "schedules runs on the cluster's nodes instead of this machine's GPUs.")
 
     @classmethod
     def from_env(cls) -> Settings:

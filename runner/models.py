@@ -108,6 +108,9 @@ class RunBase(SQLModel):
     host: str | None = None
     gpu_inventory_json: str | None = None
     gpu_ids_json: str | None = None
+    node_name: str | None = None  # the Ray node that executed the run (hostname); None on the local worker
+    node_ip: str | None = None
+    ray_node_id: str | None = None
     port: int | None = None
     server_pid: int | None = None
     worker_id: str | None = None

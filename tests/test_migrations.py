@@ -28,9 +28,14 @@ COMMITTED = sorted(REPO.glob("docs/gpu-runs/*/servelab.db"))
 TABLES = ("sweep", "run", "benchresult", "evalresult", "sample", "phaseevent")  # parents before children
 
 
-def _rows(conn: sa.Connection, table: str) -> list[tuple[Any, ...]]:
-    """Every row of `table` by id, every column in name order, values made comparable across databases."""
-    columns = sorted(c["name"] for c in sa.inspect(conn).get_columns(table))
+def _columns(conn: sa.Connection, table: str) -> list[str]:
+    return sorted(c["name"] for c in sa.inspect(conn).get_columns(table))
+
+
+def _rows(conn: sa.Connection, table: str, columns: list[str] | None = None) -> list[tuple[Any, ...]]:
+    """Every row of `table` by id, every column (or `columns`) in name order, values made comparable across
+    databases."""
+    columns = columns or _columns(conn, table)
     query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"  # noqa: S608
     return [tuple(_plain(v) for v in row) for row in conn.exec_driver_sql(query)]
 
@@ -93,6 +98,7 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
     engine = sa.create_engine(url if "://" in url else f"sqlite:///{url}")
     with engine.connect() as conn:
         before = {t: _rows(conn, t) for t in TABLES}
+        columns = {t: _columns(conn, t) for t in TABLES}
         assert migrations.current(conn) is None and sa.inspect(conn).has_table("meta")
     engine.dispose()
     with sqlite3.connect(committed) as old:  # the copy holds every row of the committed file, and the two added
@@ -103,7 +109,10 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
     with Store(url) as store:
         assert store.revision() == migrations.head()
         with store.engine.connect() as conn:
-            assert {t: _rows(conn, t) for t in TABLES} == before  # every row, every column
+            assert {t: _rows(conn, t, columns[t]) for t in TABLES} == before  # every row, every column
+            added = {t: sorted(set(_columns(conn, t)) - set(columns[t])) for t in TABLES}
+            assert {t: c for t, c in added.items() if c} == {"run": ["node_ip", "node_name", "ray_node_id"]}
+            assert {row for row in _rows(conn, "run", added["run"])} == {(None, None, None)}  # new: empty
             inspector = sa.inspect(conn)
             assert not inspector.has_table("meta")
             assert {ix["name"] for ix in inspector.get_indexes("sample")} == {"ix_sample_run_id_t_gpu_index"}
@@ -131,7 +140,7 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
 
 def test_a_fresh_database_at_head_equals_the_models(db_url: str) -> None:
     with Store(db_url) as store, store.engine.connect() as conn:
-        assert store.revision() == migrations.head() == "0004"
+        assert store.revision() == migrations.head() == "0005"
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
 
 
@@ -140,7 +149,7 @@ def test_a_newer_database_is_refused_not_touched(db_url: str) -> None:
         store.create_run(label="kept")
         with store.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0004; upgrade servelab"):
+    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0005; upgrade servelab"):
         Store(db_url)
     engine = sa.create_engine(db_url if "://" in db_url else f"sqlite:///{db_url}")
     with engine.connect() as conn:
@@ -169,7 +178,7 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(db_url: str) -
             return store.revision()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert list(pool.map(open_store, range(4), timeout=60)) == ["0004"] * 4
+        assert list(pool.map(open_store, range(4), timeout=60)) == ["0005"] * 4
     with Store(db_url) as store, store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar_one() == 1
 
