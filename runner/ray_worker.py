@@ -46,7 +46,8 @@ def bundle(gpus: int) -> dict[str, float]:
     return {"GPU": float(gpus), "CPU": 1.0} if gpus else {"CPU": 1.0}
 
 
-def execute_on_node(store_url: str, run_id: int, port_wanted: int, settings: Settings) -> str:
+def execute_on_node(store_url: str, run_id: int, port_wanted: int, settings: Settings,
+                    executor_factory: Callable[..., RunExecutor] = RunExecutor) -> str:
     """The body of a run's Ray task: record where it runs, then execute it here. Returns the final status."""
     ctx = ray.get_runtime_context()
     node_id = ctx.get_node_id()
@@ -55,7 +56,7 @@ def execute_on_node(store_url: str, run_id: int, port_wanted: int, settings: Set
     try:
         store.update_run(run_id, node_name=socket.gethostname(), node_ip=ray.util.get_node_ip_address(),
                          ray_node_id=node_id)
-        status = RunExecutor(store, run_id, Allocation(gpu_ids, free_port(port_wanted)), settings).execute()
+        status = executor_factory(store, run_id, Allocation(gpu_ids, free_port(port_wanted)), settings).execute()
         return status.value
     finally:
         store.engine.dispose()
@@ -87,8 +88,9 @@ class RayWorker:
     """Executes queued runs on the nodes of a Ray cluster until stopped; the same loop as `Worker`."""
 
     def __init__(self, store: Store, settings: Settings | None = None, *, address: str | None = None,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, executor_factory: Callable[..., RunExecutor] = RunExecutor):
         self.store = store
+        self.executor_factory = executor_factory
         self.settings = settings or Settings.from_env()
         self.address = address or self.settings.ray_address or "auto"
         if not ray.is_initialized():
@@ -101,7 +103,7 @@ class RayWorker:
         self.placed: dict[int, _Placed] = {}
         self.errors: list[str] = []
         self.stopping = threading.Event()
-        self._remote = ray.remote(execute_on_node).options(max_retries=0)  # a run is never silently re-executed
+        self._remote = ray.remote(max_retries=0)(execute_on_node)  # a run is never silently re-executed
 
     @staticmethod
     def alive_nodes() -> list[dict[str, Any]]:
@@ -162,11 +164,16 @@ class RayWorker:
             if not self.store.claim_run(run_id, self.worker_id):  # cancelled meanwhile, or another worker took it
                 self._release(run_id)
                 continue
-            spec = RunSpec.model_validate_json(self.store.get_run(run_id).spec_json or "")
-            placed.ref = self._remote.options(
-                num_gpus=bundle(spec.launch.gpus_needed).get("GPU", 0), num_cpus=1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placed.pg, placement_group_bundle_index=0),
-            ).remote(str(self.store.url), run_id, spec.launch.port, self.settings)
+            try:
+                spec = RunSpec.model_validate_json(self.store.get_run(run_id).spec_json or "")
+                placed.ref = self._remote.options(
+                    num_gpus=bundle(spec.launch.gpus_needed).get("GPU", 0), num_cpus=1,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(placed.pg, placement_group_bundle_index=0),
+                ).remote(str(self.store.url), run_id, spec.launch.port, self.settings, self.executor_factory)
+            except Exception as exc:  # claimed but never started: say so, never leave it `starting`
+                self._fail(run_id, f"internal error: its Ray task could not be submitted: {type(exc).__name__}: {exc}")
+                self._release(run_id)
+                raise
             started.append(run_id)
         return started
 
@@ -204,7 +211,7 @@ class RayWorker:
 
     def busy(self) -> bool:
         self._reap()
-        return any(p.ref is not None for p in self.placed.values())
+        return bool(self.placed)  # running, or holding a group that waits for its node's GPUs
 
     def run_forever(self, until: Callable[[], bool] = lambda: False) -> None:
         self.reconcile()
