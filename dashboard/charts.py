@@ -30,6 +30,11 @@ STAGES = {
     "request_warmup_end": ("benchmark", "#EF553B"),
     "port_retry": ("port taken: relaunching", "#FECB52"),
     "bench_end": ("between steps", "#B6E880"),
+    "cache_reset": ("prefix cache reset", "#B6E880"),
+    "warmup_start": ("prefix-cache warm-up run (not measured)", "#FF97FF"),
+    "warmup_end": ("between steps", "#B6E880"),
+    "outputs_start": ("output check", "#19D3F3"),
+    "outputs_end": ("after output check", "#FFA15A"),
     "eval_start": ("evaluation", "#AB63FA"),
     "eval_end": ("after evaluation", "#FFA15A"),
 }

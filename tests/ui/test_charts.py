@@ -162,6 +162,20 @@ def test_phase_timeline_segments_in_seconds_since_launch() -> None:
     assert fig.layout.xaxis.title.text == "seconds since launch"
 
 
+def test_every_phase_the_runner_marks_has_words_on_the_timeline() -> None:
+    # the timeline showed `outputs_start` and `outputs_end`, raw, for the output check
+    import re
+
+    marked = set(re.findall(r'_mark\("(\w+)"', (REPO / "runner" / "execute.py").read_text()))
+    marked |= set(re.findall(r'"(request_warmup_\w+)"', (REPO / "runner" / "execute.py").read_text()))
+    assert marked - {"stopped"} <= set(charts.STAGES), marked - {"stopped"} - set(charts.STAGES)
+    phases = pd.DataFrame({"t": [0.0, 40.0, 41.0, 58.0, 59.0, 85.0, 86.0], "detail": [None] * 7,
+                           "phase": ["launched", "ready", "bench_start", "bench_end", "outputs_start", "outputs_end",
+                                     "stopped"]})
+    assert [t.name for t in charts.phase_timeline(phases).data] == [
+        "starting vLLM", "ready", "benchmark", "between steps", "output check", "after output check"]
+
+
 def test_telemetry_charts_per_gpu_and_in_percent() -> None:
     samples = pd.DataFrame([
         {"t_s": 0.0, "gpu_index": None, "kv_cache_usage_perc": 0.25, "num_requests_running": 3.0,
