@@ -830,6 +830,10 @@ def gpus_of(run: Run) -> int | None:
     return run.tensor_parallel_size * (run.pipeline_parallel_size or 1) * (run.data_parallel_size or 1)
 
 
+_LOAD_FIELDS = {"request_rate", "max_concurrency", "repeats", "stop_early"}
+"""Bench fields that make a load of a workload, or repeat it, rather than another workload."""
+
+
 def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """One row per stored benchmark result: run id, label, GPUs, its load (from its bench spec, else from the
     result's own `request_rate`/`max_concurrency`) and its metrics — what `runner.slo` reads."""
@@ -841,6 +845,8 @@ def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, 
             spec = json.loads(br.bench_spec_json) if br.bench_spec_json else {}
             rate = spec.get("request_rate", metrics.get("request_rate"))
             rows.append({**metrics, "run_id": run.id, "label": label_of(run), "gpus": gpus_of(run),
+                         "workload": json.dumps({k: v for k, v in spec.items() if k not in _LOAD_FIELDS},
+                                                sort_keys=True),
                          "request_rate": float(rate) if rate is not None else None,  # "Infinity" → inf
                          "max_concurrency": spec.get("max_concurrency", metrics.get("max_concurrency"))})
     return rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,7 @@ class CurvePoint:
     repeats: int
     metrics: dict[str, float | None]
     per_gpu_values: list[float] = field(default_factory=list)  # output tok/s per GPU of each repeat
+    workload: str = ""  # the benchmark's fields other than its load: one curve per run and workload
     meets: bool = False
     knee: bool = False
 
@@ -97,13 +99,21 @@ def _mean(values: list[float | None]) -> float | None:
 def curves(rows: Iterable[Mapping[str, Any]], slos: list[Slo]) -> list[CurvePoint]:
     """Rows — one per stored benchmark result: `run_id`, `label`, `gpus`, `request_rate`, `max_concurrency`
     and its metrics — become one point per run and load, ordered by run then load, each marked whether it
-    meets every SLO and whether it is its run's knee. Without SLOs no point is a knee."""
-    groups: dict[tuple[int, str, float], list[Mapping[str, Any]]] = {}
+    meets every SLO and whether it is its run's knee. Only results of the same workload (`workload`: the
+    bench fields other than the load) are repeats of a point or loads of one curve; of a run's several
+    workloads, its main one (most loads) is kept. Without SLOs no point is a knee."""
+    groups: dict[tuple[int, str, str, float], list[Mapping[str, Any]]] = {}
     for r in rows:
         kind, load = load_of(r.get("request_rate"), r.get("max_concurrency"))
-        groups.setdefault((int(r["run_id"]), kind, load), []).append(r)
+        groups.setdefault((int(r["run_id"]), str(r.get("workload") or ""), kind, load), []).append(r)
+    main: dict[int, str] = {}
+    for run_id in dict.fromkeys(k[0] for k in groups):
+        loads = Counter(k[1] for k in groups if k[0] == run_id)
+        main[run_id] = max(loads, key=lambda w: loads[w])  # first seen wins a tie
     points = []
-    for (run_id, kind, load), members in groups.items():
+    for (run_id, workload, kind, load), members in groups.items():
+        if workload != main[run_id]:
+            continue
         keys = {k for m in members for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics = {k: _mean([m.get(k) for m in members]) for k in sorted(keys)}
         gpus = members[0].get("gpus")
@@ -111,7 +121,7 @@ def curves(rows: Iterable[Mapping[str, Any]], slos: list[Slo]) -> list[CurvePoin
         per_gpu = [float(m["output_throughput"]) / gpus for m in members
                    if gpus and m.get("output_throughput") is not None]
         points.append(CurvePoint(run_id, str(members[0].get("label") or f"run {run_id}"), gpus, kind, load,
-                                 len(members), metrics, per_gpu))
+                                 len(members), metrics, per_gpu, workload))
     points.sort(key=lambda p: (p.run_id, p.load_kind, p.load))
     for p in points:
         p.meets = bool(slos) and all(s.met(p.metrics.get(s.key)) for s in slos)

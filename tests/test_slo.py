@@ -87,3 +87,19 @@ def test_a_large_bound_reads_in_plain_digits() -> None:
     # 1,000,000 ms is a bound a user types for the seed's 686 s P99 TTFT; `:g` printed it as 1e+06
     assert str(slo.Slo("ttft", "p99", 1_000_000.0)) == "P99 TTFT ≤ 1000000 ms"
     assert str(slo.Slo("tpot", "p99", 12.5)) == "P99 TPOT ≤ 12.5 ms"
+
+
+def test_a_runs_other_workloads_are_neither_repeats_nor_loads_of_its_curve(store):
+    """Found on the H200: a run with a 4-load sweep and two cold/warm prefix benchmarks at rate inf had the
+    latter averaged as repeats of an `inf` load of the sweep, and that mixed point ranked as its knee."""
+    inf = math.inf
+    a = _run(store, "sweep", 1, [(16, 2003, 28, 4), (64, 7566, 200, 7), (256, 12379, 1916, 12)])
+    for state, tok, ttft in (("cold", 5163, 1084), ("warm", 5146, 1100)):
+        bench = BenchSpec(request_rate=inf, random_input_len=512, random_output_len=32, prefix_cache=state)
+        store.add_bench_result(a, {"completed": 200.0, "failed": 0.0, "output_throughput": tok,
+                                   "p99_ttft_ms": ttft, "p99_tpot_ms": 12.0, "request_rate": inf},
+                               repeat=0, bench_spec_json=bench.model_dump_json())
+    (rec,) = api.recommend(store, ["ttft:p99<=2000", "tpot:p99<=50"])
+    assert rec.knee is not None and (rec.knee.load, rec.knee.repeats, rec.knee.tok_s) == (256, 1, 12379)
+    curve = api.load_curves(store, [a], ["ttft:p99<=2000"])
+    assert list(curve["load"]) == [16, 64, 256] and list(curve["knee"]) == [False, False, True]
