@@ -30,7 +30,7 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
         # few requests per load: the whole test stays near 3 minutes on 2 cores; two warm-up requests keep the
         # fresh server's first (slow) answers out of the first load's P99 TTFT, the base of the 10× rule
         "bench": {"random-input-len": 128, "random-output-len": 64, "num-prompts": 16, "ignore-eos": True,
-                  "max-concurrency": [1, 4, 16, 64], "extra-args": ["--num-warmups", "2"]},
+                  "max-concurrency": [1, 4, 16, 64], "num-warmups": 2},
         "matrix": {"max-num-seqs": [4, 64]},
     }))
     t0 = time.monotonic()
