@@ -31,7 +31,8 @@ class SpecError(ServelabError):
     """A launch, bench, eval or sweep spec is invalid. The message names the value and the fix."""
 
     def __init__(self, problems: Sequence[str] | str):
-        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        # once each: a sweep's cells or a load list's benchmarks repeat the same problem
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(dict.fromkeys(problems))
         super().__init__("\n".join(self.problems))
 
 

@@ -99,3 +99,11 @@ def test_for_another_worker_queues_what_this_machine_cannot_run(cli, tmp_path: P
 def test_this_host_on_the_cpu_backend_counts_the_usable_cores(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SERVELAB_BACKEND", "cpu")
     assert api.this_host() == Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
+
+
+def test_a_problem_repeated_by_a_load_list_is_said_once(tmp_path):
+    spec = tmp_path / "loads.yaml"
+    spec.write_text("launch: {model: org/m}\nbench: {request-rate: [1, 2, 4], extra-args: [--num-warmups, '2']}\n")
+    result = CliRunner().invoke(app, ["--db", str(tmp_path / "s.db"), "run", str(spec)])
+    assert result.exit_code == 2
+    assert result.stderr.count("`--num-warmups` in extra args repeats the spec field `num_warmups`") == 1
