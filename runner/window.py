@@ -131,7 +131,7 @@ def read_energy_mj(gpus: GpuReader) -> dict[int, float | None]:
     for i, handle in gpus.handles.items():
         try:
             out[i] = float(gpus.nvml.nvmlDeviceGetTotalEnergyConsumption(handle))  # type: ignore[union-attr]
-        except Exception:  # NVMLError_NotSupported before Volta, a lost GPU, …
+        except gpus.nvml.NVMLError:  # type: ignore[union-attr]  # NotSupported before Volta, a lost GPU, …
             out[i] = None
     return out
 
