@@ -7,7 +7,9 @@ the scripts in benchmarks/, not here.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta
@@ -19,7 +21,7 @@ from runner import api
 from runner.config import BenchSpec, LaunchSpec, RunSpec, Settings
 from runner.models import Run, RunStatus, utcnow
 from runner.parsers import parse_prometheus
-from runner.server import ManagedProcess, VllmServer
+from runner.server import ManagedProcess, VllmServer, free_port
 from runner.store import Store, samples_query
 from runner.telemetry import TREE_REFRESH_MAX_S, TREE_REFRESH_S, MetricsReader, Sampler
 from runner.worker import Worker
@@ -107,25 +109,41 @@ def test_samples_export_streams_without_a_dataframe(store: Store, tmp_path: Path
 
 
 # -- overhead: /health polled often, finished runs wake the worker ------------------------------------------
+STAND_IN = """
+import http.server, os, sys
+flag, port = sys.argv[1], int(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = os.path.exists(flag)
+        body = b'{"data": [{"id": "stand-in"}]}' if self.path.startswith("/v1/models") else b""
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever(0.05)
+"""
+
+
 def test_wait_ready_notices_health_within_a_quarter_second(tmp_path: Path) -> None:
-    ready = threading.Event()
-    health = LocalHTTPServer(lambda path: (200 if ready.is_set() else 503, b"", "text/plain"))
-    server = VllmServer(["sleep", "30"], {}, tmp_path / "log", health.port)
-    ManagedProcess.start(server)  # a live process standing in for vLLM (its port is the test's server)
+    flag, port = tmp_path / "ready", free_port(18900)
+    # the stand-in for vLLM is the run's own process and owns its port, as identity requires
+    server = VllmServer([sys.executable, "-c", STAND_IN, str(flag), str(port)], dict(os.environ), tmp_path / "log", port)
+    ManagedProcess.start(server)
     flipped: list[float] = []
 
     def flip() -> None:
-        time.sleep(0.6)
+        time.sleep(3.0)  # the stand-in is listening by then
         flipped.append(time.monotonic())
-        ready.set()
+        flag.touch()
 
     try:
         threading.Thread(target=flip).start()
-        server.wait_ready(10, tick_s=1.0)  # the store-writing tick stays at 1 s; /health is polled faster
+        server.wait_ready(20, tick_s=1.0)  # the store-writing tick stays at 1 s; /health is polled faster
         assert time.monotonic() - flipped[0] < 0.25
     finally:
-        ManagedProcess.stop(server, grace_s=2)  # VllmServer.stop would wait for the test server's port
-        health.shutdown()
+        ManagedProcess.stop(server, grace_s=2)
 
 
 def test_a_finished_run_wakes_the_worker_at_once(store: Store, tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ write lock (SQLite `BEGIN IMMEDIATE`) or an advisory lock (PostgreSQL), then rea
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -47,13 +50,29 @@ def current(conn: sa.Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
+@contextmanager
+def _file_lock(engine: sa.Engine) -> Iterator[None]:
+    """Processes opening one new SQLite file at once (a worker and a dashboard) take turns: pysqlite's
+    `BEGIN IMMEDIATE` alone let two of them run the same revision (seen: `table benchresult already exists`)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:" or path.startswith("file:"):
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(engine: sa.Engine, where: str) -> None:
     """Bring the database of `engine` to head (`where` names it in errors)."""
     with engine.connect() as conn:
         found = current(conn)
     if found == head():
         return
-    with engine.begin() as conn:
+    with _file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading: migrations never interleave
         elif conn.dialect.name == "postgresql":

@@ -298,10 +298,18 @@ class Campaign:
         NVML; every other run gets the real sampler unchanged."""
         if run_id != self.runs.get("metrics"):
             return REAL_SAMPLER(run_id, sink, **kw)
-        self.proxy = MetricsProxy(kw["metrics_url"])
-        kw.update(metrics_url=self.proxy.url, nvml=self.nvml)
-        self.metrics_sampler = REAL_SAMPLER(run_id, sink, **kw)
-        return self.metrics_sampler
+        kw.update(nvml=self.nvml)
+        sampler = REAL_SAMPLER(run_id, sink, **kw)
+        real_scrape_from = sampler.scrape_from
+
+        def scrape_from(url: str | None) -> None:  # /metrics is read once the server is proven the run's own
+            if url is not None and getattr(self, "proxy", None) is None:
+                self.proxy = MetricsProxy(url)
+            real_scrape_from(self.proxy.url if url is not None else None)
+
+        sampler.scrape_from = scrape_from  # type: ignore[method-assign]
+        self.metrics_sampler = sampler
+        return sampler
 
     def settle(self, run_id: int, data: Path | None = None, store: Store | None = None,
                timeout_s: float = SCENARIO_TIMEOUT_S) -> Settled:

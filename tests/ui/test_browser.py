@@ -126,7 +126,8 @@ def test_demo_run_from_launch_to_compare_in_chromium(chromium: dict[str, Any], d
             expect(page.get_by_text("Launch a run")).to_be_visible(timeout=60_000)
             settle(page)
             pick(page, "Preset", "TP8+DCP8 — high throughput (Kimi-K2-Thinking, 8 GPUs)")
-            expect(page.get_by_text("--decode-context-parallel-size 8").first).to_be_visible()
+            # on this CPU-only machine the preset is refused beside its field, in plain words
+            expect(page.get_by_text("cannot run decode context parallel").first).to_be_visible()
             pick(page, "Preset", "CPU demo (tiny random Llama, vLLM CPU backend)")
             expect(page.get_by_text("--enforce-eager").first).to_be_visible()
             port = page.get_by_label("port", exact=True)
