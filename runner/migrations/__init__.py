@@ -10,6 +10,7 @@ write lock (SQLite `BEGIN IMMEDIATE`) or an advisory lock (PostgreSQL), then rea
 from __future__ import annotations
 
 import fcntl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -50,6 +51,11 @@ def current(conn: sa.Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
+_IN_PROCESS = threading.Lock()
+"""Alembic's `context` is module-global: two threads migrating (even two different stores) at once mix their
+operations (seen: `KeyError: 'config'`, an index created on the other store's connection)."""
+
+
 @contextmanager
 def _file_lock(engine: sa.Engine) -> Iterator[None]:
     """Processes opening one new SQLite file at once (a worker and a dashboard) take turns: pysqlite's
@@ -72,7 +78,7 @@ def upgrade(engine: sa.Engine, where: str) -> None:
         found = current(conn)
     if found == head():
         return
-    with _file_lock(engine), engine.begin() as conn:
+    with _IN_PROCESS, _file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading: migrations never interleave
         elif conn.dialect.name == "postgresql":
