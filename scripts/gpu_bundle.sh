@@ -12,7 +12,7 @@ rm -rf "$OUT/wheels" "$OUT"/p[0-9]* "$OUT/bundle.tar" && mkdir -p "$OUT/wheels" 
 # greenlet: only sqlalchemy[asyncio] needs it (runner is sync).
 python3 "$GPU/wheelhouse.py" "$OUT/wheels" "$GPU/host-packages.txt" \
     "apache-tvm-ffi==0.1.11" "vllm==0.24.0" \
-    sqlmodel sqlalchemy pydantic typing-inspection annotated-types \
+    sqlmodel sqlalchemy pydantic typing-inspection annotated-types alembic mako pydantic-settings python-dotenv psutil \
     --skip torch,torchvision,torchaudio,flashinfer-cubin,tilelang,nvidia-cutlass-dsl,quack-kernels,tokenspeed-mla,humming-kernels,fastsafetensors,nvidia-cudnn-frontend,cuda-tile
 tar -cf "$OUT/bundle.tar" -C "$OUT" wheels
 (cd "$OUT" && sha256sum bundle.tar > SHA256SUMS)
