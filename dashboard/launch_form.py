@@ -122,9 +122,10 @@ def parse_values(text: str) -> list[str]:
 
 
 def sweep(name: str, base: RunSpec, matrix: dict[str, list[Any]]) -> SweepSpec:
-    """A sweep over `matrix` around the form's run (raises SpecError for an unusable matrix)."""
+    """A sweep over `matrix` around the form's run, its runs labelled after the form's label (raises SpecError
+    for an unusable matrix)."""
     matrix = {k: v for k, v in matrix.items() if v}
-    return SweepSpec.parse({"name": name.strip() or "sweep", "launch": base.launch.model_dump(),
+    return SweepSpec.parse({"name": name.strip() or "sweep", "label": base.label, "launch": base.launch.model_dump(),
                             "bench": [b.model_dump() for b in base.bench],
                             "eval": base.eval.model_dump() if base.eval else None, "matrix": matrix,
                             "other_worker": base.other_worker})

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from runner import compare as cmp
 from runner import noise, slo
@@ -41,6 +42,7 @@ from runner.models import (
     Run,
     RunSource,
     RunStatus,
+    Sweep,
     WorkerError,
     utcnow,
 )
@@ -199,9 +201,8 @@ def queue_sweep(store: Store, sweep: SweepSpec, host: Host | None = None) -> tup
     cells = sweep.cells()
     for _, spec in cells:  # every cell valid before any is queued
         spec.check(host)
-    spec_json = sweep.model_dump_json()
-    existing = next((s for s in store.list_sweeps() if s.name == sweep.name and s.spec_json == spec_json), None)
-    sweep_row = existing or store.create_sweep(sweep.name, spec_json)
+    existing = next((s for s in store.list_sweeps() if _same_sweep(s, sweep)), None)
+    sweep_row = existing or store.create_sweep(sweep.name, sweep.model_dump_json())
     keep = {RunStatus.succeeded, RunStatus.queued, *ACTIVE}
     done = {r.sweep_cell for r in store.list_runs(sweep_id=sweep_row.id) if r.status in keep}
     queued = [
@@ -212,12 +213,22 @@ def queue_sweep(store: Store, sweep: SweepSpec, host: Host | None = None) -> tup
     return sweep_row.id, queued
 
 
+def _same_sweep(row: Sweep, sweep: SweepSpec) -> bool:
+    """Whether a stored sweep is `sweep` (compared as specs: one stored before a field existed still matches)."""
+    if row.name != sweep.name:
+        return False
+    try:
+        return SweepSpec.model_validate_json(row.spec_json) == sweep
+    except ValidationError:
+        return False
+
+
 def cell_label(sweep: SweepSpec, spec: RunSpec) -> str:
-    """`name: TP2+DCP2`, plus the other launch values the matrix varies (`name: TP1 max-num-seqs=128`),
-    so that no two cells of a sweep share a label."""
+    """`label: TP2+DCP2` (the sweep's label, else its name), plus the other launch values the matrix varies
+    (`label: TP1 max-num-seqs=128`), so that no two cells of a sweep share a label."""
     varied = [k for k in sweep.matrix if k in LaunchSpec.model_fields and k not in LaunchSpec.SHORT_LABEL_FIELDS]
     extra = "".join(f" {k.replace('_', '-')}={getattr(spec.launch, k)}" for k in varied)
-    return f"{sweep.name}: {spec.launch.short_label()}{extra}"
+    return f"{sweep.label or sweep.name}: {spec.launch.short_label()}{extra}"
 
 
 def cancel(store: Store, run_id: int) -> Run:
@@ -555,15 +566,14 @@ def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
     return frame
 
 
-def command_lines(spec: RunSpec, run_dir: Path | str, serve: list[str] | None = None,
-                  env: dict[str, str] | None = None) -> dict[str, str]:
-    """Title → the exact command line each phase of `spec` runs (`vllm serve`, every `vllm bench serve`,
-    `lm_eval`), with the run's folder `run_dir` (a placeholder before the run exists). `serve` and `env`
-    are what a run actually started its server with, when it did."""
+def command_lines(spec: RunSpec, run_dir: Path | str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Title → the command line each phase of `spec` runs with today's code (`vllm serve`, every `vllm bench
+    serve`, `lm_eval`), with the run's folder `run_dir` (a placeholder before the run exists) and the server's
+    environment `env` (default the spec's). A run's own are `run_commands`."""
     launch = spec.launch
     base = f"http://{launch.host}:{launch.port}"
     run_dir = Path(run_dir)
-    out = {"vllm serve": display(serve or serve_argv(launch), launch.env if env is None else env)}
+    out = {"vllm serve": display(serve_argv(launch), launch.env if env is None else env)}
     for i, bench in enumerate(spec.bench):
         title = f"vllm bench serve ({i + 1} of {len(spec.bench)})" if len(spec.bench) > 1 else "vllm bench serve"
         out[title] = display(bench_argv(bench, launch, base, run_dir, f"bench-{i}-0.json"))
@@ -579,18 +589,40 @@ def command_lines(spec: RunSpec, run_dir: Path | str, serve: list[str] | None = 
     return out
 
 
+RE_RENDERED = "re-rendered by today's servelab; not the command this run ran"
+
+
 def run_commands(run: Run) -> dict[str, str]:
-    """Title → command line of a launched run: `vllm serve` as it ran, each `vllm bench serve`, `lm_eval`."""
+    """Title → command line of a launched run. What it ran is shown from the argv it stored as it ran it
+    (`vllm serve`, each `vllm bench serve` with its warm-ups, `lm_eval`). What it never stored (runs from
+    before servelab stored them, phases it did not reach) is rebuilt from its spec by today's code, and once
+    the run has started its title says so (`RE_RENDERED`): today's flags may not be the ones it ran."""
     if not run.spec_json:
         return {}
     spec = RunSpec.model_validate_json(run.spec_json)
     if run.port:
         spec = spec.model_copy(update={"launch": spec.launch.model_copy(update={"port": run.port})})
     run_dir = Path(run.run_dir or f"data/runs/{run.id}")
-    serve = json.loads(run.serve_argv_json) if run.serve_argv_json else None
-    out = command_lines(spec, run_dir, serve, reproduce_env(run) or None)
-    if "lm_eval" in out and (ran := _logged_command(run_dir / LOG_NAME)):
-        out["lm_eval"] = ran
+    env = reproduce_env(run) or None
+    rendered = command_lines(spec, run_dir, env=env)
+    mark = "" if run.status == RunStatus.queued else f" — {RE_RENDERED}"
+    ran = json.loads(run.commands_json) if run.commands_json else []
+    out = {}
+    if run.serve_argv_json:
+        out["vllm serve"] = display(json.loads(run.serve_argv_json), spec.launch.env if env is None else env)
+    else:
+        out["vllm serve" + mark] = rendered["vllm serve"]
+    benches = [c for c in ran if c["name"] != "lm_eval"]
+    for c in benches:
+        out[f"vllm bench serve ({c['name']})"] = display(c["argv"])
+    if not benches:
+        out.update({title + mark: line for title, line in rendered.items() if title.startswith("vllm bench")})
+    evaluated = [c for c in ran if c["name"] == "lm_eval"]
+    if evaluated:
+        out["lm_eval"] = display(evaluated[-1]["argv"])
+    elif "lm_eval" in rendered:
+        logged = _logged_command(run_dir / LOG_NAME)  # runs from before the argv was stored logged it
+        out["lm_eval" if logged else "lm_eval" + mark] = logged or rendered["lm_eval"]
     return out
 
 

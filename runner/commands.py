@@ -156,11 +156,14 @@ def lm_eval_argv(
     return argv
 
 
+_MODULES = {"vllm.entrypoints.cli.main": "vllm", "runner.vllm_entry": "vllm", "lm_eval": "lm_eval"}
+
+
 def display(argv: list[str], env: dict[str, str] | None = None) -> str:
-    """The command as a person would type it: `vllm …` instead of the interpreter prefix."""
+    """The command as a person would type it: `vllm …` or `lm_eval …` instead of the interpreter prefix
+    (`<any python> -m <vLLM's CLI module>`: a stored argv may come from another machine's interpreter)."""
     shown = list(argv)
-    for prefix, name in ((vllm_prefix(), "vllm"), (lm_eval_prefix(), "lm_eval")):
-        if shown[: len(prefix)] == prefix:
-            shown = [name, *shown[len(prefix) :]]
+    if len(shown) >= 3 and shown[1] == "-m" and shown[2] in _MODULES:
+        shown = [_MODULES[shown[2]], *shown[3:]]
     env_part = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     return " ".join(env_part + [shlex.quote(a) for a in shown])

@@ -616,6 +616,8 @@ class SweepSpec(_Spec):
     server), bench fields give several benchmarks against the same server."""
 
     name: str = Field("sweep", description="Sweep name.")
+    label: str | None = Field(None, description="Label of the sweep's runs: each is `<label>: <its cell>`, e.g. "
+                              "`kimi: TP8+DCP8`; default the sweep name.")
     launch: LaunchSpec
     bench: list[BenchSpec] = Field(default_factory=lambda: [BenchSpec()])
     eval: EvalSpec | None = None

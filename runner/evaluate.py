@@ -155,8 +155,10 @@ def run_eval(
     alive: Callable[[], bool] = lambda: True,
     cancelled: Callable[[], bool] = lambda: False,
     tick_s: float = 1.0,
+    on_start: Callable[[list[str]], None] = lambda argv: None,
 ) -> tuple[list[EvalScore], str]:
     """Run lm-eval against the server at `base_url`; return its scores and the results JSON path.
+    `on_start` receives lm-eval's argv just before it starts.
 
     The log goes to `run_dir/eval.log`, results under `run_dir/eval/`. Raises `RunError` when
     lm-eval is missing, fails or writes no results, or when the server exits meanwhile; `Cancelled`
@@ -185,6 +187,7 @@ def run_eval(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {display(argv)}\n")
+    on_start(argv)
     proc = ManagedProcess(argv, proc_env, log_path)
     started = time.time()
     code = supervise(proc, "the evaluation", lambda: None if alive() else "", cancelled, lambda: tick_s)

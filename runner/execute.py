@@ -193,6 +193,7 @@ class RunExecutor:
         self.window: WindowProbe | None = None
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self._commands: list[dict[str, object]] = []  # the bench and eval argv as run (Run.commands_json)
 
     @property
     def live(self) -> VllmServer:
@@ -224,6 +225,11 @@ class RunExecutor:
 
     def _mark(self, phase: str, detail: str | None = None) -> None:
         self.store.add_phase(self.run_id, phase, detail=detail)
+
+    def _ran(self, name: str, argv: list[str]) -> None:
+        """Record a command line as it is started, so the run shows what it ran, not today's rendering."""
+        self._commands.append({"name": name, "argv": list(argv)})
+        self.store.update_run(self.run_id, commands_json=json.dumps(self._commands))
 
     def cancelled(self) -> bool:
         if self.interrupted():
@@ -397,6 +403,7 @@ class RunExecutor:
         """Run one `vllm bench serve` to its end; the window readings at its measured requests' start
         (its "Starting main benchmark run" line; the process start if that line was missed) and end."""
         argv = bench_argv(bench, self.launch, self.live.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
+        self._ran(name, argv)
         # unbuffered: the main-run line must reach the log when printed, not when the process exits
         proc = self.bench_clients.job(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
         if self.window is None:
@@ -476,7 +483,8 @@ class RunExecutor:
         self._mark("eval_start")
         try:
             scores, raw_path = run_eval(evaluation, self.launch, self.live.base_url, self.run_dir, self.env,
-                                        alive=self.live.alive, cancelled=self.cancelled, tick_s=self.tick_s)
+                                        alive=self.live.alive, cancelled=self.cancelled, tick_s=self.tick_s,
+                                        on_start=lambda argv: self._ran("lm_eval", argv))
         except RunError as exc:
             self._after_phase_failed("eval_end", "eval", exc)
             return

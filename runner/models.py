@@ -103,6 +103,7 @@ class RunBase(SQLModel):
     data_parallel_size: int | None = None
     spec_json: str | None = None  # the RunSpec JSON
     serve_argv_json: str | None = None
+    commands_json: str | None = None  # [{"name": "bench-0-0", "argv": [...]}, …]: the bench and eval argv as run
     env_json: str | None = None
     vllm_version: str | None = None
     host: str | None = None

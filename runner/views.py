@@ -57,7 +57,7 @@ def run_record(store: Store, run_id: int) -> dict[str, Any]:
     """One run as plain JSON-able values: every stored field, its bench metrics and eval scores."""
     run = store.get_run(run_id)
     out = {k: v for k, v in run.model_dump(mode="json").items() if v not in (None, "")}
-    for key in ("spec_json", "serve_argv_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
+    for key in ("spec_json", "serve_argv_json", "commands_json", "env_json", "gpu_ids_json", "gpu_inventory_json"):
         if key in out:
             out[key.removesuffix("_json")] = json.loads(out.pop(key))
     out["bench"] = store.run_metrics(run_id)

@@ -412,6 +412,17 @@ def test_sweep_cells_are_labelled_with_every_launch_value_they_vary(store: Store
                                        "pack: TP2 max-num-seqs=128", "pack: TP2 max-num-seqs=256"]
 
 
+def test_a_sweep_labels_its_runs_and_one_stored_before_labels_existed_resumes(store: Store) -> None:
+    labelled = dcp_sweep(1, 2).model_copy(update={"label": "kimi"})
+    _, runs = api.queue_sweep(store, labelled)
+    assert [r.label for r in runs] == ["kimi: TP8", "kimi: TP8+DCP2"]
+    # a sweep row written before SweepSpec had `label` (its JSON lacks the key) is still the same sweep
+    old = dcp_sweep(8)
+    row = store.create_sweep(old.name, old.model_dump_json(exclude={"label"}))
+    assert '"label"' not in row.spec_json
+    assert api.queue_sweep(store, old)[0] == row.id
+
+
 def test_queue_sweep_with_a_bad_cell_writes_nothing(store: Store) -> None:
     with pytest.raises(SpecError, match="DCP size 3 does not divide TP size 8"):
         api.queue_sweep(store, dcp_sweep(1, 3))

@@ -159,5 +159,6 @@ commands = run_view.reproduce(run)
 if commands:
     st.subheader("Reproduce")
     for title, (text, lang) in commands.items():
-        st.caption(title)
+        # a line rebuilt by today's code stands out: it may hold flags this run never had
+        st.caption(title.replace(api.RE_RENDERED, f":orange[:material/warning: {api.RE_RENDERED}]"))
         st.code(text, language=lang, wrap_lines=True)

@@ -195,6 +195,12 @@ def test_worker_killed_and_restarted(env, demo_model):
         for e in scores.values():  # random weights: the score is ~0; the structure is what is checked
             assert 0 <= e.value <= 1 and isinstance(e.stderr, float) and e.samples == 4 and e.n_shot == 2
         assert [p.phase for p in store.phases(b.id)][-3:] == ["eval_start", "eval_end", "stopped"]
+        # the commands shown are the argv it stored as it ran them, none rebuilt by today's code
+        assert [c["name"] for c in json.loads(done.commands_json)] == ["bench-0-0", "lm_eval"]
+        shown = api.run_commands(done)
+        assert list(shown) == ["vllm serve", "vllm bench serve (bench-0-0)", "lm_eval"]
+        assert shown["lm_eval"].startswith("lm_eval --model local-completions") and "--limit 4" in shown["lm_eval"]
+        assert shown["vllm bench serve (bench-0-0)"].startswith("vllm bench serve --model ")
     finally:
         w2.send_signal(signal.SIGINT)
         try:

@@ -233,6 +233,7 @@ def test_queue_run_creates_a_queued_run(open_page, seeded, demo_model: Path) -> 
 
 def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model: Path) -> None:
     at = open_page()
+    at.text_input(key="run.label").set_value("demo A")  # the runs of the sweep are named after it
     at.text_input(key="sweep.name").set_value("grid")
     at.multiselect(key="sweep.tp").set_value([1, 2])
     at.multiselect(key="sweep.dcp").set_value([1, 2]).run()
@@ -254,7 +255,8 @@ def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model
     assert sorted(r.sweep_cell for r in runs) == sorted(
         f"tensor_parallel_size={t},decode_context_parallel_size=1,max_num_seqs={n}"
         for t in (1, 2) for n in ("8", "16"))
-    assert sorted(r.label for r in runs) == sorted(f"grid: TP{t} max-num-seqs={n}" for t in (1, 2) for n in (8, 16))
+    assert sorted(r.label for r in runs) == sorted(f"demo A: TP{t} max-num-seqs={n}" for t in (1, 2) for n in (8, 16))
+    assert [s.name for s in seeded.list_sweeps()] == ["grid"]
 
 
 @pytest.mark.parametrize("preset", [0, 1, 2])

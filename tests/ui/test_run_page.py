@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from runner import api
 from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec
 from runner.models import RunSource, RunStatus, utcnow
 from runner.store import Store
@@ -29,6 +30,9 @@ def live_run(store: Store, tmp: Path, status: RunStatus = RunStatus.benchmarking
                                                        "--tensor-parallel-size", "2",
                                                        "--decode-context-parallel-size", "2"]),
                            env_json=json.dumps({"CUDA_VISIBLE_DEVICES": "0,1", "SERVELAB_RUN_ID": "9"}),
+                           commands_json=json.dumps([{"name": "bench-0-0", "argv": [  # as run, before --num-warmups
+                               "vllm", "bench", "serve", "--model", "org/model", "--base-url", "http://127.0.0.1:8123",
+                               "--num-prompts", "50", "--request-rate", "10"]}]),
                            gpu_ids_json="[0, 1]", run_dir=str(run_dir), kv_cache_tokens=5_721_088,
                            kv_cache_gib=46.8, max_concurrency=1396.7, dcp_multiplier=2)
     t0 = time.time() - 30
@@ -82,7 +86,10 @@ def test_live_run_shows_progress_phases_telemetry_log_kv_card_and_commands(open_
     commands = [c.value for c in at.code if c.language == "bash"]
     assert commands[0] == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model --port 8123 --tensor-parallel-size 2 "
                            "--decode-context-parallel-size 2")
-    assert commands[1].startswith("vllm bench serve --model org/model --base-url http://127.0.0.1:8123")
+    assert commands[1] == ("vllm bench serve --model org/model --base-url http://127.0.0.1:8123 --num-prompts 50 "
+                           "--request-rate 10")  # the stored argv, not today's rendering (which adds --num-warmups)
+    assert {"vllm serve", "vllm bench serve (bench-0-0)"} <= {c.value for c in at.caption}
+    assert not [c.value for c in at.caption if api.RE_RENDERED in c.value]
     run_file = next(c for c in at.code if c.language == "yaml").value
     assert "decode_context_parallel_size: 2" in run_file and "num_prompts: 50" in run_file
     assert not at.download_button  # downloads come when the run has ended
@@ -131,9 +138,10 @@ def test_a_run_with_an_evaluation_shows_its_lm_eval_command(open_page, store) ->
     run = store.create_run(label="with eval", model="org/model", spec_json=spec.model_dump_json(),
                            status=RunStatus.succeeded, finished_at=utcnow(), port=8124)
     at = open_page("run", run=run.id)
-    titles = [c.value for c in at.caption]
-    commands = dict(zip([t for t in titles if t in ("vllm serve", "lm_eval")],
-                        [c.value for c in at.code if c.language == "bash"]))
+    # stored without the argv it ran: today's rendering, its title marked in orange
+    mark = f" — :orange[:material/warning: {api.RE_RENDERED}]"
+    titles = [c.value.removesuffix(mark) for c in at.caption if c.value.endswith(mark)]
+    commands = dict(zip(titles, [c.value for c in at.code if c.language == "bash"]))
     assert list(commands) == ["vllm serve", "lm_eval"]
     assert commands["lm_eval"].startswith("lm_eval --model local-completions --model_args model=org/model,"
                                           "base_url=http://127.0.0.1:8124/v1/completions")
