@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -55,8 +55,17 @@ def unique_labels(runs: list[Run]) -> dict[int, str]:
     return {i: f"{lab} (#{i})" if counts[lab] > 1 else lab for i, lab in labels.items()}
 
 
+def load_label(loads: Any, at: Any) -> str:
+    """The load a run's numbers are from: `8 req/s`; a sweep's peak-throughput load `32 req/s (peak of 4)`."""
+    if not isinstance(at, str) or not at:
+        return ""
+    swept = loads is not None and not pd.isna(loads) and int(loads) > 1
+    return f"{at} (peak of {int(loads)})" if swept else at
+
+
 def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
-    """The Runs page table from `Store.runs_frame`: status, label, model, TP/DCP, headline metrics, times."""
+    """The Runs page table from `api.runs_frame`: status, label, model, TP/DCP, the load of the headline metrics
+    (a sweep's peak load, never a mean across loads), the metrics, times."""
     now = now or datetime.now(UTC)
 
     def seconds(row: pd.Series) -> float | None:
@@ -73,6 +82,7 @@ def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
         "Model": [short_model(m) for m in frame["model"]],
         "TP/DCP": [config_label(t, d) for t, d in zip(frame["tensor_parallel_size"],
                                                      frame["decode_context_parallel_size"])],
+        "Load": [load_label(n, at) for n, at in zip(frame["loads"], frame["metrics_at"], strict=True)],
         "Output tok/s": frame["output_throughput"],
         "Req/s": frame["request_throughput"],
         "Median TTFT (ms)": frame["median_ttft_ms"],
@@ -87,20 +97,23 @@ def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
 
 
 def bench_summary(store: Store, run_ids: list[int]) -> pd.DataFrame:
-    """One row per run: its configuration, KV capacity and the mean of each bench metric over repeats."""
+    """One row per run: its configuration, KV capacity and its headline bench metrics (`api.run_headline`: the
+    mean over repeats of its one load; of a load sweep, its peak-throughput load's, never a mean across loads),
+    with `loads` and `metrics_at` (that load)."""
     runs = [api.get_run(store, r) for r in run_ids]
     labels = unique_labels(runs)
     rows = []
     for run in runs:
-        metrics = pd.DataFrame(api.run_metrics(store, run.id))
-        means = metrics.mean(numeric_only=True).to_dict() if len(metrics) else {}
+        head = api.run_headline(store, run.id)
+        means = {k: math.nan if v is None else v for k, v in head.metrics.items()} if head else {}
         rows.append({
             "run_id": run.id, "label": labels[run.id], "status": run.status.value,
             "tensor_parallel_size": run.tensor_parallel_size,
             "decode_context_parallel_size": run.decode_context_parallel_size,
             "gpus": gpus_of(run), "kv_cache_tokens": run.kv_cache_tokens, "kv_cache_gib": run.kv_cache_gib,
             "max_concurrency_x": run.max_concurrency, "dcp_multiplier": run.dcp_multiplier,
-            "bench_repeats": len(metrics), **means,
+            "bench_repeats": len(api.run_metrics(store, run.id)), "loads": head.points if head else 0,
+            "metrics_at": head.point if head else "", **means,
         })  # fmt: skip
     return pd.DataFrame(rows)
 

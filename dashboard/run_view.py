@@ -57,17 +57,26 @@ def kv_card(run: Run) -> list[tuple[str, str, str]]:
     return card
 
 
-def _mean(metrics: list[dict], key: str) -> float | None:
-    values = [m[key] for m in metrics if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
-    return sum(values) / len(values) if values else None
-
-
-def headline(metrics: list[dict]) -> list[tuple[str, str]]:
+def headline(metrics: dict) -> list[tuple[str, str]]:
+    """The metric cards of one point's metrics (`api.run_headline(...).metrics`: one load, never a mean of loads)."""
     out = []
     for key, name, fmt in HEADLINE:
-        value = _mean(metrics, key)
-        out.append((name, "—" if value is None else fmt.format(value)))
+        value = metrics.get(key)
+        ok = isinstance(value, (int, float)) and not math.isnan(value)
+        out.append((name, fmt.format(value) if ok else "—"))
     return out
+
+
+LOAD_COLUMNS = [("output_throughput", "Output tok/s"), ("request_throughput", "Requests/s"),
+                ("median_ttft_ms", "Median TTFT (ms)"), ("p99_ttft_ms", "P99 TTFT (ms)"),
+                ("median_tpot_ms", "Median TPOT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)"), ("completed", "Completed"),
+                ("failed", "Failed")]
+
+
+def loads_table(points: list[dict]) -> pd.DataFrame:
+    """`api.run_points` as shown: one row per load, the mean of its repeats."""
+    return pd.DataFrame([{"Load": p["load"], "Repeats": p["repeats"], **{name: p.get(k) for k, name in LOAD_COLUMNS}}
+                         for p in points], columns=["Load", "Repeats", *(name for _, name in LOAD_COLUMNS)])
 
 
 def eval_metrics(scores: list) -> list[tuple[str, str, str, str]]:
@@ -82,15 +91,16 @@ def eval_metrics(scores: list) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def metrics_table(metrics: list[dict]) -> pd.DataFrame:
-    """Every metric of every execution: Metric, unit, then one column per execution."""
+def metrics_table(metrics: list[dict], loads: list[str] | None = None) -> pd.DataFrame:
+    """Every metric of every execution: Metric, unit, then one column per execution (`#2 · 4 req/s` with the
+    executions' `loads`)."""
     keys = list(dict.fromkeys(k for m in metrics for k in m))
     rows = []
     for key in keys:
         d = metric_def(key)
         row = {"Metric": d.label, "key": key, "unit": d.unit}
         for i, m in enumerate(metrics):
-            row[f"#{i + 1}"] = m.get(key)
+            row[f"#{i + 1}" + (f" · {loads[i]}" if loads else "")] = m.get(key)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -5,6 +5,7 @@ Only `runner.api` (and pure value modules) are called; each section is one funct
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -13,7 +14,8 @@ import streamlit as st
 from runner import api
 
 _WINDOW_HEADERS = {
-    "label": "Run", "repeat": "Repeat", "prefix_cache_state": "Prefix cache", "prefix_cache_hit_pct": "Hit rate (%)",
+    "label": "Run", "load": "Load", "repeat": "Repeat", "prefix_cache_state": "Prefix cache",
+    "prefix_cache_hit_pct": "Hit rate (%)",
     "preemptions": "Preemptions", "finished_stop": "Finished: stop", "finished_length": "Finished: length",
     "finished_abort": "Finished: abort", "finished_error": "Finished: error",
     "est_p50_queue_ms": "Queue P50 (ms, est.)", "est_p99_queue_ms": "Queue P99 (ms, est.)",
@@ -38,12 +40,42 @@ def _cell(key: str, value: Any) -> str:
     return f"{value:.{decimals}f}"
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def estimate_cell(value: Any, lo: Any, hi: Any) -> str:
+    """A histogram estimate with the bucket it lies in: `≤ 300` (every rank in the lowest bucket: an upper
+    bound), `412 (300–500)` (interpolated inside that bucket), `≥ 20000` (in +Inf: a lower bound)."""
+    if _blank(value):
+        return "—"
+    if _blank(lo):
+        return f"{value:.1f}"  # stored before the bounds were kept
+    if lo == 0:
+        return f"≤ {value:.0f}"
+    if _blank(hi):
+        return f"≥ {value:.0f}"
+    return f"{value:.1f} ({lo:.0f}–{hi:.0f})"
+
+
 def window_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """`api.window_frame` as shown (text cells): columns with units, all-blank columns dropped, blanks "—"."""
-    keep = [c for c in frame.columns if c != "run_id" and (c in ("label", "repeat", "prefix_cache_state")
-                                                            or frame[c].notna().any())]
-    shown = pd.DataFrame({c: [_cell(c, v) for v in frame[c]] for c in keep})
-    return shown.rename(columns=_WINDOW_HEADERS)
+    """`api.window_frame` as shown (text cells): the load as text, columns with units, each estimate with its
+    bucket's bounds (`estimate_cell`), all-blank columns dropped, blanks "—"."""
+    bounds = {c for k in api.ESTIMATE_KEYS for c in (f"{k}_lo_ms", f"{k}_hi_ms")}
+    keep = [c for c in frame.columns if c not in ("run_id", "load_kind", *bounds)
+            and (c in ("label", "load", "repeat", "prefix_cache_state") or frame[c].notna().any())]
+    cells: dict[str, list[str]] = {}
+    for c in keep:
+        if c == "load":
+            cells[c] = ["—" if _blank(v) else api.load_text(str(k), float(v))
+                        for k, v in zip(frame["load_kind"], frame["load"], strict=True)]
+        elif c.startswith("est_p"):
+            base = c.removesuffix("_ms")
+            cells[c] = [estimate_cell(v, lo, hi) for v, lo, hi in
+                        zip(frame[c], frame[f"{base}_lo_ms"], frame[f"{base}_hi_ms"], strict=True)]
+        else:
+            cells[c] = [_cell(c, v) for v in frame[c]]
+    return pd.DataFrame(cells, columns=keep).rename(columns=_WINDOW_HEADERS)
 
 
 def window_section(db: Any, run_ids: list[int]) -> None:
@@ -54,8 +86,10 @@ def window_section(db: Any, run_ids: list[int]) -> None:
         st.caption("No benchmark results for these runs.")
         return
     st.dataframe(window_table(frame), hide_index=True)
-    notes = [("Counters are the differences of vLLM's /metrics between the start and end of each benchmark; "
-              "queue/prefill/decode percentiles are estimates from histogram buckets (as wide as the bucket).")]
+    notes = [("Counters are the differences of vLLM's /metrics between the start and end of each benchmark, one "
+              "row per load. Queue/prefill/decode percentiles are estimates from histogram buckets, shown with the "
+              "bucket they lie in: ≤ X means every rank fell in the lowest bucket (below X ms, no closer figure "
+              "exists); ≥ X means beyond the last finite bucket.")]
     if frame["j_per_output_token"].isna().all():
         notes.append("Energy is blank: no GPU energy reading (CPU runs and imported results have none).")
     if (~frame["prefix_cache_state"].isin(["cold", "warm"])).any():

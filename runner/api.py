@@ -26,16 +26,18 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from runner import compare as cmp
-from runner import noise, slo
+from runner import noise, points, slo
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
 from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec
 from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
 from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
 from runner.execute import INTERNAL_ENV, cpu_backend
-from runner.loads import STOP_PHASE
+from runner.loads import STOP_PHASE, PointKey, format_load, point_key
 from runner.models import (
     ACTIVE,
+    BENCH_COLUMNS,
     TERMINAL,
+    BenchResult,
     BenchWindow,
     EvalResult,
     PhaseEvent,
@@ -312,8 +314,12 @@ def _requests_of_file(path: str, mtime_ns: int, size: int) -> noise.Requests | N
 def bench_requests(store: Store, run_id: int) -> list[noise.Requests | None]:
     """Per bench execution of a run, its per-request data (`--save-detailed` arrays of the stored result
     file), or None where the result was a printed block, lacks the arrays, or its file is gone."""
+    return _requests(store.bench_results(run_id))
+
+
+def _requests(results: list[BenchResult]) -> list[noise.Requests | None]:
     out: list[noise.Requests | None] = []
-    for br in store.bench_results(run_id):
+    for br in results:
         path = Path(br.raw_path) if br.raw_path else None
         try:
             st = path.stat() if path is not None else None
@@ -324,17 +330,29 @@ def bench_requests(store: Store, run_id: int) -> list[noise.Requests | None]:
 
 
 def run_intervals(store: Store, run_id: int, keys: list[str]) -> dict[str, tuple[float, float]]:
-    """Bootstrap 95 % intervals of a run's latency statistics `keys` (the mean over its repeats, as in the gain
-    table); empty unless every bench execution kept its per-request data."""
-    reqs = bench_requests(store, run_id)
+    """Bootstrap 95 % intervals of a run's latency statistics `keys` at its headline point (`run_headline`: the
+    mean over that point's repeats, as in the gain table; a load sweep's other loads are not pooled in); empty
+    unless every bench execution of that point kept its per-request data."""
+    results = store.bench_results(run_id)
+    head = points.headline((point_key(load_fields(br)), json.loads(br.metrics_json)) for br in results)
+    if head is None:
+        return {}
+    reqs = _requests([br for br in results if point_key(load_fields(br)) == head.key])
     if not reqs or any(r is None for r in reqs):
         return {}
     boot = noise.Bootstrap([r for r in reqs if r is not None], keys)
     return {k: noise.interval(reps) for k in keys if (reps := boot.replicates(k)) is not None}
 
 
-def _side(store: Store, run_id: int) -> cmp.Side:
-    return cmp.Side(store.run_metrics(run_id), bench_requests(store, run_id))
+def _sides(store: Store, run_id: int) -> dict[PointKey, cmp.Side]:
+    """A run's results by point (workload and load): the repeats of each, with their per-request data."""
+    results = store.bench_results(run_id)
+    groups: dict[PointKey, tuple[list[dict[str, float | None]], list[noise.Requests | None]]] = {}
+    for br, reqs in zip(results, _requests(results), strict=True):
+        metrics, detailed = groups.setdefault(point_key(load_fields(br)), ([], []))
+        metrics.append(json.loads(br.metrics_json))
+        detailed.append(reqs)
+    return {k: cmp.Side(m, r) for k, (m, r) in groups.items()}
 
 
 def _labels(a: Run, b: Run) -> tuple[str, str]:
@@ -345,14 +363,20 @@ def _labels(a: Run, b: Run) -> tuple[str, str]:
 
 
 def compare_runs(store: Store, baseline: int, candidate: int) -> tuple[list[cmp.GainRow], str, str]:
-    """The gain table of `candidate` against `baseline` (with CIs, noise verdicts and flags), with the two
-    column labels."""
+    """The gain table of `candidate` against `baseline` at the one load both measured (with CIs, noise verdicts
+    and flags), with the two column labels. Runs that share several loads have a table per load:
+    `compare_report`."""
     a, b = store.get_run(baseline), store.get_run(candidate)
-    sa, sb = _side(store, baseline), _side(store, candidate)
-    if not sa.metrics or not sb.metrics:
-        missing = baseline if not sa.metrics else candidate
+    sa, sb = _sides(store, baseline), _sides(store, candidate)
+    if not sa or not sb:
+        missing = baseline if not sa else candidate
         raise StoreError(f"run {missing} has no benchmark results to compare; import or run a benchmark first")
-    return cmp.gain_table(sa, sb), *_labels(a, b)
+    gains, _ = points.pair_points(sa, sb)
+    if len(gains) != 1:
+        loads = ", ".join(g.title for g in gains) or "none"
+        raise StoreError(f"runs {baseline} and {candidate} share {len(gains)} loads ({loads}), not one; "
+                         "compare them load by load with `servelab compare` or the Compare page")
+    return gains[0].rows, *_labels(a, b)
 
 
 @dataclass
@@ -364,8 +388,8 @@ class Comparison:
     candidate: int
     a_label: str
     b_label: str
-    bench: list[cmp.GainRow]
-    notes: list[str]  # flaws of the benchmarks themselves (failed requests, stalls, short runs)
+    bench: list[points.LoadGain]  # one gain table per load (and workload) both runs measured
+    notes: list[str]  # loads only one side has, settings that differ
     accuracy: list[dict[str, Any]]
     kv: list[cmp.GainRow]
     outputs: OutputAgreement | None = None  # the output check (runner.outputs)
@@ -380,11 +404,11 @@ _KV_FIELDS = {"kv_cache_tokens": "kv_cache_tokens", "kv_cache_gib": "kv_cache_gi
 
 
 def compare_report(store: Store, baseline: int, candidate: int) -> Comparison:
-    """The benchmark gain table, the accuracy comparison and the KV capacity of `candidate` against `baseline`."""
+    """The benchmark gain tables (one per load both runs measured: repeats of a load pooled, loads never), the
+    accuracy comparison, the KV capacity and the output check of `candidate` against `baseline`."""
     a, b = store.get_run(baseline), store.get_run(candidate)
-    sa, sb = _side(store, baseline), _side(store, candidate)
-    bench = cmp.gain_table(sa, sb) if sa.metrics and sb.metrics else []
-    notes = cmp.run_flags(sa, sb) if bench else []
+    sa, sb = _sides(store, baseline), _sides(store, candidate)
+    bench, notes = points.pair_points(sa, sb) if sa and sb else ([], [])
     kv_a = {k: getattr(a, f) for f, k in _KV_FIELDS.items() if getattr(a, f) is not None}
     kv_b = {k: getattr(b, f) for f, k in _KV_FIELDS.items() if getattr(b, f) is not None}
     kv = [dataclasses.replace(r, verdict="", flags=()) for r in cmp.gain_table([kv_a], [kv_b])
@@ -499,16 +523,37 @@ def _output_records(c: Comparison) -> list[dict[str, Any]]:
              "flags": f"below {o.threshold_pct:g} % identical" if o.flagged else ""}]
 
 
+LOAD_CSV_COLUMNS = ["load_kind", "load", "workload"]
+"""Where a benchmark row of a comparison CSV was measured: `request-rate` or `max-concurrency`, its value
+(inf: all at once), and what told its workload apart (blank when one)."""
+
+
+def load_columns(gain: points.LoadGain) -> dict[str, Any]:
+    return {"load_kind": gain.load_kind, "load": gain.load, "workload": gain.workload}
+
+
+def gain_csv(c: Comparison, gain: points.LoadGain, rows: list[cmp.GainRow] | None = None) -> str:
+    """One load's gain table as CSV (`rows`: a subset of its rows), the load in columns of its own."""
+    return cmp.to_csv(gain.rows if rows is None else rows, c.a_label, c.b_label, load_columns(gain))
+
+
 def comparison_csv(comparisons: list[Comparison]) -> str:
-    """Every section of every comparison as one CSV: `section` (benchmark, accuracy, kv_capacity), the
-    baseline and candidate ids, then the gain-table columns (numbers in canonical units)."""
+    """Every section of every comparison as one CSV: `section` (benchmark, accuracy, kv_capacity, output_check),
+    the baseline and candidate ids, the load of benchmark rows (`load_kind`, `load`, `workload`; one gain table
+    per load), then the gain-table columns (numbers in canonical units)."""
     frames = []
     for c in comparisons:
-        parts = [("benchmark", cmp.csv_records(c.bench, c.a_label, c.b_label)), ("accuracy", _accuracy_records(c)),
-                 ("kv_capacity", cmp.csv_records(c.kv, c.a_label, c.b_label)), ("output_check", _output_records(c))]
+        parts = [("benchmark", cmp.csv_records(g.rows, c.a_label, c.b_label, load_columns(g))) for g in c.bench]
+        parts += [("benchmark_note", [{"Metric": "note", "flags": n} for n in c.notes]),
+                  ("accuracy", _accuracy_records(c)), ("kv_capacity", cmp.csv_records(c.kv, c.a_label, c.b_label)),
+                  ("output_check", _output_records(c))]
         for section, records in parts:
             if records:
                 frame = pd.DataFrame(records)
+                for col in LOAD_CSV_COLUMNS:
+                    if col not in frame:
+                        frame.insert(0, col, None)
+                frame = frame[[*LOAD_CSV_COLUMNS, *(x for x in frame.columns if x not in LOAD_CSV_COLUMNS)]]
                 frame.insert(0, "candidate", c.candidate)
                 frame.insert(0, "baseline", c.baseline)
                 frame.insert(0, "section", section)
@@ -526,10 +571,11 @@ def render_comparison(c: Comparison, fmt: str = "table") -> str:
         raise StoreError(f"unknown format {fmt!r}; choose table, markdown or csv")
     md = fmt == "markdown"
     out = [f"{'## ' if md else ''}{c.b_label} vs {c.a_label}"]
-    if c.bench:
-        out.append(f"{'### ' if md else ''}Benchmark")
-        out += [f"{'> ' if md else ''}flag: {n}" for n in c.notes]
-        out.append(render_gain_table(c.bench, c.a_label, c.b_label, fmt).rstrip("\n"))
+    out += [f"{'> ' if md else ''}note: {n}" for n in c.notes]
+    for gain in c.bench:
+        out.append(f"{'### ' if md else ''}Benchmark at {gain.title}")
+        out += [f"{'> ' if md else ''}flag: {n}" for n in gain.flags]
+        out.append(render_gain_table(gain.rows, c.a_label, c.b_label, fmt).rstrip("\n"))
     if c.accuracy:
         out.append(f"{'### ' if md else ''}Accuracy")
         out.append(render_accuracy(c.accuracy, c.a_label, c.b_label))
@@ -544,9 +590,14 @@ def render_comparison(c: Comparison, fmt: str = "table") -> str:
     return "\n\n".join(out) + "\n"
 
 
+HEADLINE_COLUMNS = ["loads", "metrics_at"]
+"""Beside a run's metric columns: how many loads (points) it measured, and the load its metrics are from (of a
+load sweep, its peak output throughput's)."""
+
+
 RUN_COLUMNS = ["id", "label", "status", "source", "model", "tensor_parallel_size", "decode_context_parallel_size",
-               "output_throughput", "request_throughput", "median_ttft_ms", "median_tpot_ms", "kv_cache_tokens",
-               "created_at", "started_at", "finished_at", "failure_reason"]
+               *HEADLINE_COLUMNS, "output_throughput", "request_throughput", "median_ttft_ms", "median_tpot_ms",
+               "kv_cache_tokens", "created_at", "started_at", "finished_at", "failure_reason"]
 
 
 def one_line(text: object) -> object:
@@ -558,8 +609,11 @@ def one_line(text: object) -> object:
 
 def runs_table(store: Store, **filters: Any) -> pd.DataFrame:
     """The Runs table: the columns of `RUN_COLUMNS` only, read as such (quick with thousands of runs); a
-    multi-line failure reason on one line."""
-    frame = store.runs_frame(columns=RUN_COLUMNS, **filters)
+    multi-line failure reason on one line. Metrics are each run's headline (`run_headline`): for a load sweep,
+    its peak-throughput load's, with `loads` and `metrics_at` saying so."""
+    frame = store.runs_frame(columns=[c for c in RUN_COLUMNS if c not in BENCH_COLUMNS and c not in HEADLINE_COLUMNS],
+                             with_metrics=False, **filters)
+    frame = _with_headlines(store, frame, [c for c in RUN_COLUMNS if c in BENCH_COLUMNS])
     frame = frame[[c for c in RUN_COLUMNS if c in frame.columns]]
     if "failure_reason" in frame:
         frame = frame.assign(failure_reason=frame["failure_reason"].map(one_line))
@@ -637,14 +691,17 @@ def _logged_command(log: Path) -> str | None:
 
 
 def results_frame(store: Store, run_ids: list[int] | None = None) -> pd.DataFrame:
-    """One row per bench execution with every scalar metric, and one per eval score."""
+    """One row per bench execution with every scalar metric and its load (`load_kind`, `load`), and one per
+    eval score."""
     runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
     rows = []
     for run in runs:
         windows = store.bench_windows(run.id)
         for br in store.bench_results(run.id):
-            rows.append({"run_id": run.id, "label": label_of(run), "kind": "bench", "repeat": br.repeat,
-                         **json.loads(br.metrics_json), **window_columns(windows.get(br.id))})
+            metrics = json.loads(br.metrics_json)
+            _, kind, load = point_key(load_fields(br, metrics))
+            rows.append({"run_id": run.id, "label": label_of(run), "kind": "bench", "load_kind": kind, "load": load,
+                         "repeat": br.repeat, **metrics, **window_columns(windows.get(br.id))})
         for er in store.eval_results(run.id):
             rows.append({"run_id": run.id, "label": label_of(run), "kind": "eval", "task": er.task,
                          "filter": er.filter, "metric": er.metric, "value": er.value, "stderr": er.stderr,
@@ -674,11 +731,14 @@ def window_columns(window: BenchWindow | None) -> dict[str, Any]:
             "energy_source": ", ".join(sources) or None, "energy_counters": counters or None}
 
 
-WINDOW_COLUMNS = ["label", "repeat", "prefix_cache_state", "prefix_cache_hit_pct", "preemptions",
+ESTIMATE_KEYS = [f"est_p{q}_{phase}" for phase in ("queue", "prefill", "decode") for q in (50, 99)]
+WINDOW_COLUMNS = ["label", "load_kind", "load", "repeat", "prefix_cache_state", "prefix_cache_hit_pct", "preemptions",
                   "finished_stop", "finished_length", "finished_abort", "finished_error",
-                  "est_p50_queue_ms", "est_p99_queue_ms", "est_p50_prefill_ms", "est_p99_prefill_ms",
-                  "est_p50_decode_ms", "est_p99_decode_ms", "spec_decode_acceptance_pct",
-                  "j_per_output_token", "mean_power_w_per_gpu", "output_tok_per_s_per_w", "energy_source"]
+                  *(f"{k}{end}" for k in ESTIMATE_KEYS for end in ("_ms", "_lo_ms", "_hi_ms")),
+                  "spec_decode_acceptance_pct", "j_per_output_token", "mean_power_w_per_gpu", "output_tok_per_s_per_w",
+                  "energy_source"]
+"""A benchmark window's columns: each histogram estimate with the bounds of the bucket it lies in (`_lo_ms`
+0: the value is an upper bound; `_hi_ms` blank beside a `_lo_ms`: a lower bound; runner.window.estimate)."""
 
 
 def window_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
@@ -694,7 +754,7 @@ def window_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
 def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) -> int:
     """Write runs, samples or results as CSV; return the number of data rows written."""
     if what == "runs":
-        frame = store.runs_frame()
+        frame = runs_frame(store)
         if run_ids:
             frame = frame[frame["id"].isin(run_ids)]
         frame = frame.assign(**{c: frame[c].map(one_line) for c in frame.columns
@@ -764,8 +824,10 @@ def samples_frame(store: Store, run_ids: list[int], max_points: int | None = Non
 
 
 def runs_frame(store: Store, with_metrics: bool = True) -> pd.DataFrame:
-    """Every run as a row (with the mean headline bench metrics unless `with_metrics` is False)."""
-    return store.runs_frame(with_metrics=with_metrics)
+    """Every run as a row; with `with_metrics`, its headline bench metrics (`run_headline`: one load's, never
+    an average across a load sweep's loads) and `HEADLINE_COLUMNS`."""
+    frame = store.runs_frame(with_metrics=False)
+    return _with_headlines(store, frame, BENCH_COLUMNS) if with_metrics else frame
 
 
 def worker_errors(store: Store, within_s: float = 3600.0, limit: int = 5) -> list[WorkerError]:
@@ -866,22 +928,82 @@ _LOAD_FIELDS = {"request_rate", "max_concurrency", "repeats", "stop_early"}
 """Bench fields that make a load of a workload, or repeat it, rather than another workload."""
 
 
+def load_fields(br: BenchResult, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stored result's `workload` (its bench fields other than the load, as sorted JSON; `{}` for imported
+    results) and its load (`request_rate`, `max_concurrency`: from its bench spec, else from the result's own
+    values). `runner.loads.point_key` of this is the point every view groups results by."""
+    metrics = json.loads(br.metrics_json) if metrics is None else metrics
+    spec = json.loads(br.bench_spec_json) if br.bench_spec_json else {}
+    rate = spec.get("request_rate", metrics.get("request_rate"))
+    return {"workload": json.dumps({k: v for k, v in spec.items() if k not in _LOAD_FIELDS}, sort_keys=True),
+            "request_rate": float(rate) if rate is not None else None,  # "Infinity" → inf
+            "max_concurrency": spec.get("max_concurrency", metrics.get("max_concurrency"))}
+
+
 def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, Any]]:
-    """One row per stored benchmark result: run id, label, GPUs, its load (from its bench spec, else from the
-    result's own `request_rate`/`max_concurrency`) and its metrics — what `runner.slo` reads."""
+    """One row per stored benchmark result: run id, label, GPUs, its workload and load (`load_fields`) and its
+    metrics — what `runner.slo` reads."""
     runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
     rows = []
     for run in runs:
         for br in store.bench_results(run.id):
             metrics = json.loads(br.metrics_json)
-            spec = json.loads(br.bench_spec_json) if br.bench_spec_json else {}
-            rate = spec.get("request_rate", metrics.get("request_rate"))
             rows.append({**metrics, "run_id": run.id, "label": label_of(run), "gpus": gpus_of(run),
-                         "workload": json.dumps({k: v for k, v in spec.items() if k not in _LOAD_FIELDS},
-                                                sort_keys=True),
-                         "request_rate": float(rate) if rate is not None else None,  # "Infinity" → inf
-                         "max_concurrency": spec.get("max_concurrency", metrics.get("max_concurrency"))})
+                         **load_fields(br, metrics)})
     return rows
+
+
+def run_headline(store: Store, run_id: int) -> points.Headline | None:
+    """What one line may say of a run's benchmarks: the mean of its repeats when it measured one load; for a
+    load sweep, its peak-throughput load with the count of loads — never an average across loads."""
+    return _headlines(store.bench_results_of([run_id])).get(run_id)
+
+
+def load_text(load_kind: str, load: float) -> str:
+    """A load as people read it: `16 req/s`, `inf req/s`, `concurrency 64` (from a frame's `load_kind`, `load`)."""
+    return format_load(load_kind, load)
+
+
+def run_points(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """A run's results by point, in order: `load` (text, with what tells its workload apart when the run ran
+    several), `repeats`, and the mean of each metric over those repeats; one row per load of a load sweep."""
+    groups: dict[PointKey, list[dict[str, Any]]] = {}
+    for br in store.bench_results(run_id):
+        metrics = json.loads(br.metrics_json)
+        groups.setdefault(point_key(load_fields(br, metrics)), []).append(metrics)
+    order = points.ordered(groups)
+    workloads = {k[0] for k in order}
+    return [{"load": points.point_text(k, workloads), "repeats": len(groups[k]), **points.mean_metrics(groups[k])}
+            for k in order]
+
+
+def result_loads(store: Store, run_id: int) -> list[str]:
+    """The load of each of a run's bench executions, in their order (`4 req/s`)."""
+    keys = [point_key(load_fields(br)) for br in store.bench_results(run_id)]
+    workloads = {k[0] for k in keys}
+    return [points.point_text(k, workloads) for k in keys]
+
+
+def _headlines(results: list[BenchResult]) -> dict[int, points.Headline]:
+    by_run: dict[int, list[tuple[PointKey, dict[str, Any]]]] = {}
+    for br in results:
+        metrics = json.loads(br.metrics_json)
+        by_run.setdefault(br.run_id, []).append((point_key(load_fields(br, metrics)), metrics))
+    return {run_id: head for run_id, rows in by_run.items() if (head := points.headline(rows)) is not None}
+
+
+def _with_headlines(store: Store, frame: pd.DataFrame, metric_cols: Sequence[str]) -> pd.DataFrame:
+    """`frame` (one row per run, an `id` column) with each run's headline metrics (`run_headline`) and
+    `HEADLINE_COLUMNS`; blank for runs without results."""
+    heads = _headlines(store.bench_results_of(None if len(frame) > 500 else [int(i) for i in frame["id"]]))
+    ids = [int(i) for i in frame["id"]]
+    extra: dict[str, Any] = {
+        "loads": pd.Series([heads[i].points if i in heads else None for i in ids], index=frame.index, dtype="Int64"),
+        "metrics_at": [heads[i].point if i in heads else "" for i in ids]}
+    for col in metric_cols:
+        extra[col] = pd.Series([heads[i].metrics.get(col) if i in heads else None for i in ids], index=frame.index,
+                               dtype=float)
+    return frame.assign(**extra)
 
 
 def load_curves(store: Store, run_ids: list[int], slo_texts: list[str] | None = None) -> pd.DataFrame:

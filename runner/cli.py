@@ -157,11 +157,12 @@ def export(
 def _headline(store, run_id: int) -> str:
     run = store.get_run(run_id)
     parts = [f"run {run.id} {run.status.value}: {run.label}"]
-    metrics = store.run_metrics(run_id)
-    if metrics:
-        m = metrics[-1]
-        parts.append(f"{m.get('completed', 0):.0f} requests, output {m.get('output_throughput') or 0:.1f} tok/s, "
-                     f"median TTFT {m.get('median_ttft_ms') or 0:.1f} ms, "
+    head = api.run_headline(store, run_id)
+    if head is not None:
+        m = head.metrics
+        at = head.text or f"at {head.point}" + (f", mean of {head.repeats} repeats" if head.repeats > 1 else "")
+        parts.append(f"{at}: {m.get('completed') or 0:.0f} requests, output {m.get('output_throughput') or 0:.1f} "
+                     f"tok/s, median TTFT {m.get('median_ttft_ms') or 0:.1f} ms, "
                      f"median TPOT {m.get('median_tpot_ms') or 0:.2f} ms")
     if run.kv_cache_tokens:
         parts.append(f"KV cache {run.kv_cache_tokens:,} tokens")

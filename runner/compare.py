@@ -110,6 +110,8 @@ _CONFIG_DEFS = {d.key: d for d in (
 )}
 
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
+_BOUND = re.compile(r"^(est_p\d+_(queue|prefill|decode))_(lo|hi)_ms$")
+"""The bucket bounds of a histogram estimate (runner.window.estimate): reported beside it, never compared."""
 _FINISHED = re.compile(r"^finished_(\w+)$")
 _FAILED_REASONS = frozenset({"abort", "error"})
 _MS_TO_S_AT = 10_000.0  # shown in s from here on (rendering only)
@@ -125,6 +127,10 @@ def metric_def(key: str) -> MetricDef:
     if m:
         name = dict(_LATENCIES)[m.group(2)]
         return MetricDef(key, f"P{m.group(1)} {name}", "ms", "lower", "latency")
+    m = _BOUND.match(key)
+    if m:
+        side = "lower" if m.group(3) == "lo" else "upper"
+        return MetricDef(key, f"{metric_def(m.group(1) + '_ms').label}: bucket's {side} bound", "ms", None, "server")
     m = _FINISHED.match(key)
     if m:  # vLLM's finished_reason label: stop, length, abort, error, repetition, …
         better: Better = "lower" if m.group(1) in _FAILED_REASONS else None
@@ -179,6 +185,8 @@ class GainRow:
     flags: tuple[str, ...] = ()
     ci_a: tuple[float, float] | None = None
     ci_b: tuple[float, float] | None = None
+    bound_a: str = ""  # "≤" / "≥": the side's value is a bound, not an estimate (`estimate_bound`)
+    bound_b: str = ""
 
     @property
     def colored(self) -> bool:
@@ -221,7 +229,25 @@ def _values(side: list[dict[str, float | None]], key: str) -> list[float]:
 
 
 def _numeric_keys(side: list[dict[str, float | None]]) -> set[str]:
-    return {k for rep in side for k in rep if k not in CONFIG_KEYS and _values([rep], k)}
+    return {k for rep in side for k in rep if k not in CONFIG_KEYS and not _BOUND.match(k) and _values([rep], k)}
+
+
+def estimate_bound(metrics: Mapping[str, float | None], key: str) -> str:
+    """`≤` when the histogram estimate `key` (`est_p50_queue_ms`) is an upper bound (its rank fell in the lowest
+    bucket), `≥` when a lower bound (in +Inf), else empty (interpolated inside a bucket, or not an estimate)."""
+    if not key.startswith("est_p"):
+        return ""
+    lo, hi = metrics.get(key.removesuffix("_ms") + "_lo_ms"), metrics.get(key.removesuffix("_ms") + "_hi_ms")
+    if lo is None or (isinstance(lo, float) and math.isnan(lo)):
+        return ""  # stored before bounds were kept
+    if lo == 0:
+        return "≤"
+    return "≥" if hi is None or (isinstance(hi, float) and math.isnan(hi)) else ""
+
+
+def _bound_of(side: Side, key: str) -> str:
+    marks = {estimate_bound(m, key) for m in side.metrics if _values([m], key)}
+    return marks.pop() if len(marks) == 1 else ("≤/≥" if marks - {""} else "")
 
 
 def gain_table(
@@ -299,6 +325,12 @@ def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, sha
     if d.unit == "ms" and d.better is not None and (_zero(a) or _zero(b)):
         flags.append("≈0 ms on " + ("both" if _zero(a) and _zero(b) else "baseline" if _zero(a) else "candidate"))
         judged = False  # a statistic of (nearly) 0 is degenerate (bursts of tokens), not a gain
+    bound_a, bound_b = _bound_of(sa, d.key), _bound_of(sb, d.key)
+    for name, mark, value in (("baseline", bound_a, a), ("candidate", bound_b, b)):
+        if mark:
+            where = "the lowest bucket" if mark == "≤" else "+Inf" if mark == "≥" else "the outer buckets"
+            flags.append(f"{mark} {value:,.0f} ms on {name}: a bucket's bound (the rank is in {where})")
+            judged = False  # a bound against a value says nothing about which is faster
     if d.kind != "count":
         for name, side in (("baseline", sa), ("candidate", sb)):
             least = side.least("completed")
@@ -336,6 +368,8 @@ def _row(d: MetricDef, va: list[float], vb: list[float], sa: Side, sb: Side, sha
         flags=tuple(flags),
         ci_a=ci_a,
         ci_b=ci_b,
+        bound_a=bound_a,
+        bound_b=bound_b,
     )
 
 
@@ -512,8 +546,8 @@ def format_rows(rows: list[GainRow], a_label: str, b_label: str) -> list[dict[st
         name = metric_def(r.key).label
         cells = {
             "Metric": f"{name} ({unit})" if unit else name,
-            ca: _num(r.a * scale, n),
-            cb: _num(r.b * scale, n),
+            ca: (r.bound_a + " " if r.bound_a else "") + _num(r.a * scale, n),
+            cb: (r.bound_b + " " if r.bound_b else "") + _num(r.b * scale, n),
             "Change": _num(r.change * scale, n, signed=True),
             "Improvement(%)": "" if r.improvement_pct is None else _num(r.improvement_pct, 1, signed=True) + "%",
             CI_COLUMN: _interval_text(None if r.ci95_low is None or r.ci95_high is None else (r.ci95_low, r.ci95_high),
@@ -553,11 +587,13 @@ CSV_FIELDS = ["Metric", "key", "unit", "{a}", "{b}", "Change", "Improvement(%)",
               "{a} CI low", "{a} CI high", "{b} CI low", "{b} CI high", "noise", "flags"]
 
 
-def csv_records(rows: list[GainRow], a_label: str, b_label: str) -> list[dict[str, object]]:
-    """Rows as numbers in the canonical unit (blank where unknown): what the CSV and numeric frames hold."""
+def csv_records(rows: list[GainRow], a_label: str, b_label: str,
+                lead: Mapping[str, object] | None = None) -> list[dict[str, object]]:
+    """Rows as numbers in the canonical unit (blank where unknown): what the CSV and numeric frames hold.
+    `lead`: columns put first on every row (the load a table was measured at)."""
     ca, cb = _columns(a_label, b_label)
     return [
-        {"Metric": r.label, "key": r.key, "unit": r.unit, ca: r.a, cb: r.b, "Change": r.change,
+        {**(lead or {}), "Metric": r.label, "key": r.key, "unit": r.unit, ca: r.a, cb: r.b, "Change": r.change,
          "Improvement(%)": r.improvement_pct, "CI low": r.ci95_low, "CI high": r.ci95_high,
          f"{ca} CI low": r.ci_a[0] if r.ci_a else None, f"{ca} CI high": r.ci_a[1] if r.ci_a else None,
          f"{cb} CI low": r.ci_b[0] if r.ci_b else None, f"{cb} CI high": r.ci_b[1] if r.ci_b else None,
@@ -571,13 +607,13 @@ def csv_fields(a_label: str, b_label: str) -> list[str]:
     return [f.format(a=ca, b=cb) for f in CSV_FIELDS]
 
 
-def to_csv(rows: list[GainRow], a_label: str, b_label: str) -> str:
+def to_csv(rows: list[GainRow], a_label: str, b_label: str, lead: Mapping[str, object] | None = None) -> str:
     """The table as CSV numbers: canonical units whatever the magnitude, `Improvement(%)` a number, blanks
-    where there is no value, the noise verdict and the flags (`; `-separated) as text."""
+    where there is no value, the noise verdict and the flags (`; `-separated) as text; `lead` columns first."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=csv_fields(a_label, b_label), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*(lead or {}), *csv_fields(a_label, b_label)], lineterminator="\n")
     writer.writeheader()
-    for rec in csv_records(rows, a_label, b_label):
+    for rec in csv_records(rows, a_label, b_label, lead):
         writer.writerow({k: "" if v is None else v for k, v in rec.items()})
     return buf.getvalue()
 

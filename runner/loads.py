@@ -76,6 +76,23 @@ def format_load(kind: str, value: float) -> str:
     return f"{number} req/s" if kind == "request-rate" else f"concurrency {number}"
 
 
+PointKey = tuple[str, str, float]
+"""(workload, load kind, load value): what one stored benchmark result measured. Results with equal keys are
+repeats of one point and may be pooled; results with different keys are never averaged together."""
+
+
+def point_key(row: Mapping[str, Any]) -> PointKey:
+    """The point of one result row as `runner.api.load_rows` gives it (`workload`, `request_rate`,
+    `max_concurrency`): the one definition the curves, the gain tables and the run headlines group by."""
+    kind, load = load_of(row.get("request_rate"), row.get("max_concurrency"))
+    return str(row.get("workload") or ""), kind, load
+
+
+def point_order(key: PointKey) -> tuple[str, float]:
+    """Points of one workload by load kind, then load (inf last)."""
+    return key[1], key[2]
+
+
 def _group_key(bench: _Bench) -> str:
     return json.dumps(bench.model_dump(exclude={*LOAD_FIELDS, "repeats"}), sort_keys=True, default=str)
 

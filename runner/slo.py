@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.compare import t_ppf
-from runner.loads import format_load, load_of
+from runner.loads import format_load, point_key
 
 METRICS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 _SLO = re.compile(r"^\s*(?P<metric>[a-z0-9]+)\s*:\s*(?:(?P<stat>mean|median|p\d+(?:\.\d+)?)\s*<=?\s*)?"
@@ -104,8 +104,7 @@ def curves(rows: Iterable[Mapping[str, Any]], slos: list[Slo]) -> list[CurvePoin
     workloads, its main one (most loads) is kept. Without SLOs no point is a knee."""
     groups: dict[tuple[int, str, str, float], list[Mapping[str, Any]]] = {}
     for r in rows:
-        kind, load = load_of(r.get("request_rate"), r.get("max_concurrency"))
-        groups.setdefault((int(r["run_id"]), str(r.get("workload") or ""), kind, load), []).append(r)
+        groups.setdefault((int(r["run_id"]), *point_key(r)), []).append(r)
     main: dict[int, str] = {}
     for run_id in dict.fromkeys(k[0] for k in groups):
         loads = Counter(k[1] for k in groups if k[0] == run_id)

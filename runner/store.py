@@ -255,7 +255,8 @@ class Store:
         with_metrics: bool = True,
         columns: Iterable[str] | None = None,
     ) -> pd.DataFrame:
-        """Runs as a table (newest first); with `with_metrics`, the mean of each bench column over executions.
+        """Runs as a table (newest first); with `with_metrics`, the mean of each bench column over executions
+        (over every load of a load sweep: `runner.api.runs_frame` shows one load's instead).
 
         `columns` (run fields and bench columns) reads only those: a table of thousands of runs then
         skips the spec, argv and env texts it does not show.
@@ -319,6 +320,14 @@ class Store:
             .where(BenchResult.run_id == run_id)
             .order_by(col(BenchResult.repeat), col(BenchResult.id))
         )
+        with self._session() as s:
+            return list(s.exec(q).all())
+
+    def bench_results_of(self, run_ids: Iterable[int] | None = None) -> list[BenchResult]:
+        """The bench executions of `run_ids` (every run's when None) in one query, by run, then repeat order."""
+        q = select(BenchResult).order_by(col(BenchResult.run_id), col(BenchResult.repeat), col(BenchResult.id))
+        if run_ids is not None:
+            q = q.where(col(BenchResult.run_id).in_(list(run_ids)))
         with self._session() as s:
             return list(s.exec(q).all())
 

@@ -7,14 +7,31 @@ from typing import Any
 
 import pandas as pd
 
-from runner.api import label_of, load_sweep_stops, one_line, run_commands
+from runner.api import label_of, load_fields, load_sweep_stops, one_line, run_commands, run_headline
 from runner.config import parallel_label
 from runner.errors import ServelabError
+from runner.loads import format_load, point_key
 from runner.store import Store
 
-_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 18, "<"), ("CONFIG", 8, "<"), ("OUT TOK/S", 9, ">"),
-              ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 9, ">"),
+_RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 16, "<"), ("CONFIG", 8, "<"), ("LOAD", 11, "<"),
+              ("OUT TOK/S", 9, ">"), ("REQ/S", 6, ">"), ("TTFT MS", 9, ">"), ("TPOT MS", 7, ">"), ("KV TOKENS", 9, ">"),
               ("CREATED", 11, "<")]
+
+
+SWEEP_NOTE = "LOAD `16/s of 4`: a load sweep's peak-throughput load of its 4 loads, never an average (show ID: each)"
+
+
+def _swept(loads: Any) -> bool:
+    return loads is not None and not pd.isna(loads) and loads > 1
+
+
+def _load_cell(loads: Any, at: Any) -> str:
+    """The load a run's numbers are from, short: `16/s`, `c=64`; `16/s of 4` for a load sweep of 4 loads
+    (its numbers are its peak-throughput load's, never a mean across loads)."""
+    if not isinstance(at, str) or not at:
+        return ""
+    short = at.replace(" req/s", "/s").replace("concurrency ", "c=")
+    return f"{short} of {loads}" if _swept(loads) else short
 
 
 def _cell(value: Any, fmt: str, width: int = 9) -> str:
@@ -39,7 +56,8 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
         config = "" if tp is None or pd.isna(tp) else parallel_label(int(tp), int(dcp) if dcp and dcp > 1 else 1)
         created = r.get("created_at")
         cells = [str(r["id"]), r["status"], str(r.get("label") or ""), config,
-                 _cell(r.get("output_throughput"), "{:,.1f}"), _cell(r.get("request_throughput"), "{:.2f}", 6),
+                 _load_cell(r.get("loads"), r.get("metrics_at")), _cell(r.get("output_throughput"), "{:,.1f}"),
+                 _cell(r.get("request_throughput"), "{:.2f}", 6),
                  _cell(r.get("median_ttft_ms"), "{:,.1f}"), _cell(r.get("median_tpot_ms"), "{:.2f}", 7),
                  _cell(r.get("kv_cache_tokens"), "{:,.0f}"),
                  "" if created is None or pd.isna(created) else pd.Timestamp(created).strftime("%m-%d %H:%M")]
@@ -50,6 +68,8 @@ def runs_text(frame: pd.DataFrame, width: int = 120) -> str:
         if reason and room > 1:
             text += " " + (reason if len(reason) <= room else reason[:room - 1] + "…")
         lines.append(text.rstrip())
+    if "loads" in frame and frame["loads"].map(_swept).any():
+        lines.append(SWEEP_NOTE)
     return "\n".join(lines)
 
 
@@ -112,12 +132,19 @@ def run_text(store: Store, run_id: int) -> str:
         commands = {"stored spec": f"unreadable here: {exc}"}
     for title, text in commands.items():
         lines += ["", f"{title}:", "  " + text.replace("\n", "\n  ")]
-    metrics = store.run_metrics(run_id)
-    if metrics:
-        lines += ["", "benchmark" + (f" ({len(metrics)} executions)" if len(metrics) > 1 else "") + ":"]
-        for i, m in enumerate(metrics):
+    results = store.bench_results(run_id)
+    if results:
+        head = run_headline(store, run_id)
+        lines += ["", "benchmark" + (f" ({len(results)} executions)" if len(results) > 1 else "") + ":"]
+        for i, br in enumerate(results):
+            m = json.loads(br.metrics_json)
             cells = [f"{fmt.format(m[k])} {name}" for k, name, fmt in _SHOW_METRICS if m.get(k) is not None]
-            lines.append(("  " if len(metrics) == 1 else f"  #{i + 1} ") + ", ".join(cells))
+            _, kind, value = point_key(load_fields(br, m))
+            load = format_load(kind, value)
+            lines.append(("  " if len(results) == 1 else f"  #{i + 1} ") + f"at {load}: " + ", ".join(cells))
+        if head is not None and head.points > 1:
+            lines.append(f"  {head.text} ({head.metrics.get('output_throughput') or 0:,.1f} out tok/s); "
+                         "each load's numbers stand alone, never averaged")
         lines += [f"  load sweep stopped early: {stop}" for stop in load_sweep_stops(store, run_id)]
     scores = store.eval_results(run_id)
     if scores:

@@ -125,6 +125,38 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
     return lower
 
 
+def quantile_bucket(q: float, buckets: Mapping[float, float]) -> tuple[float, float] | None:
+    """The bounds (lower, upper) of the bucket that holds the rank `q` of a cumulative histogram: the
+    true quantile lies between them, whatever `histogram_quantile` interpolates. The first bucket's lower
+    bound is 0 (durations); the +Inf bucket's upper bound is inf. None for an empty histogram."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower = 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            return lower, le
+        lower = le
+    return lower, math.inf
+
+
+def estimate(q: float, buckets: Mapping[float, float]) -> tuple[float, float, float | None] | None:
+    """(value, lower bound, upper bound or None for +Inf) of the `q` quantile, in the histogram's unit.
+
+    Inside a bucket with both bounds the value is Prometheus's linear interpolation. When the rank falls in
+    the lowest bucket, nothing says where inside it the requests lie: the value is that bucket's upper bound,
+    an upper bound (≤), never an interpolation from 0 (which read 150 ms for requests that all took
+    under 0.3 s). In +Inf it is the highest finite bound, a lower bound (≥), as Prometheus returns."""
+    value, bucket = histogram_quantile(q, buckets), quantile_bucket(q, buckets)
+    if value is None or bucket is None:
+        return None
+    lo, hi = bucket
+    if lo == 0.0 and math.isfinite(hi):
+        return hi, 0.0, hi
+    return value, lo, hi if math.isfinite(hi) else None
+
+
 def read_energy_mj(gpus: GpuReader) -> dict[int, float | None]:
     """Each GPU's energy counter since the driver loaded (mJ); None where NVML does not support it."""
     out: dict[int, float | None] = {}
@@ -211,8 +243,13 @@ def counter_metrics(start: Snapshot, end: Snapshot) -> dict[str, float | None]:
         diff = {le: b[le] - a.get(le, 0.0) for le in b}
         valid = all(v >= 0 for v in diff.values())
         for q in QUANTILES:
-            value = histogram_quantile(q / 100, diff) if valid else None
-            out[f"est_p{q}_{name}_ms"] = None if value is None else value * 1000.0
+            est = estimate(q / 100, diff) if valid else None
+            value, lo, hi = (None, None, None) if est is None else est
+            key = f"est_p{q}_{name}"
+            out[f"{key}_ms"] = None if value is None else value * 1000.0
+            # the bucket the rank lies in: lo 0 marks an upper bound (≤ hi), hi None with a lo a lower bound
+            out[f"{key}_lo_ms"] = None if lo is None else lo * 1000.0
+            out[f"{key}_hi_ms"] = None if hi is None else hi * 1000.0
         (s0, c0), (s1, c1) = start.sums.get(name, (0.0, 0.0)), end.sums[name]
         out[f"server_mean_{name}_ms"] = _ratio(s1 - s0, c1 - c0, 1000.0) if c1 >= c0 and valid else None
     return out

@@ -70,7 +70,10 @@ def test_seed_compare_csv_carries_every_section_in_canonical_units(env) -> None:
         ("gsm8k/strict-match/exact_match", "0.9409", "0.9371", "within noise"),
     ]
     table = sl(env, "compare", "1", "2")
-    assert table.splitlines()[:5] == ["TP8+DCP8 vs TP8", "", "Benchmark", "", "flag: failed requests 2 vs 6"]
+    assert table.splitlines()[:5] == ["TP8+DCP8 vs TP8", "", "Benchmark at 100 req/s", "",
+                                      "flag: failed requests 2 vs 6"]
+    assert {(r["load_kind"], r["load"], r["workload"]) for r in bench.values()} == {("request-rate", "100.0", "")}
+    assert {(r["load_kind"], r["load"]) for r in acc} == {("", "")}
     assert "Accuracy" in table
 
 
@@ -121,13 +124,13 @@ def test_runs_fit_120_columns_one_line_a_run(env) -> None:
     _runs(env)
     lines = sl(env, "runs").splitlines()
     assert len(lines) == 3 and all(len(line) <= 120 for line in lines)
-    assert lines[0].split() == ["ID", "STATUS", "LABEL", "CONFIG", "OUT", "TOK/S", "REQ/S", "TTFT", "MS", "TPOT", "MS",
-                                "KV", "TOKENS", "CREATED", "REASON"]
+    assert lines[0].split() == ["ID", "STATUS", "LABEL", "CONFIG", "LOAD", "OUT", "TOK/S", "REQ/S", "TTFT", "MS",
+                                "TPOT", "MS", "KV", "TOKENS", "CREATED", "REASON"]
     tp8, failed = lines[1], lines[2]
-    assert tp8.split()[:7] == ["2", "succeeded", "TP8", "485.8", "1.25", "227,390", "473.04"]
+    assert tp8.split()[:8] == ["2", "succeeded", "TP8", "100/s", "485.8", "1.25", "227,390", "473.04"]
     assert "nan" not in " ".join(lines).lower() and "none" not in " ".join(lines).lower()
     assert failed.split()[:4] == ["1", "failed", "a", "long"] and " TP2 " in failed
-    assert failed.endswith(" vLLM exited durin…") and len(failed) == 120
+    assert failed.endswith(" vLLM ex…") and len(failed) == 120
 
 
 def test_runs_csv_holds_one_physical_line_a_run(env, tmp_path) -> None:
@@ -155,7 +158,8 @@ def test_show_is_readable_with_commands_and_json_on_request(env) -> None:
     assert lines[lines.index("reason:") + 1:lines.index("reason:") + 3] == [
         "  vLLM exited during startup:", "  ERROR port 8123 is used by process 77"]
     shown = sl(env, "show", "2")
-    assert "  998 requests, 2 failed, 800.3 s, 485.8 out tok/s, 1.25 req/s, 227,389.9 median TTFT ms" in shown
+    assert "  at 100 req/s: 998 requests, 2 failed, 800.3 s, 485.8 out tok/s, 1.25 req/s, 227,389.9 median TTFT ms" \
+        in shown
     record = json.loads(sl(env, "show", "1", "--json"))
     assert (record["status"], record["spec"]["launch"]["tensor_parallel_size"], record["bench"]) == ("failed", 2, [])
 
@@ -179,5 +183,5 @@ def test_runs_never_cut_a_number(env) -> None:
                                         "request_throughput": 99.08, "median_ttft_ms": 12_345_678.0,
                                         "median_tpot_ms": 12_345.0})
     line = sl(env, "runs").splitlines()[1]
-    assert line.split()[:8] == ["1", "succeeded", "big", "TP1", "12,682", "99.08", "12.3M", "12,345"]
-    assert line.split()[8] == "134.6M"
+    assert line.split()[:9] == ["1", "succeeded", "big", "TP1", "inf/s", "12,682", "99.08", "12.3M", "12,345"]
+    assert line.split()[9] == "134.6M"

@@ -22,9 +22,11 @@ from runner.window import (
     WindowProbe,
     counter_metrics,
     energy_metrics,
+    estimate,
     histogram_quantile,
     integrate_power,
     parse_snapshot,
+    quantile_bucket,
     reset_prefix_cache,
     window_metrics,
 )
@@ -98,12 +100,12 @@ def test_counter_deltas_of_a_real_cpu_benchmark_window(metrics_server) -> None:
         "preemptions": 0.0, "server_prompt_tokens": 15390.0, "server_generation_tokens": 23305.0,
         "finished_abort": 0.0, "finished_error": 0.0, "finished_length": 80.0, "finished_repetition": 0.0,
         "finished_stop": 0.0,
-        # every request in the first bucket (≤ 0.3 s): linear inside it, as Prometheus does
-        "est_p50_queue_ms": pytest.approx(150.0), "est_p99_queue_ms": pytest.approx(297.0),
+        # every request in the first bucket (≤ 0.3 s): its bound, an upper bound (lo 0), never Prometheus's
+        # interpolation from 0 (which read 150 and 297 ms here)
+        **{f"est_p{q}_{phase}{end}": value for q in (50, 99) for phase in ("queue", "prefill", "decode")
+           for end, value in (("_ms", 300.0), ("_lo_ms", 0.0), ("_hi_ms", 300.0))},
         "server_mean_queue_ms": pytest.approx(0.4953070600004139 / 80 * 1000),
-        "est_p50_prefill_ms": pytest.approx(150.0), "est_p99_prefill_ms": pytest.approx(297.0),
         "server_mean_prefill_ms": pytest.approx(3.1444604100005336 / 80 * 1000),
-        "est_p50_decode_ms": pytest.approx(150.0), "est_p99_decode_ms": pytest.approx(297.0),
         "server_mean_decode_ms": scalars["server_mean_decode_ms"],
         # no GPU: energy is blank, not zero
         "energy_j": None, "j_per_output_token": None, "mean_power_w_per_gpu": None, "output_tok_per_s_per_w": None,
@@ -144,6 +146,50 @@ def test_histogram_quantile_by_hand() -> None:
     assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
     assert histogram_quantile(0.99, {1.0: 1.0, 2.0: 1.0, math.inf: 2.0}) == 2.0  # rank in +Inf: highest bound
     assert histogram_quantile(0.5, {1.0: 0.0, math.inf: 0.0}) is None
+
+
+def test_estimates_say_which_bucket_they_lie_in() -> None:
+    # vLLM's queue-time bounds start 0.3, 0.5, 0.8 s; 80 requests, all under 0.3 s (the CPU capture)
+    low = {0.3: 80.0, 0.5: 80.0, 0.8: 80.0, math.inf: 80.0}
+    assert histogram_quantile(0.5, low) == pytest.approx(0.15)  # Prometheus invents 150 ms …
+    assert quantile_bucket(0.5, low) == (0.0, 0.3)
+    assert estimate(0.5, low) == estimate(0.99, low) == (0.3, 0.0, 0.3)  # … servelab says ≤ 300 ms
+    # 40 under 0.3 s, 40 between 0.3 and 0.5 s: P99 interpolated inside (0.3, 0.5]; the P50 rank (40) is the
+    # first bucket's last request, so P50 ≤ 0.3 s and no closer
+    mid = {0.3: 40.0, 0.5: 80.0, 0.8: 80.0, math.inf: 80.0}
+    assert estimate(0.99, mid) == (pytest.approx(0.3 + 0.2 * (79.2 - 40) / 40), 0.3, 0.5)
+    assert estimate(0.5, mid) == (0.3, 0.0, 0.3) and estimate(0.6, mid) == (pytest.approx(0.34), 0.3, 0.5)
+    # 2 of 80 beyond the last finite bound: P99 is ≥ 0.8 s, a lower bound (hi None)
+    tail = {0.3: 40.0, 0.5: 70.0, 0.8: 78.0, math.inf: 80.0}
+    assert estimate(0.99, tail) == (0.8, 0.8, None)
+    assert estimate(0.5, {0.3: 0.0, math.inf: 0.0}) is None
+    # through counter_metrics: the bounds are stored beside the value, in ms
+    out = counter_metrics(Snapshot(buckets={"queue": {0.3: 10.0, 0.5: 10.0, 0.8: 10.0, math.inf: 10.0}}),
+                          Snapshot(buckets={"queue": {0.3: 50.0, 0.5: 90.0, 0.8: 90.0, math.inf: 90.0}},
+                                   sums={"queue": (20.0, 90.0)}))
+    assert (out["est_p50_queue_ms"], out["est_p50_queue_lo_ms"], out["est_p50_queue_hi_ms"]) == (300.0, 0.0, 300.0)
+    assert out["est_p99_queue_lo_ms"] == 300.0 and out["est_p99_queue_hi_ms"] == 500.0
+    assert out["est_p99_queue_ms"] == pytest.approx(300.0 + 200.0 * (79.2 - 40) / 40)
+
+
+def test_a_bound_is_shown_as_one_and_never_judged() -> None:
+    a = [{"est_p50_queue_ms": 300.0, "est_p50_queue_lo_ms": 0.0, "est_p50_queue_hi_ms": 300.0,
+          "est_p99_queue_ms": 450.0, "est_p99_queue_lo_ms": 300.0, "est_p99_queue_hi_ms": 500.0}]
+    b = [{"est_p50_queue_ms": 412.0, "est_p50_queue_lo_ms": 300.0, "est_p50_queue_hi_ms": 500.0,
+          "est_p99_queue_ms": 800.0, "est_p99_queue_lo_ms": 800.0, "est_p99_queue_hi_ms": None}]
+    rows = {r.key: r for r in cmp.gain_table(a, b)}
+    assert set(rows) == {"est_p50_queue_ms", "est_p99_queue_ms"}  # the bounds are reported, not compared
+    p50, p99 = rows["est_p50_queue_ms"], rows["est_p99_queue_ms"]
+    assert (p50.bound_a, p50.bound_b, p50.better, p50.improvement_pct) == ("≤", "", None, None)
+    assert p50.flags == ("≤ 300 ms on baseline: a bucket's bound (the rank is in the lowest bucket)",)
+    assert (p99.bound_a, p99.bound_b, p99.better) == ("", "≥", None)
+    assert p99.flags == ("≥ 800 ms on candidate: a bucket's bound (the rank is in +Inf)",)
+    shown = {r["Metric"]: r for r in cmp.format_rows(list(rows.values()), "a", "b")}
+    assert (shown["P50 Queue Time (server, estimate from buckets) (ms)"]["a"],
+            shown["P50 Queue Time (server, estimate from buckets) (ms)"]["b"]) == ("≤ 300.00", "412.00")
+    assert shown["P99 Queue Time (server, estimate from buckets) (ms)"]["b"] == "≥ 800.00"
+    assert cmp.metric_def("est_p99_queue_hi_ms").label == (
+        "P99 Queue Time (server, estimate from buckets): bucket's upper bound")
 
 
 def test_energy_from_the_nvml_counter_h200_pair() -> None:

@@ -65,26 +65,43 @@ for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline i
     except ServelabError as exc:
         st.info(f"#{cand} vs #{baseline}: {exc}")
         continue
-    rows, a_label, b_label = tables.pick_rows(report.bench, headline), report.a_label, report.b_label
+    a_label, b_label = report.a_label, report.b_label
     st.subheader(f"{b_label} vs {a_label}")
     for note in report.notes:
-        st.warning(note[0].upper() + note[1:] + ".", icon=":material/flag:")
-    shown, markdown = st.tabs(["Table", "Markdown"])
-    shown.table(tables.gain_styler(rows, a_label, b_label), hide_index=True)
-    shown.caption("Green: the candidate is better; red: worse (higher throughput, lower latency), and only where "
-                  "the 95 % interval of the change excludes 0 (beyond noise). Intervals: a bootstrap over the "
-                  "requests of a single run (latency statistics), Welch across repeats (2+ on both sides). "
-                  "Improvement(%) is signed so that positive is always better. What the flags mean: "
-                  "docs/measurement.md.")
-    shown.download_button("Gain table (CSV)", api.render_gain_table(rows, a_label, b_label, "csv"),
-                          f"gain-{baseline}-vs-{cand}.csv", "text/csv", key=f"gain{cand}", on_click="ignore")
-    markdown.code(api.render_gain_table(rows, a_label, b_label, "markdown"), language="markdown")
+        st.info(note[0].upper() + note[1:] + ".", icon=":material/info:")
+    if not report.bench:
+        st.caption("No load in common, so no gain table: results of different loads are never compared.")
+    for i, gain in enumerate(report.bench):
+        rows = tables.pick_rows(gain.rows, headline)
+        many = len(report.bench) > 1
+        st.markdown(f"**At {gain.title}**" + (f" — load {i + 1} of {len(report.bench)}" if many else "")
+                    + f" · {gain.n_a} vs {gain.n_b} result(s)")
+        for note in gain.flags:
+            st.warning(note[0].upper() + note[1:] + ".", icon=":material/flag:")
+        shown, markdown = st.tabs(["Table", "Markdown"])
+        shown.table(tables.gain_styler(rows, a_label, b_label), hide_index=True)
+        shown.download_button(f"Gain table at {gain.load_text} (CSV)", api.gain_csv(report, gain, rows),
+                              f"gain-{baseline}-vs-{cand}-{i + 1}.csv", "text/csv", key=f"gain{cand}-{i}",
+                              on_click="ignore")
+        markdown.code(api.render_gain_table(rows, a_label, b_label, "markdown"), language="markdown")
+    if report.bench:
+        st.caption("One table per load both runs measured: repeats of a load are pooled, loads never. Green: the "
+                   "candidate is better; red: worse (higher throughput, lower latency), and only where the 95 % "
+                   "interval of the change excludes 0 (beyond noise). Intervals: a bootstrap over the requests of a "
+                   "single run (latency statistics), Welch across repeats (2+ on both sides). Improvement(%) is "
+                   "signed so that positive is always better. What the flags mean: docs/measurement.md.")
 
 if len(benched):
     st.header("Throughput and latency")
     st.plotly_chart(charts.throughput_bars(benched), key="throughput")
     ids = [int(i) for i in benched["run_id"]]
     st.plotly_chart(charts.latency_bars(benched, intervals(db, ids, tuple(version(i) for i in ids))), key="latency")
+    swept = benched[benched["loads"] > 1]
+    if len(swept):
+        st.caption("Load sweeps are shown at their peak-throughput load (never a mean across loads): " + ", ".join(
+            f"{label} at {at} of {n} loads" for label, at, n in zip(swept["label"], swept["metrics_at"],
+                                                                   swept["loads"], strict=True))
+                   + ". The load curves below show every load.")
     st.download_button("Metrics of these runs (CSV)", api.frame_to_csv(summary), "compare-metrics.csv", "text/csv",
                        on_click="ignore")
 

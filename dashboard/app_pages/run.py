@@ -105,12 +105,19 @@ def outcome() -> None:
         if rest:
             st.code(rest, language="log")
     kv_card(run)
-    if metrics := api.run_metrics(db, run.id):
+    if (metrics := api.run_metrics(db, run.id)) and (head := api.run_headline(db, run.id)):
         st.subheader("Results")
-        for col, (name, value) in zip(st.columns(6), run_view.headline(metrics)):
+        if head.points > 1:
+            st.markdown(f"**{head.text}** — the cards show that load (mean of its {head.repeats} result(s)); "
+                        "every load in the table below, never averaged together.")
+        else:
+            st.caption(f"At {head.point}" + (f", mean of {head.repeats} repeats" if head.repeats > 1 else "") + ".")
+        for col, (name, value) in zip(st.columns(6), run_view.headline(head.metrics)):
             col.metric(name, value)
+        if head.points > 1:
+            st.dataframe(run_view.loads_table(api.run_points(db, run.id)), hide_index=True, key="loads_table")
         with st.expander(f"All benchmark metrics ({len(metrics)} execution(s))"):
-            st.dataframe(run_view.metrics_table(metrics), hide_index=True)
+            st.dataframe(run_view.metrics_table(metrics, api.result_loads(db, run.id)), hide_index=True)
         for stop in api.load_sweep_stops(db, run.id):
             st.info(f"Load sweep stopped early: {stop}.", icon=":material/speed:")
         signals_view.run_windows(db, run.id)

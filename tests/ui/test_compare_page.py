@@ -41,7 +41,7 @@ def test_gain_table_of_the_seeds_two_runs(open_page, seeded) -> None:
     assert "| Request Throughput (req/s) | 1.25 | 1.57 | +0.32 | +25.6% | no CI (single run) |" in markdown
     assert "| Median TTFT (s) | 227.4 | 227.1 | -0.3 | +0.1% | no CI (single run) |" in markdown
     downloads = [d.label for d in at.download_button]
-    assert downloads[:2] == ["Gain table (CSV)", "Metrics of these runs (CSV)"]
+    assert downloads[:2] == ["Gain table at 100 req/s (CSV)", "Metrics of these runs (CSV)"]
 
 
 def test_headline_toggle_gives_exactly_the_seeds_table(open_page, seeded) -> None:
@@ -83,7 +83,7 @@ def test_seed_accuracy_beside_the_gain_table_of_the_same_two_runs(open_page, see
                                 "Load curves: output tok/s against latency and load"]  # GPU counts unknown
     assert at.selectbox[-1].label == "Filter for the chart below" and at.selectbox[-1].value == "strict-match"
     assert not any("Left out of accuracy" in c.value for c in at.caption)  # both runs have both
-    assert {"Gain table (CSV)", "Accuracy comparison (CSV)"} <= {d.label for d in at.download_button}
+    assert {"Gain table at 100 req/s (CSV)", "Accuracy comparison (CSV)"} <= {d.label for d in at.download_button}
     assert any("KV capacity" in c.value for c in at.caption)  # none recorded for printed results
 
 

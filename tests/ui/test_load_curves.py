@@ -101,3 +101,55 @@ def test_slo_picker_takes_large_bounds_and_says_what_is_wrong_with_a_typo(open_p
     assert [e.value for e in at.error] == [
         "SLO 'ttft' is not understood; write METRIC:STAT<=MS with METRIC one of ttft, tpot, itl, e2el, "
         "e.g. ttft:p99<=2000, or vLLM's goodput form ttft:2000"]
+
+
+def test_compare_gives_a_gain_table_per_common_load_and_names_the_others(open_page, swept) -> None:
+    """Issue 15: the sweeps' results were averaged across loads into one gain table."""
+    _, a, b = swept
+    at = open_page("compare", a=a, b=b)
+    titles = [m.value for m in at.markdown if m.value.startswith("**At ")]
+    assert titles == [f"**At {x} req/s** — load {i + 1} of 3 · 1 vs 1 result(s)" for i, x in enumerate((2, 8, 32))]
+    assert [i.value for i in at.info if "Only the" in i.value] == ["Only the candidate has inf req/s: not compared."]
+    gains = [t.value for t in at.table if "Change" in t.value.columns][:3]
+    tput = [t.set_index("Metric").loc["Output Token Throughput (tok/s)", ["seqs 4", "seqs 64 TP2"]].tolist()
+            for t in gains]
+    assert tput == [["120.00", "130.00"], ["450.00", "500.00"], ["520.00", "1600.00"]]  # as stored, load by load
+    labels = [d.label for d in at.download_button]
+    assert [x for x in labels if x.startswith("Gain table")] == [f"Gain table at {x} req/s (CSV)" for x in (2, 8, 32)]
+    # the bars show each sweep at its peak load and say so
+    assert any("Load sweeps are shown at their peak-throughput load" in c.value and "seqs 4 at 32 req/s of 3 loads"
+               in c.value and "seqs 64 TP2 at inf req/s of 4 loads" in c.value for c in at.caption)
+
+
+def test_run_page_of_a_sweep_shows_its_peak_load_and_each_load(open_page, swept) -> None:
+    store, _, b = swept
+    [first, *_] = store.bench_results(b)
+    # a window on the first load: every queue time under vLLM's lowest bucket (0.3 s), P99 decode interpolated
+    from sqlmodel import Session
+
+    from runner.models import BenchResult
+    with Session(store.engine) as s:
+        row = s.get(BenchResult, first.id)
+        row.metrics_json = json.dumps({**json.loads(row.metrics_json), "est_p50_queue_ms": 300.0,
+                                       "est_p50_queue_lo_ms": 0.0, "est_p50_queue_hi_ms": 300.0,
+                                       "est_p99_decode_ms": 412.5, "est_p99_decode_lo_ms": 300.0,
+                                       "est_p99_decode_hi_ms": 500.0, "prefix_cache_hit_pct": 12.5})
+        s.add(row)
+        s.commit()
+    store.add_bench_window(first.id, "cold", {})
+    at = open_page("run", run=b)
+    assert [m.value for m in at.markdown if m.value.startswith("**4 loads")] == [
+        "**4 loads, peak output at inf req/s** — the cards show that load (mean of its 1 result(s)); every load in "
+        "the table below, never averaged together."]
+    assert [m.value for m in at.metric][:1] == ["1,900.00"]  # the peak load's, not the mean 1,032.5 of four
+    loads = next(d.value for d in at.dataframe if "Load" in d.value.columns and "Repeats" in d.value.columns)
+    assert list(loads["Load"]) == ["2 req/s", "8 req/s", "32 req/s", "inf req/s"]
+    assert list(loads["Output tok/s"]) == [130.0, 500.0, 1600.0, 1900.0]
+    windows = next(d.value for d in at.dataframe if "Prefix cache" in d.value.columns)
+    assert list(windows["Load"]) == ["2 req/s", "8 req/s", "32 req/s", "inf req/s"]
+    assert list(windows["Queue P50 (ms, est.)"]) == ["≤ 300", "—", "—", "—"]
+    assert list(windows["Decode P99 (ms, est.)"]) == ["412.5 (300–500)", "—", "—", "—"]
+    csv_frame = api.window_frame(store, [b])
+    assert list(csv_frame["load"]) == [2.0, 8.0, 32.0, INF] and set(csv_frame["load_kind"]) == {"request-rate"}
+    assert csv_frame.loc[0, ["est_p50_queue_ms", "est_p50_queue_lo_ms", "est_p50_queue_hi_ms"]].tolist() == [
+        300.0, 0.0, 300.0]
