@@ -25,10 +25,11 @@ STATS = {"mean": "Mean", "median": "Median", "p99": "P99"}
 STAGES = {
     "launched": ("starting vLLM", "#636EFA"),
     "ready": ("ready", "#00CC96"),
-    "bench_start": ("benchmark", "#EF553B"),
+    "bench_start": ("benchmark client start-up (not measured)", "#FECB52"),
     "request_warmup_start": ("warm-up requests (not measured)", "#FF97FF"),
     "request_warmup_end": ("benchmark", "#EF553B"),
-    "port_retry": ("port taken: relaunching", "#FECB52"),
+    "bench_measured": ("benchmark", "#EF553B"),
+    "port_retry": ("port taken: relaunching", "#FF6692"),
     "bench_end": ("between steps", "#B6E880"),
     "cache_reset": ("prefix cache reset", "#B6E880"),
     "warmup_start": ("prefix-cache warm-up run (not measured)", "#FF97FF"),
@@ -60,15 +61,35 @@ def _has(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and frame[column].notna().any()
 
 
+# Events after `bench_start` that say where the benchmark client's start-up ended
+_CLIENT_STARTED = frozenset({"request_warmup_start", "request_warmup_end", "bench_measured"})
+_UNSPLIT_BENCH = ("benchmark (client start-up included)", "#EF553B")
+
+
+def _stage(events: pd.DataFrame, i: int) -> tuple[str, str]:
+    """Name and colour of the segment that event `i` opens. A `bench_start` (the client process starting)
+    opens its start-up only when a later event of the same benchmark marks the measured window's start;
+    runs stored without one show the whole benchmark as one bar, and say it includes the start-up."""
+    phase = events["phase"].iloc[i]
+    if phase == "bench_start":
+        for later in events["phase"].iloc[i + 1:]:
+            if later in _CLIENT_STARTED:
+                break
+            if later in ("bench_end", "bench_start", "stopped"):
+                return _UNSPLIT_BENCH
+    return STAGES.get(phase, (phase, "#999999"))
+
+
 # -- one run --------------------------------------------------------------------------------------
 def phase_timeline(phases: pd.DataFrame, now: float | None = None) -> go.Figure:
-    """A run's life as consecutive segments (starting, ready, benchmark, evaluation), in seconds since launch.
+    """A run's life as consecutive segments (starting, ready, benchmark client start-up, warm-up requests,
+    the measured benchmark, evaluation), in seconds since launch.
 
     The last segment runs to `now` while the run is alive (no `stopped` event yet)."""
     fig = go.Figure()
     if phases.empty:
         return _layout(fig, "Phases", 160)
-    events = phases.sort_values("t").reset_index(drop=True)
+    events = phases.sort_values("t", kind="stable").reset_index(drop=True)
     t0 = events["t"].iloc[0]
     seen: set[str] = set()
     for i, ev in events.iterrows():
@@ -77,7 +98,7 @@ def phase_timeline(phases: pd.DataFrame, now: float | None = None) -> go.Figure:
         end = events["t"].iloc[i + 1] if i + 1 < len(events) else now
         if end is None:
             continue
-        name, color = STAGES.get(ev["phase"], (ev["phase"], "#999999"))
+        name, color = _stage(events, int(i))
         fig.add_bar(x=[end - ev["t"]], base=[ev["t"] - t0], y=["phases"], orientation="h", name=name,
                     marker_color=color, showlegend=name not in seen, legendgroup=name,
                     hovertemplate=f"{name}: %{{x:.1f}} s<extra>{ev['detail'] or ''}</extra>")

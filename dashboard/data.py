@@ -138,10 +138,24 @@ def eval_frame(store: Store, run_ids: list[int]) -> pd.DataFrame:
                                        "samples"])
 
 
+ESTIMATED_START = "estimated: its end less vLLM's measured duration"
+
+
 def phases_frame(store: Store, run_id: int) -> pd.DataFrame:
+    """A run's phase events. A run stored before the executor marked where each benchmark's measured requests
+    start (`bench_measured`, or the end of vLLM's warm-up requests) gets that start estimated, as `load_start`
+    does: its end less the duration vLLM measured, so that its timeline still tells start-up from benchmark."""
     events = api.phases(store, run_id)
-    return pd.DataFrame([{"t": e.t, "phase": e.phase, "detail": e.detail} for e in events],
-                        columns=["t", "phase", "detail"])
+    rows = [{"t": e.t, "phase": e.phase, "detail": e.detail} for e in events]
+    if not any(e.phase in ("bench_measured", "request_warmup_end") for e in events):
+        starts = [e.t for e in events if e.phase == "bench_start"]
+        ends = [e.t for e in events if e.phase == "bench_end"]
+        durations = [m.get("duration") for m in api.run_metrics(store, run_id)]
+        if len(starts) == len(ends) == len(durations):  # one result per benchmark: they pair in order
+            rows += [{"t": end - d, "phase": "bench_measured", "detail": ESTIMATED_START}
+                     for start, end, d in zip(starts, ends, durations)
+                     if isinstance(d, (int, float)) and 0 < d <= end - start]
+    return pd.DataFrame(rows, columns=["t", "phase", "detail"]).sort_values("t", kind="stable", ignore_index=True)
 
 
 def run_samples(store: Store, run_id: int, max_points: int = 900) -> pd.DataFrame:

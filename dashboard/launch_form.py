@@ -46,6 +46,15 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def dcp_for(tp: int | None, wanted: int | None) -> int | None:
+    """The DCP size a form shows for TP size `tp`: the one last picked (`wanted`) when it divides `tp`, else the
+    largest divisor of `tp` below it (1 when none was picked); None while the TP size is unknown. So a change of
+    TP keeps the DCP picked, or comes as near as `tp` allows, and a TP changed back brings it back."""
+    if not tp:
+        return None
+    return max(d for d in divisors(tp) if d <= (wanted or 1))
+
+
 @dataclass
 class Checked:
     """The form read back: a spec when every section parses, the problems that block queueing (each with

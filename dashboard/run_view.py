@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dashboard import data
 from runner import api
-from runner.compare import metric_def
+from runner.compare import carries_nothing, metric_def
 from runner.config import RunSpec
 from runner.models import Run
 
@@ -93,8 +93,9 @@ def eval_metrics(scores: list) -> list[tuple[str, str, str, str]]:
 
 def metrics_table(metrics: list[dict], loads: list[str] | None = None) -> pd.DataFrame:
     """Every metric of every execution: Metric, unit, then one column per execution (`#2 · 4 req/s` with the
-    executions' `loads`)."""
-    keys = list(dict.fromkeys(k for m in metrics for k in m))
+    executions' `loads`); the metrics that say nothing here (0 everywhere, P50 beside the median) left out by
+    Compare's rule."""
+    keys = [k for k in dict.fromkeys(k for m in metrics for k in m) if not carries_nothing(k, metrics)]
     rows = []
     for key in keys:
         d = metric_def(key)

@@ -775,14 +775,21 @@ def export_csv(store: Store, what: str, run_ids: list[int] | None, out: Path) ->
     else:
         raise StoreError(f"cannot export {what!r}; choose runs, samples or results")
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)
+    tidy_floats(frame).to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)
     return len(frame)
 
 
 def frame_to_csv(frame: pd.DataFrame) -> str:
+    """A frame as CSV text, its floats without arithmetic noise (`compare.csv_number`)."""
     buf = io.StringIO()
-    frame.to_csv(buf, index=False)
+    tidy_floats(frame).to_csv(buf, index=False)
     return buf.getvalue()
+
+
+def tidy_floats(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with the cells of its float columns through `compare.csv_number` (other columns as they are)."""
+    floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    return frame.assign(**{c: frame[c].map(lambda v, c=c: cmp.csv_number(v, c)).astype(object) for c in floats})
 
 
 # -- reads ----------------------------------------------------------------------------------------

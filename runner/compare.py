@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import fmean, variance
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from runner import noise
 
@@ -276,19 +276,21 @@ def gain_table(
     rows: list[GainRow] = []
     for key in keys:
         va, vb = _values(sa.metrics, key), _values(sb.metrics, key)
-        if not va or not vb or (metrics is None and _carries_nothing(key, va, vb, sa, sb)):
+        if not va or not vb or (metrics is None and carries_nothing(key, sa.metrics, sb.metrics)):
             continue
         rows.append(_row(metric_def(key), va, vb, sa, sb, shared, boot))
     return rows
 
 
-def _carries_nothing(key: str, va: list[float], vb: list[float], sa: Side, sb: Side) -> bool:
-    """0 on both sides (`rtfx` without audio), or P50 beside the median vLLM also writes."""
-    if key != "failed" and not any(va) and not any(vb):
+def carries_nothing(key: str, *sides: list[dict[str, float | None]]) -> bool:
+    """Whether metric `key` says nothing in these executions (`sides`: each run's list of metrics; Compare
+    passes two, a run's page one), so that tables leave its row out: 0 or blank in every execution (`rtfx`
+    without audio, counters vLLM leaves at 0 for this kind of benchmark; `failed` excepted: its 0 is news),
+    or a P50 beside the median vLLM also writes."""
+    if key != "failed" and not any(v for side in sides for v in _values(side, key)):
         return True
     m = _PCT.match(key)
-    return bool(m and float(m.group(1)) == 50 and all(
-        _values(s.metrics, f"median_{m.group(2)}_ms") for s in (sa, sb)))
+    return bool(m and float(m.group(1)) == 50 and all(_values(side, f"median_{m.group(2)}_ms") for side in sides))
 
 
 def run_flags(baseline: Side, candidate: Side) -> list[str]:
@@ -607,6 +609,26 @@ def csv_fields(a_label: str, b_label: str) -> list[str]:
     return [f.format(a=ca, b=cb) for f in CSV_FIELDS]
 
 
+CSV_SIGNIFICANT = 10  # float arithmetic's noise sits past the 15th digit; nothing measured here has 10 that mean much
+DERIVED_SIGNIFICANT = 6  # a change, an improvement, the interval of a change: beyond 6 digits, noise of the statistics
+_DERIVED_COLUMNS = ("Change", "Improvement(%)", "CI low", "CI high", "stderr of change")
+
+
+def csv_number(value: Any, column: str = "") -> Any:
+    """A CSV cell without float noise: a float to 10 significant digits, or 6 in the derived columns (`Change`,
+    `Improvement(%)`, the change's interval; a run's own interval is in its values' digits), never rounded into
+    its integer part (0.1 + 0.2 → 0.3, 12.340000001 → 12.34, a change of 227780.13 − 271196.67 → -43416.5); an
+    integer-valued float as an integer (994.0 → 994); integers, text, blanks, NaN and inf as they are."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+        return value
+    if value.is_integer():
+        return int(value)
+    significant = DERIVED_SIGNIFICANT if column in _DERIVED_COLUMNS else CSV_SIGNIFICANT
+    decimals = max(significant - 1 - math.floor(math.log10(abs(value))), 0)
+    rounded = round(value, decimals)
+    return int(rounded) if decimals == 0 else rounded
+
+
 def to_csv(rows: list[GainRow], a_label: str, b_label: str, lead: Mapping[str, object] | None = None) -> str:
     """The table as CSV numbers: canonical units whatever the magnitude, `Improvement(%)` a number, blanks
     where there is no value, the noise verdict and the flags (`; `-separated) as text; `lead` columns first."""
@@ -614,7 +636,7 @@ def to_csv(rows: list[GainRow], a_label: str, b_label: str, lead: Mapping[str, o
     writer = csv.DictWriter(buf, fieldnames=[*(lead or {}), *csv_fields(a_label, b_label)], lineterminator="\n")
     writer.writeheader()
     for rec in csv_records(rows, a_label, b_label, lead):
-        writer.writerow({k: "" if v is None else v for k, v in rec.items()})
+        writer.writerow({k: "" if v is None else csv_number(v, k) for k, v in rec.items()})
     return buf.getvalue()
 
 

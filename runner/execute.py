@@ -389,7 +389,7 @@ class RunExecutor:
         elif bench.prefix_cache == "warm":
             self._set(phase=f"benchmark {n + 1}/{total}: warming the prefix cache (unrecorded run)")
             self._mark("warmup_start", name)
-            proc, _, _ = self._bench_process(bench, name + "-warmup", lambda done: None)
+            proc, _, _ = self._bench_process(bench, name + "-warmup", lambda done: None, measured=False)
             self._mark("warmup_end", name)
             if proc.poll() != 0:
                 if not self.live.alive():
@@ -398,10 +398,11 @@ class RunExecutor:
                                + meaningful_tail(tail(proc.log_path, 200), 8))
 
     def _bench_process(
-        self, bench: BenchSpec, name: str, on_progress: Callable[[tuple[int, int]], None]
+        self, bench: BenchSpec, name: str, on_progress: Callable[[tuple[int, int]], None], measured: bool = True
     ) -> tuple[ManagedProcess | ClientJob, Reading, Reading]:
         """Run one `vllm bench serve` to its end; the window readings at its measured requests' start
-        (its "Starting main benchmark run" line; the process start if that line was missed) and end."""
+        (its "Starting main benchmark run" line; the process start if that line was missed) and end. A
+        `measured` run marks that start (`bench_measured`): before it, the client was starting up."""
         argv = bench_argv(bench, self.launch, self.live.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
         self._ran(name, argv)
         # unbuffered: the main-run line must reach the log when printed, not when the process exits
@@ -421,6 +422,8 @@ class RunExecutor:
                     self._set(phase=f"{name}: {bench.num_warmups} warm-up requests (not measured)")
             if not main_seen and main_run_started(log_tail):
                 start, main_seen = window.read(), True
+                if measured:
+                    self.store.add_phase(self.run_id, "bench_measured", t=start.t, detail=name)
             done = parse_bench_progress(log_tail)
             # the warm-up requests have a bar of their own, counting to num_warmups
             if done and done[1] == bench.num_prompts and time.monotonic() >= next_progress:

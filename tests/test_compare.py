@@ -4,6 +4,7 @@ import csv
 import io
 import math
 
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -198,8 +199,8 @@ def test_csv_and_numeric_frame_carry_the_same_numbers(seed_metrics) -> None:
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, "TP8", "TP8+DCP8"))))
     assert list(parsed[2].items()) == [
         ("Metric", "Mean TTFT (ms)"), ("key", "mean_ttft_ms"), ("unit", "ms"), ("TP8", "271196.67"),
-        ("TP8+DCP8", "227780.13"), ("Change", str(227780.13 - 271196.67)),
-        ("Improvement(%)", str((271196.67 - 227780.13) / 271196.67 * 100)), ("CI low", ""), ("CI high", ""),
+        ("TP8+DCP8", "227780.13"), ("Change", "-43416.5"),  # not -43416.53999999998
+        ("Improvement(%)", "16.0092"), ("CI low", ""), ("CI high", ""),  # not 16.00924…
         ("TP8 CI low", ""), ("TP8 CI high", ""), ("TP8+DCP8 CI low", ""), ("TP8+DCP8 CI high", ""),
         ("noise", "no CI (single run)"), ("flags", "failed requests 2 vs 6"),
     ]  # fmt: skip
@@ -210,6 +211,33 @@ def test_csv_and_numeric_frame_carry_the_same_numbers(seed_metrics) -> None:
     frame = to_frame(rows, "TP8", "TP8+DCP8")
     assert list(frame.columns) == ["Metric", "TP8", "TP8+DCP8", "Change", "Improvement(%)", "Noise", "Flags"]
     assert frame.iloc[2].tolist()[:5] == ["Mean TTFT (s)", "271.2", "227.8", "-43.4", "+16.0%"]
+
+
+def test_csv_text_carries_no_float_noise() -> None:
+    """Compare's CSVs showed 0.30000000000000004 and 12.340000001; measured values keep their digits, counts
+    stay whole, derived columns keep 6 significant digits."""
+    from runner import api
+    from runner.compare import csv_number
+
+    a = [{"request_throughput": 0.1 + 0.2, "mean_ttft_ms": 12.340000001, "completed": 994.0},
+         {"request_throughput": 0.3, "mean_ttft_ms": 12.34, "completed": 994.0}]
+    b = [{"request_throughput": 0.7, "mean_ttft_ms": 271196.67, "completed": 1000.0},
+         {"request_throughput": 0.7 + 1e-12, "mean_ttft_ms": 271196.67, "completed": 1000.0}]
+    text = to_csv(gain_table(a, b, ["request_throughput", "mean_ttft_ms", "completed"]), "A", "B")
+    assert text.splitlines()[1:] == [
+        # 0.30000000000000004 (mean of 0.1 + 0.2 and 0.3): 0.3; 133.33333333349998 %: 133.333
+        "Request Throughput (req/s),request_throughput,req/s,0.3,0.7,0.4,133.333,0.4,0.4,0.3,0.3,0.7,0.7,beyond noise,",
+        # 12.3400000005 (mean of 12.340000001 and 12.34): 12.34; a run's interval in its values' 10 digits
+        "Mean TTFT (ms),mean_ttft_ms,ms,12.34,271196.67,271184,-2197604,271184,271184,12.33999999,12.34000001,"
+        "271196.67,271196.67,beyond noise,",
+        "Successful Requests,completed,,994,1000,6,0.603622,6,6,994,994,1000,1000,beyond noise,",  # counts whole
+    ]
+    # one rule for every CSV the dashboard offers
+    frame = pd.DataFrame({"label": ["A"], "t_s": [0.1 + 0.2], "gen_tok_s": [1234.5678901234], "n": [3]})
+    assert api.frame_to_csv(frame) == "label,t_s,gen_tok_s,n\nA,0.3,1234.56789,3\n"
+    cells = [csv_number(v) for v in (227389.87654321, 0.000123456789012, -43416.53999999998, 7, float("inf"), "x")]
+    assert cells == [227389.8765, 0.000123456789, -43416.54, 7, float("inf"), "x"]
+    assert csv_number(-43416.53999999998, "Change") == -43416.5 and math.isnan(csv_number(float("nan")))
 
 
 def test_equal_labels_and_pipes_stay_readable() -> None:

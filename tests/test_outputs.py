@@ -100,4 +100,4 @@ def test_the_comparison_report_carries_the_output_check(tmp_path) -> None:
         "answers first differ at token 3 (median).\n")
     csv = api.comparison_csv([report]).splitlines()
     assert csv[0].startswith("section,baseline,candidate,load_kind,load,workload,Metric,key,unit,tp1,tp2,Change")
-    assert csv[1].startswith(f"output_check,{a.id},{b.id},,,,Identical answers,output_identical_pct,%,100.0,90.0,-10.0")
+    assert csv[1].startswith(f"output_check,{a.id},{b.id},,,,Identical answers,output_identical_pct,%,100,90,-10,")

@@ -88,9 +88,12 @@ with st.expander("Configuration of these results (optional: printed results rare
     m1.text_input("model", key="import.model", placeholder="moonshotai/Kimi-K2-Thinking", disabled=launched_target)
     tp = m2.selectbox("tensor-parallel-size", [None, 1, 2, 4, 8, 16, 32, 64], key="import.tp",
                       format_func=lambda v: "unknown" if v is None else str(v), disabled=launched_target)
+    # The DCP choices follow the TP size; Streamlit keeps a selectbox's value when its options change, even one
+    # no longer offered (shown blank), so the value is set here from the DCP last picked, before it is drawn.
+    ss["import.dcp"] = lf.dcp_for(tp, ss.get("import.dcp_picked"))
     m3.selectbox("decode-context-parallel-size", lf.divisors(tp) if tp else [None], key="import.dcp",
                  format_func=lambda v: "—" if v is None else str(v), help="Divisors of the TP size.",
-                 disabled=launched_target)
+                 disabled=launched_target, on_change=lambda: ss.update({"import.dcp_picked": ss["import.dcp"]}))
 
 files = _files()
 problems = []

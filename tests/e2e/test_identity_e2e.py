@@ -123,7 +123,8 @@ def test_decoy_takes_the_port_while_vllm_starts_the_run_moves_once_and_measures_
         me = psutil.Process()
         phases = store.phases(run.id)
         assert [p.phase for p in phases] == ["launched", "port_retry", "launched", "ready", "bench_start",
-                                             "request_warmup_start", "request_warmup_end", "bench_end", "stopped"]
+                                             "request_warmup_start", "request_warmup_end", "bench_measured",
+                                             "bench_end", "stopped"]
         retry = phases[1].detail
         assert retry == (f"port {port} taken by pid {me.pid} ({me.name()}); retried on {final.port} "
                          "(OSError: [Errno 98] Address already in use)")
@@ -172,7 +173,7 @@ def test_warm_up_requests_precede_the_timing_and_the_first_measured_request_is_n
     assert final.status == RunStatus.succeeded, final.failure_reason
     phases = store.phases(run.id)
     assert [p.phase for p in phases] == ["launched", "ready", "bench_start", "request_warmup_start",
-                                         "request_warmup_end", "bench_end", "stopped"]
+                                         "request_warmup_end", "bench_measured", "bench_end", "stopped"]
     assert [p.detail for p in phases[3:5]] == ["bench-0-0: 8 requests"] * 2
     [row] = store.bench_results(run.id)
     assert json.loads(row.bench_spec_json)["num_warmups"] == 8

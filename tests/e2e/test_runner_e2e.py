@@ -60,7 +60,8 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
         assert run.vllm_version.startswith("0.32")
         assert port_is_free(run.port)
         phases = [p.phase for p in store.phases(run.id)]
-        assert phases == ["launched", "ready", "bench_start", "request_warmup_start", "request_warmup_end", "bench_end",
+        assert phases == ["launched", "ready", "bench_start", "request_warmup_start", "request_warmup_end",
+                          "bench_measured", "bench_end",
                           "outputs_start", "outputs_end", "stopped"]
         # samples during the benchmark, some with the KV cache in use
         events = {p.phase: p.t for p in store.phases(run.id)}

@@ -154,7 +154,9 @@ def test_phase_timeline_segments_in_seconds_since_launch() -> None:
     phases = pd.DataFrame({"t": [100.0, 145.0, 146.0, 160.0, 161.0], "detail": [None] * 5,
                            "phase": ["launched", "ready", "bench_start", "bench_end", "stopped"]})
     fig = charts.phase_timeline(phases)
-    assert [t.name for t in fig.data] == ["starting vLLM", "ready", "benchmark", "between steps"]
+    # stored without a mark of where the measured requests began: one bar, saying what it includes
+    assert [t.name for t in fig.data] == ["starting vLLM", "ready", "benchmark (client start-up included)",
+                                          "between steps"]
     assert [t.base[0] for t in fig.data] == [0.0, 45.0, 46.0, 60.0]
     assert [t.x[0] for t in fig.data] == [45.0, 1.0, 14.0, 1.0]
     live = charts.phase_timeline(phases.iloc[:3], now=200.0)
@@ -166,14 +168,38 @@ def test_every_phase_the_runner_marks_has_words_on_the_timeline() -> None:
     # the timeline showed `outputs_start` and `outputs_end`, raw, for the output check
     import re
 
-    marked = set(re.findall(r'_mark\("(\w+)"', (REPO / "runner" / "execute.py").read_text()))
+    marked = set(re.findall(r'(?:_mark|add_phase)\((?:self\.run_id, )?"(\w+)"', (REPO / "runner" / "execute.py").read_text()))
+    assert "bench_measured" in marked
     marked |= set(re.findall(r'"(request_warmup_\w+)"', (REPO / "runner" / "execute.py").read_text()))
     assert marked - {"stopped"} <= set(charts.STAGES), marked - {"stopped"} - set(charts.STAGES)
     phases = pd.DataFrame({"t": [0.0, 40.0, 41.0, 58.0, 59.0, 85.0, 86.0], "detail": [None] * 7,
                            "phase": ["launched", "ready", "bench_start", "bench_end", "outputs_start", "outputs_end",
                                      "stopped"]})
     assert [t.name for t in charts.phase_timeline(phases).data] == [
-        "starting vLLM", "ready", "benchmark", "between steps", "output check", "after output check"]
+        "starting vLLM", "ready", "benchmark (client start-up included)", "between steps", "output check",
+        "after output check"]
+
+
+def bars(fig) -> list[tuple[str, float, float]]:
+    return [(t.name, t.base[0], t.base[0] + t.x[0]) for t in fig.data]
+
+
+def test_the_bar_named_benchmark_is_the_measured_window_not_the_client_start_up() -> None:
+    # a run's benchmark as the executor marks it: the client process starts at 20 (imports for 12 s), sends
+    # vLLM's 8 warm-up requests from 32, and its measured requests from 35 (the window's start) to 60
+    phases = pd.DataFrame({"t": [0.0, 19.0, 20.0, 32.0, 34.9, 35.0, 60.0, 61.0], "detail": [None] * 8,
+                           "phase": ["launched", "ready", "bench_start", "request_warmup_start", "request_warmup_end",
+                                     "bench_measured", "bench_end", "stopped"]})
+    shown = bars(charts.phase_timeline(phases))
+    assert shown[2:5] == [("benchmark client start-up (not measured)", 20.0, 32.0),
+                          ("warm-up requests (not measured)", 32.0, 34.9), ("benchmark", 34.9, 35.0)]
+    assert shown[5] == ("benchmark", 35.0, 60.0)
+    # without warm-ups (num-warmups 0), and live while the client is still starting
+    no_warmups = phases.drop(index=[3, 4]).reset_index(drop=True)
+    assert bars(charts.phase_timeline(no_warmups))[2:4] == [("benchmark client start-up (not measured)", 20.0, 35.0),
+                                                            ("benchmark", 35.0, 60.0)]
+    assert bars(charts.phase_timeline(phases.iloc[:3], now=25.0))[-1] == (
+        "benchmark client start-up (not measured)", 20.0, 25.0)
 
 
 def test_telemetry_charts_per_gpu_and_in_percent() -> None:

@@ -144,4 +144,13 @@ def test_time_series_line_up_on_the_first_request_not_on_the_bench_process_start
     assert data.load_start([100.0], [115.5], [{"duration": 4.0}]) == 111.5
     assert data.load_start([100.0], [115.5], []) == 100.0  # no result (failed benchmark): the process start
     assert data.load_start([100.0], [115.5], [{"duration": 30.0}]) == 100.0  # impossible duration: ignored
+    # its timeline (stored before the measured start was marked) splits the start-up off the same way
+    from dashboard import charts
+
+    phases = data.phases_frame(store, run.id)
+    assert list(zip(phases["phase"], phases["t"])) == [("launched", 60.0), ("ready", 99.9), ("bench_start", 100.0),
+                                                       ("bench_measured", 111.5), ("bench_end", 115.5)]
+    assert phases["detail"].iloc[3] == data.ESTIMATED_START
+    assert [t.name for t in charts.phase_timeline(phases).data][2:4] == [
+        "benchmark client start-up (not measured)", "benchmark"]
     store.close()

