@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from runner.parsers import prometheus_families
 from runner.telemetry import GpuReader, MetricsReader, load_nvml
 
 # Canonical counter → metric family names, newest first. vLLM 0.24 and 0.32 expose the same names
@@ -69,12 +68,12 @@ class Reading:
 
 
 def parse_snapshot(text: str) -> Snapshot:
-    """The counters and histograms a window needs from a Prometheus page (prometheus_client's own parser)."""
+    """The counters and histograms a window needs from a Prometheus page (`parsers.prometheus_families`)."""
     by_family: dict[str, str] = {name: key for key, names in COUNTERS.items() for name in names}
     hist_key = {name: key for key, name in HISTOGRAMS.items()}
     snap = Snapshot()
     found: dict[str, str] = {}  # canonical key → family that gave it (newest name wins)
-    for fam in text_string_to_metric_families(text):
+    for fam in prometheus_families(text):
         key = by_family.get(fam.name)
         if key is not None:
             if key in found and COUNTERS[key].index(found[key]) < COUNTERS[key].index(fam.name):

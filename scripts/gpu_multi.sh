@@ -5,19 +5,9 @@
 # Appends to one store under WORK (default .gpu/work in the repo: store, models, exports); every result goes
 # under $OUT.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-WORK=${WORK:-$REPO/.gpu/work}
-OUT=${OUT:-$REPO/.gpu/out}
-mkdir -p "$OUT" "$WORK/export"
-export SERVELAB_DATA="$WORK/data" SERVELAB_DB="$WORK/data/servelab.db" SERVELAB_STARTUP_TIMEOUT=500
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-sl() { python3 -m runner.cli "$@"; }
-# a spec's model folder (`model: models/tiny`) under WORK
-model_of() { echo "$WORK/$(sed -n 's/^  model: \([^ #]*\).*/\1/p' "scripts/gpu/$1.yaml")"; }
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi-$1.csv"
-[ -f "$WORK/models/tiny/config.json" ] || sl demo-model "$WORK/models/tiny"
-[ -f "$WORK/models/mla/config.json" ] || sl demo-model "$WORK/models/mla" --kind mla
+demo_models
 spec=$([ "$1" = dcp ] && echo mla_dcp_sweep || echo pack_sweep)
 t0=$SECONDS
 sl sweep "scripts/gpu/$spec.yaml" --set "model=$(model_of "$spec")" > "$WORK/$1.out" 2>&1

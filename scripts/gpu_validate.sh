@@ -4,20 +4,10 @@
 # the same store), their comparison and exports, everything under $OUT.
 # WORK (default .gpu/work in the repo) holds the store, the generated models and the exports.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-WORK=${WORK:-$REPO/.gpu/work}
-OUT=${OUT:-$REPO/.gpu/out}
-mkdir -p "$OUT" "$WORK/export"
-export SERVELAB_DATA="$WORK/data" SERVELAB_DB="$WORK/data/servelab.db" SERVELAB_STARTUP_TIMEOUT=500
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-sl() { python3 -m runner.cli "$@"; }
-# a spec's model folder (`model: models/tiny`) under WORK
-model_of() { echo "$WORK/$(sed -n 's/^  model: \([^ #]*\).*/\1/p' "scripts/gpu/$1.yaml")"; }
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$OUT/versions.txt"
-[ -f "$WORK/models/tiny/config.json" ] || sl demo-model "$WORK/models/tiny"
-[ -f "$WORK/models/mla/config.json" ] || sl demo-model "$WORK/models/mla" --kind mla
+demo_models
 # raw /metrics text while a server is up, for parser fixtures
 ( for i in $(seq 1 400); do curl -s -m 1 'localhost:8000/metrics?by=fixture-capture' > "$WORK/m.txt" 2>/dev/null \
     && grep -q 'num_requests_running{[^}]*} [1-9]' "$WORK/m.txt" && cp "$WORK/m.txt" "$OUT/metrics_busy.txt"; sleep 1; done ) &

@@ -23,12 +23,19 @@ def test_scripts_name_no_folder_of_one_machine() -> None:
 
 
 @pytest.mark.parametrize("script", ["gpu_validate.sh", "gpu_multi.sh"])
+def test_gpu_run_scripts_share_one_setup(script: str) -> None:
+    text = (SCRIPTS / script).read_text(encoding="utf-8")
+    assert 'source "$(dirname "$0")/gpu_env.sh"' in text
+    assert not re.search(r"^(WORK|OUT|REPO)=|^sl\(\)|^model_of\(\)", text, re.M)  # gpu_env.sh's, not a copy
+
+
 @pytest.mark.parametrize("spec", SPECS)
-def test_gpu_spec_loads_with_the_model_folder_its_script_passes(script: str, spec: str, tmp_path: Path) -> None:
-    # the script's own `model_of`, run by bash
+def test_gpu_spec_loads_with_the_model_folder_its_script_passes(spec: str, tmp_path: Path) -> None:
+    # the scripts' `model_of` (gpu_env.sh), run by bash from another folder
     model = subprocess.run(
-        ["bash", "-c", f'WORK="$1"; eval "$(grep "^model_of()" scripts/{script})"; model_of "$2"', "-", str(tmp_path), spec],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        ["bash", "-c", f'WORK="$1" OUT="$1/out"; source {SCRIPTS / "gpu_env.sh"}; model_of "$2"', "-", str(tmp_path),
+         spec],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.strip()
     path = SCRIPTS / "gpu" / f"{spec}.yaml"
     data = yaml.safe_load(path.read_text())

@@ -100,13 +100,29 @@ def free() -> int:
     return free_port(20000 + os.getpid() % 20000)
 
 
-@pytest.fixture
-def held_port() -> Iterator[int]:
+def bound() -> socket.socket:
+    """A socket bound to a port of the kernel's choosing on 127.0.0.1 (listen on it to hold the port)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    s.listen()
-    yield s.getsockname()[1]
-    s.close()
+    return s
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    with bound() as s:
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def startup_error(server: VllmServer) -> RunError:
+    """Start `server` and return the error its start-up ends with (the server stopped either way)."""
+    server.start()
+    try:
+        with pytest.raises(RunError) as exc:
+            server.wait_ready(timeout_s=10, tick_s=0.05)
+    finally:
+        server.stop(grace_s=2)
+    return exc.value
 
 
 # -- ManagedProcess.stop --------------------------------------------------------------------------------
@@ -179,13 +195,7 @@ def test_a_server_that_exits_fails_with_its_root_cause(tmp_path: Path, free: int
     script = tmp_path / "fake_vllm.py"
     script.write_text(DCP_GQA_FAILURE)
     server = VllmServer([sys.executable, str(script)], {}, tmp_path / "server.log", free)
-    server.start()
-    try:
-        with pytest.raises(RunError) as exc:
-            server.wait_ready(timeout_s=10, tick_s=0.05)
-    finally:
-        server.stop(grace_s=2)
-    assert str(exc.value) == DCP_GQA_REASON
+    assert str(startup_error(server)) == DCP_GQA_REASON
     assert server.poll() == 1 and "Traceback" in (tmp_path / "server.log").read_text()
 
 
@@ -327,14 +337,8 @@ def test_vllm_exiting_on_a_taken_port_raises_port_conflict_naming_the_holder(tmp
 def test_a_second_launch_reads_only_its_own_lines_of_the_shared_log(tmp_path: Path, free: int) -> None:
     log = tmp_path / "server.log"
     log.write_text("OSError: [Errno 98] Address already in use\n")  # the first launch's end
-    server = VllmServer([sys.executable, "-c", DCP_GQA_FAILURE], {}, log, free)
-    server.start()
-    try:
-        with pytest.raises(RunError) as exc:
-            server.wait_ready(timeout_s=10, tick_s=0.05)
-    finally:
-        server.stop(grace_s=2)
-    assert type(exc.value) is RunError and str(exc.value) == DCP_GQA_REASON
+    error = startup_error(VllmServer([sys.executable, "-c", DCP_GQA_FAILURE], {}, log, free))
+    assert type(error) is RunError and str(error) == DCP_GQA_REASON
 
 
 def test_stop_does_not_wait_for_a_port_that_a_stranger_holds(tmp_path: Path, free: int) -> None:
@@ -360,10 +364,8 @@ def test_start_refuses_a_taken_port(tmp_path: Path, held_port: int) -> None:
 # -- ports and logs -------------------------------------------------------------------------------------
 def test_port_is_free(held_port: int) -> None:
     assert not port_is_free(held_port)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    with bound() as s:
+        port = s.getsockname()[1]
     assert port_is_free(port)
 
 

@@ -78,6 +78,11 @@ def upgrade(engine: sa.Engine, where: str) -> None:
         found = current(conn)
     if found == head():
         return
+    # Three locks, each for what the others miss: `_IN_PROCESS` for threads of this process (Alembic's context
+    # is module-global, so even two different stores, on any backend, collide; a file lock does not cover two
+    # stores); `_file_lock` for processes opening one SQLite file (a thread lock does not reach them, and
+    # `BEGIN IMMEDIATE` alone let two run one revision); the database's own lock (`BEGIN IMMEDIATE`, the
+    # PostgreSQL advisory lock) for every other opener of the database, such as another host on PostgreSQL.
     with _IN_PROCESS, _file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading: migrations never interleave
