@@ -8,6 +8,11 @@ bench serve` command calls: the same parser, the same result JSON file (`--save-
 output (vLLM's print-out, its progress bar) goes to its own log file, as a process's would; the answer is
 one JSON line on stdout: `{"id": …, "code": 0 or the exit code the command would have, "error": …}`.
 
+The window gate: at vLLM's main-run line (after the warm-ups, before the first measured request) the client
+answers `{"id": …, "main_run": true}` and waits, at most `GATE_S`, for `{"go": id}` on stdin, so that the
+executor reads the server's counters before any measured request has been sent (a window opened from polling
+the log could open after the first short requests had finished).
+
 The first line the client writes says whether it can: `{"ready": true, "import_s": …}`, or
 `{"unsupported": "…"}` for a vLLM without that entry point. `BenchClients` (the executor's side) then falls
 back to one `vllm bench serve` process per benchmark, as before. `SERVELAB_BENCH_CLIENT=0`
@@ -16,6 +21,7 @@ back to one `vllm bench serve` process per benchmark, as before. `SERVELAB_BENCH
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib
 import json
@@ -27,10 +33,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from runner.commands import MAIN_RUN_LINE
 from runner.server import ManagedProcess, kill_group
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,46 @@ def _answer(out: IO[str], **fields: Any) -> None:
     out.flush()
 
 
+GATE_S = 10.0
+"""The longest a benchmark waits at its main-run line for the executor's go (then it goes on regardless)."""
+
+
+class _Gate:
+    """`print` for vLLM's serve module: at the main-run line of the current job, say so and wait for the go."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+        self.job: Any = None  # the id of the job whose main run has not started yet
+        self.go: queue.Queue[Any] = queue.Queue()
+
+    def arm(self, job_id: Any) -> None:
+        self.job = job_id
+        while not self.go.empty():  # a go that came too late for the previous job
+            self.go.get_nowait()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        builtins.print(*args, **kwargs)
+        if self.job is not None and args and str(args[0]).startswith(MAIN_RUN_LINE):
+            job, self.job = self.job, None
+            sys.stdout.flush()
+            _answer(self.out, id=job, main_run=True)
+            with contextlib.suppress(queue.Empty):  # no measured request is in flight while this blocks
+                while self.go.get(timeout=GATE_S) != job:
+                    pass
+
+
+def _read_jobs(stdin: IO[str], jobs: queue.Queue[Any], gate: _Gate) -> None:
+    """Jobs into `jobs` (None at EOF); go lines to the gate."""
+    for line in stdin:
+        if line.strip():
+            msg = json.loads(line)
+            if "go" in msg:
+                gate.go.put(msg["go"])
+            else:
+                jobs.put(msg)
+    jobs.put(None)
+
+
 def serve(stdin: IO[str], out: IO[str]) -> None:
     """The client's loop: a handshake line, then one answer per job line until stdin closes."""
     t0 = time.monotonic()
@@ -96,6 +143,10 @@ def serve(stdin: IO[str], out: IO[str]) -> None:
     except (ImportError, AttributeError) as exc:
         _answer(out, unsupported=f"{type(exc).__name__}: {exc}")
         return
+    gate = _Gate(out)
+    # vLLM's serve module prints its main-run line with the builtin print: a module global of that name wins
+    serve_module = sys.modules[bench_main.__module__]
+    serve_module.print = gate.print  # type: ignore[attr-defined]
     import gc
 
     # vLLM's main freezes the heap before each benchmark after a full collection (`freeze_gc_heap`), about 1 s
@@ -105,11 +156,11 @@ def serve(stdin: IO[str], out: IO[str]) -> None:
     # sweep's worth of prompts.
     gc.freeze()
     _answer(out, ready=True, import_s=round(time.monotonic() - t0, 3))
-    for line in stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
+    jobs: queue.Queue[Any] = queue.Queue()
+    threading.Thread(target=_read_jobs, args=(stdin, jobs, gate), daemon=True).start()
+    while (job := jobs.get()) is not None:
         code, error, started = 0, None, time.monotonic()
+        gate.arm(job["id"])
         with _output_to(job["log"]):
             try:
                 parser = parser_cls(description="vllm bench serve")
@@ -194,6 +245,8 @@ class ClientJob:
         self.owner, self.argv, self.env, self.log_path, self.id = owner, argv, env, Path(log_path), job_id
         self.returncode: int | None = None
         self.fallback: ManagedProcess | None = None
+        self.on_main_run: Callable[[], None] | None = None
+        """Called when the benchmark waits at its main-run line (no measured request sent yet); it goes on after."""
 
     def start(self) -> int:
         client = self.owner.client(self.env)
@@ -232,6 +285,13 @@ class ClientJob:
                             + _tail(client.log_path))
                 self.owner.forget()
                 return self.returncode
+            if msg.get("id") == self.id and msg.get("main_run"):
+                try:
+                    if self.on_main_run is not None:
+                        self.on_main_run()
+                finally:
+                    client.submit({"go": self.id})
+                continue
             if msg.get("id") == self.id:
                 self.returncode = int(msg.get("code", 1))
                 with open(self.log_path, "a") as f:

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from runner.config import BenchSpec, EvalSpec, LaunchSpec
 
+MAIN_RUN_LINE = "Starting main benchmark run"
+"""What `vllm bench serve` prints after its warm-up and single test request, as its measured requests start
+(vLLM 0.24 and 0.32 alike): where a benchmark window opens (runner.window, runner.bench_client)."""
+
 # Launch fields that take a value, in the order they appear on the command line.
 _VALUE_FLAGS = (
     "served_model_name",

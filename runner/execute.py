@@ -413,6 +413,15 @@ class RunExecutor:
         start = window.read()
         main_seen, warmup, next_progress = False, _WarmupWatch(bench.num_warmups), 0.0
 
+        def main_run() -> None:
+            """The benchmark client waits at its main-run line for this: the window opens before any measured
+            request (the log is only polled, and a short request could finish before the poll saw the line)."""
+            nonlocal start, main_seen
+            start, main_seen = window.read(), True
+
+        if isinstance(proc, ClientJob):
+            proc.on_main_run = main_run
+
         def tick() -> float:
             nonlocal start, main_seen, next_progress
             log_tail = tail(proc.log_path, lines=40, max_bytes=16000)

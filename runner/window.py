@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from runner.commands import MAIN_RUN_LINE
 from runner.parsers import prometheus_families
 from runner.telemetry import GpuReader, MetricsReader, load_nvml
 
@@ -41,8 +42,6 @@ HISTOGRAMS: dict[str, str] = {
     "decode": "vllm:request_decode_time_seconds",
 }
 QUANTILES = (50, 99)
-MAIN_RUN_LINE = "Starting main benchmark run"
-"""What `vllm bench serve` prints after its single-prompt test request, as the measured requests start."""
 
 ENERGY_KEYS = ("energy_j", "j_per_output_token", "mean_power_w_per_gpu", "output_tok_per_s_per_w")
 

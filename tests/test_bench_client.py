@@ -68,3 +68,29 @@ def test_a_vllm_without_the_entry_point_falls_back_to_a_process(tmp_path: Path, 
     assert clients.unsupported and "benchmarks.serve" in clients.unsupported
     assert "ran as a process" in (tmp_path / "c.log").read_text()
     assert isinstance(clients.job(["x", "bench", "serve"], {}, tmp_path / "d.log"), ManagedProcess)
+
+
+def test_the_gate_holds_the_main_run_until_the_executor_says_go(tmp_path: Path):
+    """The window opens before the first measured request: at vLLM's main-run line the client says so and waits
+    for the go (a window opened by polling the log missed a request that finished first: 23 of 24 counted)."""
+    import io
+    import threading
+
+    from runner.bench_client import _Gate
+    from runner.commands import MAIN_RUN_LINE
+
+    out = io.StringIO()
+    gate = _Gate(out)
+    gate.print("Warmup run completed.")  # other lines pass straight through
+    assert out.getvalue() == ""
+    gate.arm(7)
+    done = threading.Event()
+    threading.Thread(target=lambda: (gate.print(MAIN_RUN_LINE + "..."), done.set()), daemon=True).start()
+    assert not done.wait(0.5)  # held at the line
+    assert out.getvalue() == '{"id": 7, "main_run": true}\n'
+    gate.go.put(6)  # a go for another job does not release it
+    assert not done.wait(0.3)
+    gate.go.put(7)
+    assert done.wait(2.0)
+    gate.print(MAIN_RUN_LINE + "...")  # once per job: the line again (no armed job) does not wait
+    assert out.getvalue().count("main_run") == 1
