@@ -413,26 +413,35 @@ class RunExecutor:
         start = window.read()
         main_seen, warmup, next_progress = False, _WarmupWatch(bench.num_warmups), 0.0
 
-        def main_run() -> None:
-            """The benchmark client waits at its main-run line for this: the window opens before any measured
-            request (the log is only polled, and a short request could finish before the poll saw the line)."""
-            nonlocal start, main_seen
-            start, main_seen = window.read(), True
-
-        if isinstance(proc, ClientJob):
-            proc.on_main_run = main_run
-
-        def tick() -> float:
-            nonlocal start, main_seen, next_progress
+        def read_log() -> str:
+            """The log's tail, its warm-up events marked (they precede the main-run line)."""
             log_tail = tail(proc.log_path, lines=40, max_bytes=16000)
             for event in warmup.events(log_tail):
                 self._mark(event, f"{name}: {bench.num_warmups} requests")
                 if event == "request_warmup_start":
                     self._set(phase=f"{name}: {bench.num_warmups} warm-up requests (not measured)")
+            return log_tail
+
+        def main_run() -> None:
+            """The window opens: at the main-run line (no measured request sent yet), marked `bench_measured`."""
+            nonlocal start, main_seen
+            if main_seen:
+                return
+            read_log()  # the warm-ups' events first, in the order they happened
+            start, main_seen = window.read(), True
+            if measured:
+                self.store.add_phase(self.run_id, "bench_measured", t=start.t, detail=name)
+
+        if isinstance(proc, ClientJob):
+            # the benchmark client waits at its main-run line until this has run: the window opens before any
+            # measured request (the log is only polled, and a short request could finish before a poll saw it)
+            proc.on_main_run = main_run
+
+        def tick() -> float:
+            nonlocal next_progress
+            log_tail = read_log()
             if not main_seen and main_run_started(log_tail):
-                start, main_seen = window.read(), True
-                if measured:
-                    self.store.add_phase(self.run_id, "bench_measured", t=start.t, detail=name)
+                main_run()
             done = parse_bench_progress(log_tail)
             # the warm-up requests have a bar of their own, counting to num_warmups
             if done and done[1] == bench.num_prompts and time.monotonic() >= next_progress:

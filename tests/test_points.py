@@ -88,9 +88,9 @@ def test_two_load_sweeps_compare_load_by_load_with_repeats_pooled(env) -> None:
     assert [ln for ln in text.splitlines() if ln.startswith("Benchmark")] == [
         "Benchmark at 4 req/s", "Benchmark at 16 req/s"]
     rows = list(csv.DictReader(io.StringIO(sl(env, "compare", str(a), str(b), "--format", "csv"))))
-    tput = [(r["load_kind"], r["load"], r["TP1 seqs 8"], r["TP1 seqs 64"]) for r in rows
+    tput = [(r["load_kind"], float(r["load"]), float(r["TP1 seqs 8"]), float(r["TP1 seqs 64"])) for r in rows
             if r["section"] == "benchmark" and r["key"] == "output_throughput"]
-    assert tput == [("request-rate", "4.0", "1000.0", "1100.0"), ("request-rate", "16.0", "2500.0", "4000.0")]
+    assert tput == [("request-rate", 4.0, 1000.0, 1100.0), ("request-rate", 16.0, 2500.0, 4000.0)]
     # api.compare_runs wants one shared load and says so
     with api.open_store(env["SERVELAB_DB"]) as store, pytest.raises(api.StoreError, match="share 2 loads"):
         api.compare_runs(store, a, b)
@@ -115,7 +115,7 @@ def test_one_load_against_a_sweep_pairs_the_common_load_and_names_the_others(env
     rows = list(csv.DictReader(io.StringIO(sl(env, "compare", str(a), str(b), "--format", "csv"))))
     assert [r["flags"] for r in rows if r["section"] == "benchmark_note"] == [
         "only the candidate has 4 req/s, 64 req/s: not compared"]
-    assert {r["load"] for r in rows if r["section"] == "benchmark"} == {"16.0"}
+    assert {float(r["load"]) for r in rows if r["section"] == "benchmark"} == {16.0}
 
 
 def test_other_settings_or_cache_states_are_told_apart(store) -> None:
@@ -177,6 +177,6 @@ def test_the_headline_of_a_sweep_is_its_peak_load_never_a_mean(env, tmp_path) ->
     assert "  3 loads, peak output at 16 req/s (2,500.0 out tok/s)" in shown
     sl(env, "export", "results", "--run", str(sweep), "--out", str(tmp_path / "r.csv"))
     results = list(csv.DictReader((tmp_path / "r.csv").open()))
-    assert [(r["load_kind"], r["load"], r["output_throughput"]) for r in results] == [
-        ("request-rate", "4.0", "900.0"), ("request-rate", "16.0", "2400.0"), ("request-rate", "64.0", "2450.0"),
-        ("request-rate", "16.0", "2600.0")]
+    assert [(r["load_kind"], float(r["load"]), float(r["output_throughput"])) for r in results] == [
+        ("request-rate", 4.0, 900.0), ("request-rate", 16.0, 2400.0), ("request-rate", 64.0, 2450.0),
+        ("request-rate", 16.0, 2600.0)]
