@@ -63,6 +63,13 @@ def load_label(loads: Any, at: Any) -> str:
     return f"{at} (peak of {int(loads)})" if swept else at
 
 
+def node_label(name: str | None, ip: str | None) -> str:
+    """`gpu-node-1 (10.0.0.5)`: the Ray node a run executed on; empty for runs of the local worker."""
+    if not name and not ip:
+        return ""
+    return f"{name} ({ip})" if name and ip else str(name or ip)
+
+
 def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
     """The Runs page table from `api.runs_frame`: status, label, model, TP/DCP, the load of the headline metrics
     (a sweep's peak load, never a mean across loads), the metrics, times."""
@@ -83,6 +90,7 @@ def runs_view(frame: pd.DataFrame, now: datetime | None = None) -> pd.DataFrame:
         "TP/DCP": [config_label(t, d) for t, d in zip(frame["tensor_parallel_size"],
                                                      frame["decode_context_parallel_size"])],
         "Load": [load_label(n, at) for n, at in zip(frame["loads"], frame["metrics_at"], strict=True)],
+        "Node": [node_label(n, ip) for n, ip in zip(frame["node_name"], frame["node_ip"])],
         "Output tok/s": frame["output_throughput"],
         "Req/s": frame["request_throughput"],
         "Median TTFT (ms)": frame["median_ttft_ms"],

@@ -14,7 +14,7 @@ from dashboard import presets
 from dashboard import spec_form as form
 from dashboard.spec_form import FormState
 from runner import api
-from runner.config import BenchSpec, EvalSpec, Host, LaunchSpec, RunSpec, SweepSpec
+from runner.config import BenchSpec, EvalSpec, LaunchSpec, RunSpec, SweepSpec, Target
 from runner.errors import Problem, SpecError
 
 Spec = TypeVar("Spec", LaunchSpec, BenchSpec, EvalSpec)
@@ -82,7 +82,7 @@ def _section(model: type[Spec], prefix: str, state: FormState) -> tuple[Spec | N
         return None, problems + [p.under(prefix) if isinstance(p, Problem) else Problem(p) for p in exc.problems]
 
 
-def read(state: FormState, host: Host | None) -> Checked:
+def read(state: FormState, host: Target | None) -> Checked:
     """Every section checked on its own, so each field with a problem shows it at once."""
     other_worker = bool(state.get("run.other_worker"))
     launch, problems = _section(LaunchSpec, "launch", state)
@@ -103,7 +103,7 @@ def read(state: FormState, host: Host | None) -> Checked:
     return checked
 
 
-def check(spec: RunSpec, host: Host | None) -> Checked:
+def check(spec: RunSpec, host: Target | None) -> Checked:
     notes = []
     problems = spec.problems(host) + api.eval_dataset_problems(spec.eval)
     if presets.is_missing_demo_model(spec.launch.model):
@@ -115,7 +115,7 @@ def check(spec: RunSpec, host: Host | None) -> Checked:
     return Checked(spec, problems, notes)
 
 
-def cannot_run_here(spec: RunSpec | None, host: Host | None) -> bool:
+def cannot_run_here(spec: RunSpec | None, host: Target | None) -> bool:
     """Whether this machine is what stops `spec` (so queueing it for another worker is an option)."""
     return spec is not None and host is not None and bool(host.problems(spec.launch))
 
@@ -140,7 +140,7 @@ def sweep(name: str, base: RunSpec, matrix: dict[str, list[Any]]) -> SweepSpec:
                             "other_worker": base.other_worker})
 
 
-def sweep_cells(sweep_spec: SweepSpec, host: Host | None) -> pd.DataFrame:
+def sweep_cells(sweep_spec: SweepSpec, host: Target | None) -> pd.DataFrame:
     """One row per run of the sweep with what is wrong with it (empty when it can be queued)."""
     rows = []
     for cell, spec in sweep_spec.cells():

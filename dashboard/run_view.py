@@ -30,7 +30,9 @@ def summary_line(run: Run) -> str:
         parts.append(f"DP{run.data_parallel_size}")
     if run.vllm_version:
         parts.append(f"vLLM {run.vllm_version}")
-    if run.host:
+    if run.node_name or run.node_ip:
+        parts.append(f"Ray node {data.node_label(run.node_name, run.node_ip)}")
+    elif run.host:
         parts.append(f"host {run.host}")
     if run.gpu_ids_json:
         gpus = json.loads(run.gpu_ids_json)

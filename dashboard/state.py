@@ -13,7 +13,7 @@ import streamlit as st
 
 from runner import api
 from runner.api import Store
-from runner.config import Host
+from runner.config import ClusterShape, Host, Target
 from runner.models import Run
 
 FORM_PREFIXES = ("launch.", "bench.", "eval.", "run.", "sweep.", "form.")
@@ -23,6 +23,7 @@ PAGES = {
     "run": "app_pages/run.py",
     "compare": "app_pages/compare.py",
     "import": "app_pages/import_results.py",
+    "cluster": "app_pages/cluster.py",
 }
 
 
@@ -43,6 +44,9 @@ class Machine:
     cpu: bool
     gpus: list[dict[str, Any]] = field(default_factory=list)
     note: str | None = None
+    cluster: ClusterShape | None = None  # a Ray worker is configured: launches are checked against its cluster
+    cluster_address: str | None = None
+    cluster_error: str | None = None  # it is configured but could not be read
 
     @property
     def gpu_count(self) -> int | None:
@@ -50,15 +54,21 @@ class Machine:
         return None if self.cpu else (len(self.gpus) or None)
 
     @property
-    def host(self) -> Host | None:
-        """This machine as launches are checked against: its GPUs, or the CPU backend's cores; None when
-        NVML sees no GPU on a GPU build (nothing to check against)."""
+    def host(self) -> Target | None:
+        """What launches are checked against: the Ray cluster's shape when a Ray worker is configured; else this
+        machine's GPUs, or the CPU backend's cores; None when NVML sees no GPU on a GPU build, or the configured
+        cluster cannot be read (nothing to check against)."""
+        if self.cluster_address:
+            return self.cluster
         if self.cpu:
             return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
         return Host(gpus=len(self.gpus)) if self.gpus else None
 
     @property
     def tp_options(self) -> list[int]:
+        if self.cluster is not None and self.cluster.node_size:
+            size = self.cluster.node_size
+            return [*range(1, size + 1), *(size * k for k in range(2, self.cluster.full_nodes + 1))]
         if self.cpu or not self.gpus:
             return [1, 2]
         return list(range(1, len(self.gpus) + 1))
@@ -68,7 +78,12 @@ class Machine:
 def machine() -> Machine:
     """NVML's view of the GPUs, refreshed every 30 s (free memory changes as runs come and go)."""
     found = api.inventory()
-    return Machine(cpu=found.cpu, gpus=found.gpus, note=found.note)
+    box = Machine(cpu=found.cpu, gpus=found.gpus, note=found.note)
+    if address := api.ray_address():
+        state = api.cluster_state(address)
+        box.cluster_address, box.cluster_error = address, state.error
+        box.cluster = None if state.error else state.shape(cpu_backend=found.cpu)
+    return box
 
 
 def keep_form_state() -> None:

@@ -46,5 +46,6 @@ pages = [
     st.Page(PAGES["run"], title="Run", icon=":material/monitoring:", url_path="run"),
     st.Page(PAGES["compare"], title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page(PAGES["import"], title="Import", icon=":material/upload_file:", url_path="import"),
+    st.Page(PAGES["cluster"], title="Cluster", icon=":material/hub:", url_path="cluster"),
 ]
 st.navigation(pages).run()

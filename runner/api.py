@@ -27,8 +27,9 @@ from pydantic import ValidationError
 
 from runner import compare as cmp
 from runner import noise, points, slo
+from runner.cluster import ClusterState, snapshot
 from runner.commands import bench_argv, display, lm_eval_argv, serve_argv
-from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec
+from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSpec, Target
 from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
 from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
 from runner.execute import INTERNAL_ENV, cpu_backend
@@ -179,8 +180,16 @@ def _run_fields(spec: RunSpec) -> dict[str, Any]:
     )
 
 
-def this_host(settings: Settings | None = None) -> Host:
-    """This machine as launches see it: its GPUs (NVML), or vLLM's CPU backend and its cores."""
+def this_host(settings: Settings | None = None) -> Target:
+    """What launches are checked against: the Ray cluster's shape when a Ray worker is configured
+    (SERVELAB_RAY_ADDRESS), else this machine: its GPUs (NVML), or vLLM's CPU backend and its cores."""
+    settings = settings or Settings.from_env()
+    if settings.ray_address:
+        state = cluster_state(settings.ray_address)
+        if state.error:
+            raise ServelabError(f"{state.error}; launches are checked against the cluster a Ray worker schedules "
+                                "onto (SERVELAB_RAY_ADDRESS): start it, or unset SERVELAB_RAY_ADDRESS")
+        return state.shape(cpu_backend(settings))
     if cpu_backend(settings):
         return Host(cpu_backend=True, cores=len(os.sched_getaffinity(0)))
     reader = GpuReader(load_nvml())
@@ -190,14 +199,14 @@ def this_host(settings: Settings | None = None) -> Host:
         reader.close()
 
 
-def queue_run(store: Store, spec: RunSpec, host: Host | None = None, **fields: Any) -> Run:
+def queue_run(store: Store, spec: RunSpec, host: Target | None = None, **fields: Any) -> Run:
     """Validate `spec` for `host` (raises SpecError listing every problem) and queue it. A run for
     another worker (`spec.other_worker`) is checked without this machine."""
     spec.check(host)
     return store.create_run(**{**_run_fields(spec), **fields})
 
 
-def queue_sweep(store: Store, sweep: SweepSpec, host: Host | None = None) -> tuple[int, list[Run]]:
+def queue_sweep(store: Store, sweep: SweepSpec, host: Target | None = None) -> tuple[int, list[Run]]:
     """Queue the runs of a sweep. Re-queuing the same sweep (same name and spec) resumes it: cells
     that succeeded or are still queued/running are kept, the others get a new run."""
     cells = sweep.cells()
@@ -883,6 +892,54 @@ def describe_imported(
         if run.source != RunSource.imported:
             raise StoreError(f"run {run.id} was launched here; its configuration is the one it ran with")
     return [store.update_run(run.id, **fields) for run in runs] if fields else runs
+
+
+# -- the Ray cluster ------------------------------------------------------------------------------
+_CLUSTER_CACHE: dict[str, ClusterState] = {}
+
+
+def cluster_state(address: str, max_age_s: float = 10.0) -> ClusterState:
+    """The Ray cluster at `address`: its nodes (alive, GPUs total and free), which run's placement group holds
+    each, and the Ray worker's card; read at most every `max_age_s` seconds by a short child process (this
+    process never joins the cluster). Never raises: `error` says why a cluster cannot be read."""
+    known = _CLUSTER_CACHE.get(address)
+    if known is None or time.time() - known.read_at > max_age_s:
+        known = _CLUSTER_CACHE[address] = snapshot(address)
+    return known
+
+
+def ray_address(settings: Settings | None = None) -> str | None:
+    """The Ray cluster a Ray worker schedules onto, when one is configured (SERVELAB_RAY_ADDRESS)."""
+    return (settings or Settings.from_env()).ray_address
+
+
+def runs_by_id(store: Store, run_ids: Sequence[int]) -> dict[int, Run]:
+    """The runs of `run_ids` that the store knows (a cluster may hold groups of another store's runs)."""
+    out = {}
+    for run_id in set(run_ids):
+        try:
+            out[run_id] = store.get_run(run_id)
+        except StoreError:
+            continue
+    return out
+
+
+def cluster_nodes_frame(store: Store, state: ClusterState) -> pd.DataFrame:
+    """The Cluster page's table: a row per node (alive first) with its GPUs total/free/busy and the runs whose
+    placement group holds part of it (`#12 TP16 (benchmarking)`; a run of another store: `#12 (not in this
+    store)`)."""
+    runs = runs_by_id(store, [r for n in state.nodes for r in n.runs])
+
+    def said(run_id: int) -> str:
+        run = runs.get(run_id)
+        return f"#{run_id} {label_of(run)} ({run.status.value})" if run else f"#{run_id} (not in this store)"
+
+    return pd.DataFrame([{
+        "Node": n.name, "IP": n.ip, "Alive": n.alive, "GPUs": n.gpus_total, "GPUs free": n.gpus_free,
+        "GPUs busy": n.gpus_busy, "CPUs": n.cpus_total, "Runs": ", ".join(said(r) for r in n.runs),
+        "Ray node id": n.node_id,
+    } for n in state.nodes], columns=["Node", "IP", "Alive", "GPUs", "GPUs free", "GPUs busy", "CPUs", "Runs",
+                                      "Ray node id"])
 
 
 # -- this machine ---------------------------------------------------------------------------------

@@ -171,6 +171,27 @@ def _headline(store, run_id: int) -> str:
     return " — ".join(parts)
 
 
+def _drive_or_follow(store, run_ids: list[int]) -> None:
+    """Execute the runs here, or, when a Ray worker is configured (SERVELAB_RAY_ADDRESS), follow them while it
+    executes them on the cluster (they were checked against the cluster's shape)."""
+    if not (address := api.ray_address()):
+        _drive(store, run_ids)
+        return
+    from runner.models import LIVE
+
+    typer.echo(f"queued {', '.join(f'#{r}' for r in run_ids)} for the Ray worker of {address}", err=True)
+    try:
+        while any((run := store.get_run(r)).status in LIVE for r in run_ids):
+            typer.echo(f"#{run.id} {run.progress * 100:3.0f}% {run.phase}", err=True)
+            threading.Event().wait(2.0)
+    except KeyboardInterrupt:
+        for r in run_ids:
+            try:
+                api.cancel(store, r)
+            except ServelabError:
+                pass
+
+
 def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
     """Execute queued runs in this process with a progress line until all have ended."""
     from runner.models import LIVE
@@ -226,7 +247,7 @@ def run(
         if other_worker:
             typer.echo(f"queued run {queued.id} for another worker")
             return
-        _drive(store, [queued.id])
+        _drive_or_follow(store, [queued.id])
         final = store.get_run(queued.id)
     except ServelabError as exc:
         _fail(exc)
@@ -253,7 +274,7 @@ def sweep(
         if other_worker:
             typer.echo(f"queued sweep {sweep_id} ({len(queued)} runs) for another worker")
             return
-        _drive(store, [r.id for r in queued])
+        _drive_or_follow(store, [r.id for r in queued])
         runs = store.list_runs(sweep_id=sweep_id)
     except ServelabError as exc:
         _fail(exc)

@@ -159,6 +159,75 @@ class Host:
         return out
 
 
+@dataclass(frozen=True)
+class ClusterShape:
+    """A Ray cluster as launches see it: the GPUs each alive node declares. A launch that fits one node runs
+    there; one that needs more runs across whole nodes of the largest size (vLLM's Ray executor, one GPU per
+    rank); anything else is refused with the shape. `cpu_backend`: the nodes run vLLM's CPU build (no DCP)."""
+
+    node_gpus: tuple[int, ...]
+    cpu_backend: bool = False
+
+    @property
+    def node_size(self) -> int:
+        """GPUs of the largest node: what a single-node launch can have, and the size of a multi-node one's nodes."""
+        return max(self.node_gpus, default=0)
+
+    @property
+    def full_nodes(self) -> int:
+        """How many nodes have `node_size` GPUs."""
+        return sum(1 for g in self.node_gpus if g == self.node_size) if self.node_size else 0
+
+    def describe(self) -> str:
+        """`2 nodes × 8 GPUs`, `1 node × 8 GPUs + 2 nodes × 4 GPUs`, `no node with a GPU`."""
+        sizes = sorted({g for g in self.node_gpus if g}, reverse=True)
+        if not sizes:
+            return f"{len(self.node_gpus)} node{'s' if len(self.node_gpus) != 1 else ''} and no GPU"
+        parts = []
+        for size in sizes:
+            n = self.node_gpus.count(size)
+            parts.append(f"{n} node{'s' if n != 1 else ''} × {size} GPU{'s' if size != 1 else ''}")
+        return " + ".join(parts)
+
+    def nodes_for(self, launch: LaunchSpec) -> int | None:
+        """How many nodes `launch` takes here (1: single-node), or None when it cannot fit."""
+        need, size = launch.gpus_needed, self.node_size
+        if size and need <= size:
+            return 1
+        if size and need % size == 0 and need // size <= self.full_nodes:
+            return need // size
+        return None
+
+    def problems(self, launch: LaunchSpec) -> list[Problem]:
+        """What keeps `launch` from running on this cluster, whatever the model."""
+        out = []
+        if self.cpu_backend and launch.decode_context_parallel_size > 1:
+            out.append(Problem(CPU_DCP, "decode_context_parallel_size"))
+        if self.nodes_for(launch) is None:
+            need, size, sizes = launch.gpus_needed, self.node_size, _sizes_text(launch)
+            if not size:
+                why = f"{sizes} needs {need} GPUs: add GPU nodes (`ray start --address … --num-gpus N`)"
+            elif need % size:
+                whole = ", ".join(str(size * k) for k in range(1, self.full_nodes + 1))
+                why = (f"{sizes} needs {need} GPUs, and a launch larger than one node takes whole {size}-GPU nodes: "
+                       f"pick sizes whose product is one of {whole}")
+            else:
+                why = (f"{sizes} needs {need // size} such nodes: add nodes or lower the sizes to fit "
+                       f"{size * self.full_nodes} GPUs")
+            out.append(Problem(f"The Ray cluster has {self.describe()}; {why}.", "tensor_parallel_size"))
+        return out
+
+
+Target = Host | ClusterShape
+"""What a launch is checked against: one machine, or the Ray cluster a Ray worker schedules onto."""
+
+
+def _sizes_text(launch: LaunchSpec) -> str:
+    """`TP 32`, or `TP×PP×DP = 8×4×1`."""
+    tp, pp, dp = launch.tensor_parallel_size, launch.pipeline_parallel_size, launch.data_parallel_size
+    return f"TP {tp}" if pp == dp == 1 else f"TP×PP×DP = {tp}×{pp}×{dp}"
+
+
 def gpus_for(tp: int, pp: int = 1, dp: int = 1) -> int:
     """GPUs (CPU ranks on the CPU backend) a launch takes: TP × PP × DP."""
     return tp * pp * dp
@@ -255,7 +324,7 @@ class LaunchSpec(_Spec):
         return None
 
     # -- validation before anything starts -------------------------------------------------------
-    def problems(self, host: Host | None = None) -> list[Problem]:
+    def problems(self, host: Target | None = None) -> list[Problem]:
         """Everything wrong with this launch, each message naming the value and the fix. `host` is the
         machine it would run on; None checks the launch alone (an import, a worker elsewhere)."""
         out: list[Problem] = []
@@ -297,7 +366,7 @@ class LaunchSpec(_Spec):
                         f"(its config.json), which vLLM refuses; set max-model-len to {limit} or less.",
                         "max_model_len")]
 
-    def check(self, host: Host | None = None) -> LaunchSpec:
+    def check(self, host: Target | None = None) -> LaunchSpec:
         """Raise `SpecError` listing every problem; return self when the launch can start."""
         if problems := self.problems(host):
             raise SpecError(problems)
@@ -594,7 +663,7 @@ class RunSpec(_Spec):
     def display_label(self) -> str:
         return self.label or self.launch.short_label()
 
-    def problems(self, host: Host | None = None) -> list[Problem]:
+    def problems(self, host: Target | None = None) -> list[Problem]:
         """Every problem of the launch (on `host`, unless the run is queued for another worker), its
         benchmarks and its evaluation; fields named `launch.…`, `bench.…`."""
         out = [p.under("launch") for p in self.launch.problems(None if self.other_worker else host)]
@@ -605,7 +674,7 @@ class RunSpec(_Spec):
                                "add a bench: or eval: section."))
         return out
 
-    def check(self, host: Host | None = None) -> RunSpec:
+    def check(self, host: Target | None = None) -> RunSpec:
         if problems := self.problems(host):
             raise SpecError(problems)
         return self

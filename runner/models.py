@@ -264,6 +264,7 @@ class Sample(SQLModel, table=True):
     prefix_cache_queries: float | None = None
     prefix_cache_hits: float | None = None
     note: str | None = None
+    ray_node_id: str | None = None  # the node it was taken on, for runs spanning nodes; None: the run's node
 
 
 class PhaseEvent(SQLModel, table=True):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ from ray.exceptions import RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from runner.config import RunSpec, Settings
+from runner import cluster
+from runner.config import ClusterShape, RunSpec, Settings
 from runner.errors import ServelabError
 from runner.execute import Allocation, RunExecutor
 from runner.models import ACTIVE, RunStatus, utcnow
@@ -82,15 +84,18 @@ def sweep_orphans(store_url: str, live_runs: list[int]) -> int:
 class _Placed:
     pg: PlacementGroup
     ref: Any = None  # the task's ObjectRef once claimed and submitted
+    plan: cluster.MultiNodePlan | None = None  # a run larger than one node
 
 
 class RayWorker:
     """Executes queued runs on the nodes of a Ray cluster until stopped; the same loop as `Worker`."""
 
     def __init__(self, store: Store, settings: Settings | None = None, *, address: str | None = None,
-                 poll_s: float = 1.0, executor_factory: Callable[..., RunExecutor] = RunExecutor):
+                 poll_s: float = 1.0, executor_factory: Callable[..., RunExecutor] = RunExecutor,
+                 multi_node_factory: Callable[..., Any] = cluster.MultiNodeExecutor):
         self.store = store
         self.executor_factory = executor_factory
+        self.multi_node_factory = multi_node_factory
         self.settings = settings or Settings.from_env()
         self.address = address or self.settings.ray_address or "auto"
         if not ray.is_initialized():
@@ -104,13 +109,19 @@ class RayWorker:
         self.errors: list[str] = []
         self.stopping = threading.Event()
         self._remote = ray.remote(max_retries=0)(execute_on_node)  # a run is never silently re-executed
+        self._remote_multi = ray.remote(max_retries=0)(cluster.execute_multi_node)
+        self.card = cluster.create_card(self.worker_id)  # what the dashboard's Cluster page shows of this worker
+        self._card_said: tuple[Any, ...] = ()
 
     @staticmethod
     def alive_nodes() -> list[dict[str, Any]]:
         return [n for n in ray.nodes() if n.get("Alive")]
 
     def max_node_gpus(self) -> int:
-        return max((int(n.get("Resources", {}).get("GPU", 0)) for n in self.alive_nodes()), default=0)
+        return self.shape().node_size
+
+    def shape(self) -> ClusterShape:
+        return ClusterShape(tuple(int(n.get("Resources", {}).get("GPU", 0)) for n in self.alive_nodes()))
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconcile(self) -> list[int]:
@@ -149,12 +160,18 @@ class RayWorker:
                 continue
             if spec.other_worker:
                 continue
-            gpus = spec.launch.gpus_needed
-            if gpus > (most := self.max_node_gpus()):
-                self._fail(run.id, f"cannot run on this Ray cluster: it needs {gpus} GPUs on one node and the "
-                           f"largest node has {most}")
+            gpus, shape = spec.launch.gpus_needed, self.shape()
+            nodes = shape.nodes_for(spec.launch)
+            if nodes is None:
+                self._fail(run.id, "cannot run on this Ray cluster: " + " ".join(shape.problems(spec.launch)))
                 continue
-            self.placed[run.id] = _Placed(placement_group([bundle(gpus)], strategy="STRICT_PACK"))
+            if nodes > 1:
+                plan = cluster.plan_multi_node(run.id, spec.launch, shape, ray.get_runtime_context().gcs_address)
+                self.placed[run.id] = _Placed(placement_group(list(plan.bundles), strategy=plan.strategy,
+                                                              name=plan.name), plan=plan)
+                continue
+            self.placed[run.id] = _Placed(placement_group([bundle(gpus)], strategy="STRICT_PACK",
+                                                          name=cluster.group_name(run.id)))
         for run_id, placed in list(self.placed.items()):
             if placed.ref is not None:
                 continue
@@ -166,6 +183,14 @@ class RayWorker:
                 continue
             try:
                 spec = RunSpec.model_validate_json(self.store.get_run(run_id).spec_json or "")
+                if placed.plan is not None:  # the head task on bundle 0; vLLM's workers take the GPU bundles
+                    placed.ref = self._remote_multi.options(num_cpus=1, num_gpus=0, scheduling_strategy=(
+                        PlacementGroupSchedulingStrategy(placed.pg, placement_group_bundle_index=0,
+                                                         placement_group_capture_child_tasks=True)),
+                    ).remote(str(self.store.url), run_id, spec.launch.port, self.settings, placed.plan,
+                             self.multi_node_factory)
+                    started.append(run_id)
+                    continue
                 placed.ref = self._remote.options(
                     num_gpus=bundle(spec.launch.gpus_needed).get("GPU", 0), num_cpus=1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(placed.pg, placement_group_bundle_index=0),
@@ -218,6 +243,7 @@ class RayWorker:
         while not self.stopping.is_set():
             try:
                 self.step()
+                self._write_card()
                 if until() and not self.busy():
                     return
             except Exception as exc:  # a database hiccup must not end the worker
@@ -225,6 +251,12 @@ class RayWorker:
                 self.errors.append(f"scheduling failed: {type(exc).__name__}: {exc}")
                 del self.errors[:-20]
             self.stopping.wait(self.poll_s)
+
+    def _write_card(self) -> None:
+        said = (tuple(self.placed), tuple(self.errors), int(time.monotonic() // 10))  # on change, else every 10 s
+        if said != self._card_said:
+            self.card.write.remote(list(self.placed), self.errors[-5:])
+            self._card_said = said
 
     def stop(self) -> None:
         self.stopping.set()

@@ -333,3 +333,30 @@ def test_cli_style_overrides(tmp_path):
         apply_overrides(data, ["tp=8"])
     with pytest.raises(SpecError, match="FIELD=VALUE"):
         apply_overrides(data, ["tensor-parallel-size"])
+
+
+@pytest.mark.parametrize("sizes, shape, nodes, problem", [
+    (dict(tensor_parallel_size=8), (0, 8, 8), 1, None),
+    (dict(tensor_parallel_size=16), (0, 8, 8), 2, None),
+    (dict(tensor_parallel_size=8, pipeline_parallel_size=2), (8, 8), 2, None),
+    (dict(tensor_parallel_size=32), (0, 8, 8), None,
+     "The Ray cluster has 2 nodes × 8 GPUs; TP 32 needs 4 such nodes: add nodes or lower the "
+     "sizes to fit 16 GPUs."),
+    (dict(tensor_parallel_size=4, pipeline_parallel_size=3), (8, 8), None,
+     "The Ray cluster has 2 nodes × 8 GPUs; TP×PP×DP = 4×3×1 needs 12 GPUs, and a launch larger than one node "
+     "takes whole 8-GPU nodes: pick sizes whose product is one of 8, 16."),
+    (dict(tensor_parallel_size=16), (8, 4, 4), None,
+     "The Ray cluster has 1 node × 8 GPUs + 2 nodes × 4 GPUs; TP 16 needs 2 such nodes: add nodes or lower the "
+     "sizes to fit 8 GPUs."),
+    (dict(tensor_parallel_size=2), (0, 0), None,
+     "The Ray cluster has 2 nodes and no GPU; TP 2 needs 2 GPUs: add GPU nodes (`ray start --address … "
+     "--num-gpus N`)."),
+])
+def test_launch_checked_against_the_ray_clusters_shape(sizes, shape, nodes, problem):
+    from runner.config import ClusterShape
+
+    cluster = ClusterShape(shape)
+    spec = RunSpec.parse({"launch": {"model": "org/m", **sizes}})
+    assert cluster.nodes_for(spec.launch) == nodes
+    assert [(p.field, p) for p in spec.problems(cluster)] == ([] if problem is None else
+                                                              [("launch.tensor_parallel_size", problem)])

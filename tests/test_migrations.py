@@ -112,8 +112,9 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
             assert {t: _rows(conn, t, columns[t]) for t in TABLES} == before  # every row, every column
             added = {t: sorted(set(_columns(conn, t)) - set(columns[t])) for t in TABLES}
             assert {t: c for t, c in added.items() if c} == {"run": ["commands_json", "node_ip", "node_name",
-                                                                             "ray_node_id"]}
+                                                                             "ray_node_id"], "sample": ["ray_node_id"]}
             assert {row for row in _rows(conn, "run", added["run"])} == {(None,) * 4}  # new: empty
+            assert {row for row in _rows(conn, "sample", added["sample"])} <= {(None,)}
             inspector = sa.inspect(conn)
             assert not inspector.has_table("meta")
             assert {ix["name"] for ix in inspector.get_indexes("sample")} == {"ix_sample_run_id_t_gpu_index"}
@@ -141,7 +142,7 @@ def test_a_committed_pre_alembic_store_reaches_head_with_nothing_lost(
 
 def test_a_fresh_database_at_head_equals_the_models(db_url: str) -> None:
     with Store(db_url) as store, store.engine.connect() as conn:
-        assert store.revision() == migrations.head() == "0006"
+        assert store.revision() == migrations.head() == "0007"
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
 
 
@@ -150,7 +151,7 @@ def test_a_newer_database_is_refused_not_touched(db_url: str) -> None:
         store.create_run(label="kept")
         with store.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0006; upgrade servelab"):
+    with pytest.raises(StoreError, match=r"schema revision 9999, newer than this servelab's 0007; upgrade servelab"):
         Store(db_url)
     engine = sa.create_engine(db_url if "://" in db_url else f"sqlite:///{db_url}")
     with engine.connect() as conn:
@@ -179,7 +180,7 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(db_url: str) -
             return store.revision()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert list(pool.map(open_store, range(4), timeout=60)) == ["0006"] * 4
+        assert list(pool.map(open_store, range(4), timeout=60)) == ["0007"] * 4
     with Store(db_url) as store, store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar_one() == 1
 

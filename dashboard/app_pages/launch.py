@@ -37,7 +37,8 @@ def _on_paste() -> None:
 
 def _tp(key: str, label: str, help_: str) -> None:
     options = sorted({*box.tp_options, int(ss[key])})
-    offered = "CPU backend: 1–2" if box.cpu else f"{len(box.gpus)} GPUs visible"
+    offered = (f"the Ray cluster's {box.cluster.describe()}" if box.cluster is not None
+               else "CPU backend: 1–2" if box.cpu else f"{len(box.gpus)} GPUs visible")
     st.selectbox(label, options, key=key, help=f"{help_} Offered: {offered}.")
 
 
@@ -51,8 +52,16 @@ def _dcp(key: str, label: str, help_: str) -> None:
 st.title("Launch a run")
 top_left, top_right = st.columns([3, 2])
 with top_right, st.container(border=True):
-    st.markdown("**This machine**")
-    if box.cpu or not box.gpus:
+    if box.cluster_address:
+        st.markdown(f"**Ray cluster** at `{box.cluster_address}` (the Ray worker's)")
+        if box.cluster is None:
+            st.error(f"{box.cluster_error}; launches are not checked against it until it answers.",
+                     icon=":material/cloud_off:")
+        else:
+            st.metric("Nodes × GPUs", box.cluster.describe())
+            st.caption(f"Up to {box.cluster.node_size} GPUs run on one node; larger launches take whole nodes "
+                       "(vLLM's Ray executor). The Cluster page shows which are free.")
+    elif box.cpu or not box.gpus:
         st.info(box.note or "no GPU — CPU backend with the demo model", icon=":material/memory:")
     else:
         st.metric("GPUs (NVML)", len(box.gpus))
