@@ -145,9 +145,9 @@ def sweep_cells(sweep_spec: SweepSpec, host: Target | None) -> pd.DataFrame:
     rows = []
     for cell, spec in sweep_spec.cells():
         checked = check(spec, host)
-        rows.append({"cell": cell, "run": spec.launch.short_label(), "benchmarks": len(spec.bench),
-                     "problems": " ".join(checked.problems)})
-    return pd.DataFrame(rows, columns=["cell", "run", "benchmarks", "problems"])
+        rows.append({"cell": cell, "run": spec.launch.short_label(), "label": api.cell_label(sweep_spec, spec),
+                     "benchmarks": len(spec.bench), "problems": " ".join(checked.problems)})
+    return pd.DataFrame(rows, columns=["cell", "run", "label", "benchmarks", "problems"])
 
 
 def ensure_demo_model(spec: RunSpec) -> bool:

@@ -249,6 +249,7 @@ def test_queue_sweep_over_tp_dcp_and_another_field(open_page, seeded, demo_model
     at.text_input(key="sweep.values0").set_value("8, 16").run()
     sweep_button = next(b for b in at.button if b.label.startswith("Queue sweep"))
     assert sweep_button.label == "Queue sweep (4 runs)" and not sweep_button.disabled
+    assert list(at.dataframe[-1].value["label"]) == [f"demo A: TP{t} max-num-seqs={n}" for t in (1, 2) for n in (8, 16)]
     sweep_button.click().run()
     assert any("queued 4 runs" in s.value for s in at.success)
     runs = [r for r in seeded.list_runs() if r.sweep_id is not None]
