@@ -93,7 +93,8 @@ with st.expander("Configuration of these results (optional: printed results rare
     ss["import.dcp"] = lf.dcp_for(tp, ss.get("import.dcp_picked"))
     m3.selectbox("decode-context-parallel-size", lf.divisors(tp) if tp else [None], key="import.dcp",
                  format_func=lambda v: "—" if v is None else str(v), help="Divisors of the TP size.",
-                 disabled=launched_target, on_change=lambda: ss.update({"import.dcp_picked": ss["import.dcp"]}))
+                 placeholder="—", disabled=launched_target,
+                 on_change=lambda: ss.update({"import.dcp_picked": ss["import.dcp"]}))
 
 files = _files()
 problems = []
