@@ -58,16 +58,16 @@ def test_rank_per_gpu_at_the_knee_with_cis_where_repeated(store):
     recs = api.recommend(store, ["ttft:p99<=2000", "tpot:p99<=50"])
     # A meets both at 2 and 8 req/s (32 has TTFT 2500): knee 8 req/s, 380 tok/s on 1 GPU.
     # B meets at every load: knee 32 req/s, 1300 / 2 = 650 per GPU. C meets at none.
-    assert [(r.rank, r.run_id, r.knee and r.knee.load_text, r.knee and r.knee.tok_s_per_gpu) for r in recs] == [
+    assert [(r.rank, r.run_id, r.pick and r.pick.load_text, r.pick and r.pick.tok_s_per_gpu) for r in recs] == [
         (1, b, "32 req/s", 650.0), (2, a, "8 req/s", 380.0), (None, c, None, None)]
     assert recs[2].note == "no load meets the SLO (lowest: 2 req/s)"
     assert recs[2].slo_values == {"p99_ttft_ms": 3000.0, "p99_tpot_ms": 60.0}
 
     # a tighter TTFT bound moves B's knee to 8 req/s, where it was repeated: mean 410 / 2 and a t-interval
     [first, second, _] = api.recommend(store, ["ttft:p99<=100"])
-    knee = first.knee
+    knee = first.pick
     assert (first.run_id, knee.load_text, knee.tok_s_per_gpu, knee.repeats) == (a, "8 req/s", 380.0, 1)
-    assert (second.run_id, second.knee.tok_s_per_gpu) == (b, 205.0)
+    assert (second.run_id, second.pick.tok_s_per_gpu) == (b, 205.0)
     lo, hi = second.ci95_per_gpu
     half = 12.706204736174696 * math.sqrt(((200 - 205) ** 2 + (210 - 205) ** 2) / 1) / math.sqrt(2)
     assert (lo, hi) == pytest.approx((205 - half, 205 + half), rel=1e-6)
@@ -81,6 +81,18 @@ def test_rank_per_gpu_at_the_knee_with_cis_where_repeated(store):
         (2.0, True, False), (8.0, True, True), (32.0, False, False), (inf, False, False)]
     with pytest.raises(SpecError, match="at least one SLO"):
         api.recommend(store, [])
+
+
+def test_a_run_is_ranked_at_the_load_within_the_slo_that_serves_most(store):
+    """Walked on vLLM-CPU: max-num-seqs 64 served 3,820 tok/s at concurrency 16 and 1,263 at 64, both within
+    the SLO; ranked at its knee (64) it fell behind a launch that serves 2,000 — the wrong deployment."""
+    a = _run(store, "overloaded past 16", 1, [(4, 1318, 300, 3), (16, 3820, 600, 3), (64, 1263, 1010, 3)])
+    b = _run(store, "steady", 1, [(4, 1000, 300, 3), (16, 2000, 500, 3), (64, 2000, 900, 3)])
+    recs = api.recommend(store, ["ttft:p99<=2000"])
+    assert [(r.rank, r.run_id, r.pick.load, r.pick.tok_s, r.knee.load) for r in recs] == [
+        (1, a, 16.0, 3820.0, 64.0), (2, b, 64.0, 2000.0, 64.0)]  # b: a tie on tok/s goes to the higher load
+    assert recs[0].note == "its knee 64 req/s also meets the SLO but serves less (1,263.0 tok/s)"
+    assert recs[0].slo_values == {"p99_ttft_ms": 600.0} and recs[1].note == ""
 
 
 def test_a_large_bound_reads_in_plain_digits() -> None:
@@ -100,6 +112,6 @@ def test_a_runs_other_workloads_are_neither_repeats_nor_loads_of_its_curve(store
                                    "p99_ttft_ms": ttft, "p99_tpot_ms": 12.0, "request_rate": inf},
                                repeat=0, bench_spec_json=bench.model_dump_json())
     (rec,) = api.recommend(store, ["ttft:p99<=2000", "tpot:p99<=50"])
-    assert rec.knee is not None and (rec.knee.load, rec.knee.repeats, rec.knee.tok_s) == (256, 1, 12379)
+    assert rec.pick is not None and (rec.pick.load, rec.pick.repeats, rec.pick.tok_s) == (256, 1, 12379)
     curve = api.load_curves(store, [a], ["ttft:p99<=2000"])
     assert list(curve["load"]) == [16, 64, 256] and list(curve["knee"]) == [False, False, True]

@@ -60,13 +60,13 @@ def test_compare_page_places_the_curves_and_the_ranking(open_page, swept) -> Non
     assert specs[-1]["layout"]["title"]["text"] == "Load curves: output tok/s per GPU against latency and load"
     ranking = at.dataframe[-1].value
     assert list(ranking["#"]) == ["1", "2"] and list(ranking["run"]) == [str(b), str(a)]
-    assert list(ranking["load at knee"]) == ["inf req/s", "8 req/s"]
+    assert list(ranking["best load in SLO"]) == ["inf req/s", "8 req/s"]
     assert list(ranking["tok/s per GPU"]) == ["950.0", "450.0"]
     # a tighter P99 TPOT bound: seqs 4 keeps only 2 req/s (120), the TP2 run 8 req/s (500 / 2 = 250 per GPU)
     at.number_input(key="slo_tpot").set_value(15.0).run()
     ranking = at.dataframe[-1].value
     assert list(ranking["run"]) == [str(b), str(a)] and list(ranking["tok/s per GPU"]) == ["250.0", "120.0"]
-    assert list(ranking["load at knee"]) == ["8 req/s", "2 req/s"]
+    assert list(ranking["best load in SLO"]) == ["8 req/s", "2 req/s"]
     # vLLM's --goodput form replaces both fields: P99 TTFT ≤ 100 ms only, TPOT unbounded
     at.text_input(key="slo_goodput").set_value("ttft:100").run()
     ranking = at.dataframe[-1].value
@@ -94,7 +94,7 @@ def test_slo_picker_takes_large_bounds_and_says_what_is_wrong_with_a_typo(open_p
     assert not at.exception
     assert any("servelab recommend --slo 'ttft:p99<=1000000' --slo 'tpot:p99<=100'" in c.value for c in at.caption)
     # TP2 meets both at inf (TTFT 1500, TPOT 30), seqs 4 at 32 req/s (TTFT 2600, TPOT 40)
-    assert list(at.dataframe[-1].value["load at knee"]) == ["inf req/s", "32 req/s"]
+    assert list(at.dataframe[-1].value["best load in SLO"]) == ["inf req/s", "32 req/s"]
     # a goodput typo is a message on the page, not a traceback
     at.text_input(key="slo_goodput").set_value("ttft 500").run()
     assert not at.exception
