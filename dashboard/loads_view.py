@@ -52,7 +52,8 @@ def render(db: Any, chosen: list[int]) -> None:
                "load whose P99s meet the SLO above.")
     st.markdown("**Ranking under the SLO**")
     st.dataframe(api.recommendations_table(recs, slos), hide_index=True, key="slo_ranking")
-    st.caption("Output tok/s per GPU at each run's knee, best first; a 95 % t-interval where that load was repeated. "
+    st.caption("Output tok/s per GPU at each run's best load within the SLO (its knee, unless the server serves "
+               "less there: see the note), best first; a 95 % t-interval where that load was repeated. "
                "`servelab recommend " + " ".join(f"--slo '{s}'" for s in slos) + "` prints the same.")
     for run_id in chosen:
         for stop in api.load_sweep_stops(db, run_id):
