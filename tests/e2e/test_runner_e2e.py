@@ -91,7 +91,8 @@ def test_sweep_tp1_tp2_end_to_end_through_the_cli(env, demo_model, tmp_path):
     out = subprocess.run([*CLI, "compare", str(runs[0].id), str(runs[1].id), "--format", "csv"],
                          capture_output=True, text=True, env=os.environ)
     assert out.returncode == 0 and out.stdout.startswith(
-        "section,baseline,candidate,Metric,key,unit,tp: TP1,tp: TP2,Change,Improvement(%),CI low,CI high,")
+        "section,baseline,candidate,load_kind,load,workload,Metric,key,unit,tp: TP1,tp: TP2,Change,Improvement(%),"
+        "CI low,CI high,")
     # single runs with per-request data: a bootstrap interval and a noise verdict on every latency statistic
     # (vLLM's own latencies: the server-side window estimates of kind "server" have no per-request data)
     latency = [r for r in rows if r.kind == "latency" and r.key.endswith("_ms") and not r.key.startswith("std_")]
