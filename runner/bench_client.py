@@ -225,10 +225,14 @@ class _Client:
             self.import_s = msg.get("import_s")
         return msg
 
-    def close(self, grace_s: float = 5.0) -> None:
+    def end_input(self) -> None:
+        """No more jobs: the client's loop ends at EOF, and the process exits by itself."""
         with contextlib.suppress(OSError, ValueError):
             if self.proc.stdin:
-                self.proc.stdin.close()  # the loop ends at EOF
+                self.proc.stdin.close()
+
+    def close(self, grace_s: float = 5.0) -> None:
+        self.end_input()
         try:
             self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -339,12 +343,23 @@ class BenchClients:
             self.current = _Client(env, self.log_path)
         return self.current
 
+    def prestart(self, env: dict[str, str]) -> None:
+        """Start the client now, so that its import of vLLM overlaps the server's startup instead of following
+        it (its first job finds it ready); nothing when benchmarks run as processes of their own."""
+        if self.use_client and self.unsupported is None:
+            self.client(env)
+
     def give_up(self, reason: str) -> None:
         self.unsupported = reason
         self.close()
 
     def forget(self) -> None:
         self.current = None
+
+    def end_input(self) -> None:
+        """Tell the client that no job follows, without waiting for it: it exits while the server stops."""
+        if self.current is not None:
+            self.current.end_input()
 
     def close(self) -> None:
         if self.current is not None:

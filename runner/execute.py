@@ -184,6 +184,8 @@ class RunExecutor:
                     STORE_ENV_MARK: store_mark(store)}
         self.dev_mode = dev_mode_env(b.prefix_cache for b in self.spec.bench)
         self.env.update(self.dev_mode)
+        # unbuffered: a benchmark's main-run line must reach its log when printed, not when the process exits
+        self.bench_env = {**self.env, "PYTHONUNBUFFERED": "1"}
         self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
         self.server: VllmServer | None = None
         # one client process for all the run's benchmarks (Settings.bench_client)
@@ -312,6 +314,9 @@ class RunExecutor:
             raise Cancelled("cancelled before launch")
         pid = self.live.start()
         self.store.update_run(self.run_id, server_pid=pid)
+        if self.spec.bench:
+            # the benchmark client imports vLLM (10–35 s) while vLLM starts, not after it is ready
+            self.bench_clients.prestart(self.bench_env)
         dev_note = ("VLLM_SERVER_DEV_MODE=1: a cold prefix-cache benchmark resets the cache through /reset_prefix_cache"
                     if self.dev_mode else "")
         self._mark("launched", "; ".join(n for n in (_gpu_note("GPU memory used before launch", self._gpu_idle),
@@ -405,8 +410,7 @@ class RunExecutor:
         `measured` run marks that start (`bench_measured`): before it, the client was starting up."""
         argv = bench_argv(bench, self.launch, self.live.base_url, self.run_dir, name + ".json", prefix=vllm_prefix())
         self._ran(name, argv)
-        # unbuffered: the main-run line must reach the log when printed, not when the process exits
-        proc = self.bench_clients.job(argv, {**self.env, "PYTHONUNBUFFERED": "1"}, self.run_dir / f"{name}.log")
+        proc = self.bench_clients.job(argv, self.bench_env, self.run_dir / f"{name}.log")
         if self.window is None:
             self.window = WindowProbe(self.live.base_url + "/metrics", [] if self.cpu else self.alloc.gpu_ids)
         window = self.window
@@ -513,11 +517,12 @@ class RunExecutor:
         self._mark("eval_end")
 
     def _teardown(self) -> None:
-        self.bench_clients.close()
+        self.bench_clients.end_input()  # the client exits (0.5–1 s with vLLM imported) while the server stops
         if self.server is not None and self.server.proc is not None:
             seconds = self.live.stop()
             after = gpu_memory_used_mib(self.alloc.gpu_ids) if self.alloc.gpu_ids else {}
             self._mark("stopped", f"port free after {seconds:.1f} s" + _gpu_note("; GPU memory used after stop", after))
+        self.bench_clients.close()
         if self.sampler is not None:
             self.sampler.stop()
         if self.window is not None:

@@ -33,9 +33,13 @@ def test_bench_args_after_bench_serve():
 def test_one_client_answers_jobs_in_turn_with_the_commands_exit_codes(tmp_path: Path):
     clients = BenchClients(tmp_path / "bench-client.log", use_client=True)
     try:
+        clients.prestart({})  # as the executor does at launch: the import overlaps the server's startup
+        assert clients.current is not None
+        prestarted = clients.current.proc.pid
         bad = clients.job([*vllm_prefix(), "bench", "serve", "--no-such-flag"], {}, tmp_path / "a.log")
         assert isinstance(bad, ClientJob)
         pid = bad.start()
+        assert pid == prestarted  # the first job goes to the client started before it
         assert wait(bad) == 2  # argparse's exit code, as `vllm bench serve --no-such-flag` exits
         log = (tmp_path / "a.log").read_text()
         assert "unrecognized arguments: --no-such-flag" in log and "[servelab] ran in the benchmark client" in log
@@ -68,6 +72,8 @@ def test_a_vllm_without_the_entry_point_falls_back_to_a_process(tmp_path: Path, 
     assert clients.unsupported and "benchmarks.serve" in clients.unsupported
     assert "ran as a process" in (tmp_path / "c.log").read_text()
     assert isinstance(clients.job(["x", "bench", "serve"], {}, tmp_path / "d.log"), ManagedProcess)
+    clients.prestart({})  # benchmarks run as processes now: nothing to start
+    assert clients.current is None
 
 
 def test_the_gate_holds_the_main_run_until_the_executor_says_go(tmp_path: Path):
