@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import ROOT, _busy_cpu_s, cpu_speed_ms, demo_model, figure, free_bench_port, say, spread
+from _common import ROOT, _busy_cpu_s, cpu_speed_ms, demo_model, figure, free_bench_port, say, spread, wait_quiet
 
 Cell = tuple[int, float]  # (max-num-seqs, request rate)
 KEYS = ("output_throughput", "median_tpot_ms")
@@ -231,6 +231,7 @@ class TreeRun:
     leftovers: int
     orphan_cpu_s: float  # CPU of processes no parent of the tree waited for (reaped here, as their subreaper)
     processes: list[tuple[str, str, float]] = field(default_factory=list)  # (role, name, CPU s)
+    foreign: list[tuple[str, float]] = field(default_factory=list)  # the busiest other processes: (command, CPU s)
 
 
 def run_tree(argv: list[str], env: Mapping[str, str], log: Path, poll_s: float = 0.5) -> TreeRun:
@@ -258,6 +259,7 @@ def run_tree(argv: list[str], env: Mapping[str, str], log: Path, poll_s: float =
                 poll_cpu[0] = time.thread_time() - t0
                 return
 
+    foreign0 = _foreign_cpu()
     cpu0, busy0, start = _children_cpu_s(), _busy_cpu_s(), time.perf_counter()
     self0 = sum(os.times()[:2])
     thread = threading.Thread(target=poll, daemon=True)
@@ -273,13 +275,30 @@ def run_tree(argv: list[str], env: Mapping[str, str], log: Path, poll_s: float =
     thread.join()
     cpu = _children_cpu_s() - cpu0
     self_cpu = sum(os.times()[:2]) - self0  # this script, its poll thread included
+    foreign1 = _foreign_cpu()
+    foreign = sorted(((foreign1[k][0], foreign1[k][1] - foreign0.get(k, ("", 0.0))[1]) for k in foreign1),
+                     key=lambda x: -x[1])
     other = max(0.0, (_busy_cpu_s() - busy0 - cpu - self_cpu) / wall)
     by_role = dict.fromkeys(ROLES, 0.0)
     for who, _, c in seen.values():
         by_role[who] += c
     procs = sorted(((w, n, c) for w, n, c in seen.values()), key=lambda x: -x[2])
     return TreeRun(rc, wall, cpu, by_role, cpu - sum(by_role.values()), poll_cpu[0], other, leftovers, cpu - waited,
-                   procs)
+                   procs, [f for f in foreign[:4] if f[1] >= 1.0])
+
+
+def _foreign_cpu() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds so far of every process on the machine that is not this script or its descendants: who the
+    other work was (processes that start and end inside an arm are not seen)."""
+    me = psutil.Process()
+    ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
+    out = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time", "cpu_times"]):
+        if p.pid in ours or p.info["cpu_times"] is None:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])[:90]
+        out[(p.pid, p.info["create_time"])] = (cmd, p.info["cpu_times"].user + p.info["cpu_times"].system)
+    return out
 
 
 def _reap_orphans(grace_s: float = 30.0) -> int:
@@ -367,6 +386,8 @@ def show_arm(name: str, tree: TreeRun) -> None:
         f"cores; poll cost {tree.poll_cpu_s:.2f} s"
         + (f"; {tree.leftovers} processes left behind" if tree.leftovers else ""))
     say("      processes: " + ", ".join(f"{n} [{w}] {c:.1f}" for w, n, c in tree.processes if c >= 0.5))
+    if tree.foreign:
+        say("      other work: " + "; ".join(f"{cmd} {c:.1f} s" for cmd, c in tree.foreign))
 
 
 def show_cells(rows: list[Agreement], skipped_cells: list[Cell]) -> None:
@@ -426,7 +447,7 @@ def main() -> None:
                     help="flock held for each pair ('' for none)")
     ap.add_argument("--disturbed", type=float, default=0.25, help="other work above this many cores during an arm "
                     "discards its pair (re-run within --budget)")
-    ap.add_argument("--budget", type=float, default=3600, help="seconds for re-runs of disturbed pairs")
+    ap.add_argument("--budget", type=float, default=3600, help="seconds within which disturbed pairs are re-run")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between polls of the trees' processes")
     ap.add_argument("--idle", type=float, default=0, help="instead: a ready server's CPU over this many idle seconds")
     args = ap.parse_args()
@@ -450,13 +471,16 @@ def main() -> None:
     kept: dict[str, dict[str, list]] = {"trees": {"servelab": [], "peer": []}, "cells": {"servelab": [], "peer": []}}
     disturbed = {"trees": {"servelab": [], "peer": []}, "cells": {"servelab": [], "peer": []}}
     deadline, i, pair_s = time.monotonic() + args.budget, 0, 0.0
-    while len(kept["trees"]["peer"]) < pairs and (i == 0 or time.monotonic() + pair_s < deadline):
+    while len(kept["trees"]["peer"]) < pairs and (i < pairs or time.monotonic() + pair_s < deadline):
         order = ["servelab", "peer"] if i % 2 == 0 else ["peer", "servelab"]
         trees, cells = {}, {}
         with held(args.lock):
             t0 = time.monotonic()
             say(f"  pair {i + 1} ({' then '.join(order)}), {time.strftime('%H:%M:%S')}")
             for arm in order:
+                # the previous holder's processes may still be ending (a Ray cluster takes minutes)
+                if (quiet := wait_quiet(120, args.disturbed)) > args.disturbed:
+                    say(f"    other work still {quiet:.2f} cores after 120 s; measuring anyway")
                 work = root / f"{arm}-{i}"
                 trees[arm], cells[arm] = (run_servelab(m, model, port, work, args.output_check) if arm == "servelab"
                                           else run_peer(m, model, port, work))
