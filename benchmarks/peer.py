@@ -193,7 +193,7 @@ ROLES = ("servelab CLI", "sweep CLI", "vLLM API server", "engine core", "vLLM wo
 
 def role(cmdline: list[str], name: str) -> str:
     text = " ".join(cmdline)
-    if name.startswith("VLLM::EngineCore") or "EngineCore" in name:
+    if "EngineCor" in name:  # the kernel's process name keeps 15 characters: VLLM::EngineCor
         return "engine core"
     if name.startswith("VLLM::Worker") or "Worker" in name:
         return "vLLM worker"
@@ -254,6 +254,8 @@ def run_tree(argv: list[str], env: Mapping[str, str], log: Path, poll_s: float =
                             name = " ".join(a.rsplit("/", 1)[-1] for a in cmd[1:4])[:48]
                 except psutil.Error:
                     continue
+                if key in seen and (who == "other" or not cmd):  # a zombie has no command line: keep what it was
+                    who, name = seen[key][0], seen[key][1]
                 seen[key] = [who, name, t.user + t.system]  # a process renamed after spawn keeps its last role
             if done.wait(poll_s):
                 poll_cpu[0] = time.thread_time() - t0
@@ -445,8 +447,9 @@ def main() -> None:
                     "has none)")
     ap.add_argument("--lock", default="/tmp/servelab-heavy.lock",  # noqa: S108  (this machine's agreed lock)
                     help="flock held for each pair ('' for none)")
-    ap.add_argument("--disturbed", type=float, default=0.25, help="other work above this many cores during an arm "
+    ap.add_argument("--disturbed", type=float, default=0.5, help="other work above this many cores during an arm "
                     "discards its pair (re-run within --budget)")
+    ap.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a quiet machine before an arm")
     ap.add_argument("--budget", type=float, default=3600, help="seconds within which disturbed pairs are re-run")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between polls of the trees' processes")
     ap.add_argument("--idle", type=float, default=0, help="instead: a ready server's CPU over this many idle seconds")
@@ -479,8 +482,8 @@ def main() -> None:
             say(f"  pair {i + 1} ({' then '.join(order)}), {time.strftime('%H:%M:%S')}")
             for arm in order:
                 # the previous holder's processes may still be ending (a Ray cluster takes minutes)
-                if (quiet := wait_quiet(120, args.disturbed)) > args.disturbed:
-                    say(f"    other work still {quiet:.2f} cores after 120 s; measuring anyway")
+                if (quiet := wait_quiet(args.quiet_wait, args.disturbed)) > args.disturbed:
+                    say(f"    other work still {quiet:.2f} cores after {args.quiet_wait:g} s; measuring anyway")
                 work = root / f"{arm}-{i}"
                 trees[arm], cells[arm] = (run_servelab(m, model, port, work, args.output_check) if arm == "servelab"
                                           else run_peer(m, model, port, work))

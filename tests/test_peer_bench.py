@@ -104,6 +104,7 @@ def test_the_peer_gets_servelabs_own_argv_and_the_same_warmups() -> None:
     (["/w/bin/vllm", "serve", "/m"], "python", "vLLM API server"),
     (["python", "-c", "from multiprocessing.spawn import spawn_main"], "VLLM::EngineCore", "engine core"),
     (["python", "-c", "x"], "VLLM::Worker", "vLLM worker"),
+    ([], "VLLM::EngineCor", "engine core"),  # a zombie: no command line, the kernel's 15-character name
     (["python", "-m", "runner.bench_client"], "python", "benchmark client"),
     (["python", "-m", "runner.vllm_entry", "bench", "serve", "--model", "/m"], "python", "benchmark client"),
     (["python", "-B", "-c", "from multiprocessing.resource_tracker import main"], "python", "other"),
