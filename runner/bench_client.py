@@ -198,14 +198,18 @@ class _Client:
         self.ready: bool | None = None  # None until the handshake line
         self.unsupported: str | None = None
         self.import_s: float | None = None
+        self.imported = threading.Event()  # the handshake line came: the client reads its jobs
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout or ():
             try:
-                self.answers.put(json.loads(line))
+                msg = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(msg, dict) and ("ready" in msg or "unsupported" in msg):
+                self.imported.set()
+            self.answers.put(msg)
         self.answers.put({"eof": True})
 
     def submit(self, job: dict[str, Any]) -> None:
@@ -234,7 +238,8 @@ class _Client:
     def close(self, grace_s: float = 5.0) -> None:
         self.end_input()
         try:
-            self.proc.wait(timeout=grace_s)
+            # a client still importing vLLM (started at launch, its server gone early) reads no EOF: ended at once
+            self.proc.wait(timeout=grace_s if self.imported.is_set() else 0.0)
         except subprocess.TimeoutExpired:
             pass
         kill_group(self.proc.pid, grace_s=grace_s)

@@ -100,3 +100,16 @@ def test_the_gate_holds_the_main_run_until_the_executor_says_go(tmp_path: Path):
     assert done.wait(2.0)
     gate.print(MAIN_RUN_LINE + "...")  # once per job: the line again (no armed job) does not wait
     assert out.getvalue().count("main_run") == 1
+
+
+def test_a_client_still_importing_vllm_is_ended_at_once(tmp_path: Path):
+    """The executor starts the client at launch; a run whose server fails or is cancelled during startup closes it
+    while it is still importing vLLM (it reads no EOF then): it must not hold the teardown for its grace period."""
+    clients = BenchClients(tmp_path / "bench-client.log", use_client=True)
+    clients.prestart({})
+    assert clients.current is not None
+    proc = clients.current.proc
+    t0 = time.monotonic()
+    clients.close()
+    assert time.monotonic() - t0 < 3.0  # not the 5 s grace
+    assert proc.poll() is not None and clients.current is None
