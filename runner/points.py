@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runner import compare as cmp
@@ -78,6 +78,7 @@ class LoadGain:
     flags: list[str]
     n_a: int  # results (repeats) on each side at this point
     n_b: int
+    baseline_load: str = ""  # set when two single-load runs measured different loads (then `load` is the candidate's)
 
     @property
     def load_text(self) -> str:
@@ -85,7 +86,9 @@ class LoadGain:
 
     @property
     def title(self) -> str:
-        return self.load_text + (f" ({self.workload})" if self.workload else "")
+        load = (f"{self.baseline_load} (baseline) vs {self.load_text} (candidate)" if self.baseline_load
+                else self.load_text)
+        return load + (f" ({self.workload})" if self.workload else "")
 
 
 def pair_points(a: Mapping[PointKey, cmp.Side], b: Mapping[PointKey, cmp.Side]) -> tuple[list[LoadGain], list[str]]:
@@ -99,6 +102,17 @@ def pair_points(a: Mapping[PointKey, cmp.Side], b: Mapping[PointKey, cmp.Side]) 
         notes.append(f"benchmark settings differ ({settings_diff(only_a, only_b)}); results paired by load")
         b = {(only_a, kind, load): side for (_, kind, load), side in b.items()}
     common = [k for k in ordered([*a, *b]) if k in a and k in b]
+    if not common and len(a) == 1 and len(b) == 1:
+        # two single-load runs (the seed's recipe: one rate each, imports whose settings are unknown): compared,
+        # never silently — each row carries the flag, the table's title both loads
+        (ka, sa), (kb, sb) = next(iter(a.items())), next(iter(b.items()))
+        text_a, text_b = format_load(ka[1], ka[2]), format_load(kb[1], kb[2])
+        flag = f"different loads: baseline at {text_a}, candidate at {text_b}"
+        notes.append(f"the two runs measured one load each, not the same one ({text_a} vs {text_b}): compared "
+                     "anyway, every row flagged — throughput and latency at different loads are not like for like")
+        rows = [replace(r, flags=(*r.flags, flag)) for r in cmp.gain_table(sa, sb)]
+        return [LoadGain(kb[1], kb[2], "", rows, [*cmp.run_flags(sa, sb), flag], len(sa.metrics), len(sb.metrics),
+                         baseline_load=text_a)], notes
     workloads = {k[0] for k in common}
     gains = [LoadGain(k[1], k[2], workload_text(k[0], workloads), cmp.gain_table(a[k], b[k]),
                       cmp.run_flags(a[k], b[k]), len(a[k].metrics), len(b[k].metrics)) for k in common]

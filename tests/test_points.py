@@ -118,6 +118,27 @@ def test_one_load_against_a_sweep_pairs_the_common_load_and_names_the_others(env
     assert {float(r["load"]) for r in rows if r["section"] == "benchmark"} == {16.0}
 
 
+def test_two_single_load_runs_at_different_loads_are_compared_with_every_row_flagged(env) -> None:
+    """The seed's recipe: one rate per run, and imports whose settings are unknown. The browser test found the
+    demo run (100 req/s) against the imported seed run (40 req/s) left without any gain table."""
+    with api.open_store(env["SERVELAB_DB"]) as store:
+        a = _run(store, "seed", {40.0: [(485.78, 271.2)]})
+        b = _run(store, "demo", {100.0: [(695.13, 227.8)]})
+        report = api.compare_report(store, a, b)
+        [gain] = report.bench
+        assert gain.title == "40 req/s (baseline) vs 100 req/s (candidate)"
+        row = next(r for r in gain.rows if r.key == "output_throughput")
+        assert (row.a, row.b) == (485.78, 695.13)
+        assert all("different loads: baseline at 40 req/s, candidate at 100 req/s" in r.flags for r in gain.rows)
+        assert report.notes == ["the two runs measured one load each, not the same one (40 req/s vs 100 req/s): "
+                                "compared anyway, every row flagged — throughput and latency at different loads "
+                                "are not like for like"]
+        # a second load on either side: pairing is strict again
+        c = _run(store, "sweep", {4.0: [(100.0, 10.0)], 16.0: [(300.0, 20.0)]})
+        assert api.compare_report(store, a, c).bench == []
+    assert "Benchmark at 40 req/s (baseline) vs 100 req/s (candidate)" in sl(env, "compare", str(a), str(b))
+
+
 def test_other_settings_or_cache_states_are_told_apart(store) -> None:
     # one workload each, different settings: paired by load, with the difference said
     a = _run(store, "a", {8.0: [(500.0, 20.0)]})
