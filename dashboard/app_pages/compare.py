@@ -70,7 +70,7 @@ for cand in (c for c in candidates if c in set(benched["run_id"]) and baseline i
     for note in report.notes:
         st.info(note[0].upper() + note[1:] + ".", icon=":material/info:")
     if not report.bench:
-        st.caption("No load in common, so no gain table: the loads of a load sweep are compared only with the same load.")
+        st.caption("No load in common, so no gain table: a load sweep's loads are compared only with the same load.")
     for i, gain in enumerate(report.bench):
         rows = tables.pick_rows(gain.rows, headline)
         many = len(report.bench) > 1
