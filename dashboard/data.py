@@ -65,6 +65,7 @@ def load_label(loads: Any, at: Any) -> str:
 
 def node_label(name: str | None, ip: str | None) -> str:
     """`gpu-node-1 (10.0.0.5)`: the Ray node a run executed on; empty for runs of the local worker."""
+    name, ip = (v if isinstance(v, str) and v else None for v in (name, ip))  # a table's missing value is NaN
     if not name and not ip:
         return ""
     return f"{name} ({ip})" if name and ip else str(name or ip)

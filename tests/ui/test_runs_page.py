@@ -25,6 +25,7 @@ def button(at, prefix: str):
 
 
 def test_table_lists_every_run_with_status_config_and_headline_metrics(open_page, seeded) -> None:
+    seeded.update_run(2, node_name="gpu-node-2", node_ip="10.0.0.6")  # as the Ray worker records it
     at = open_page("runs")
     table = at.dataframe[0].value
     assert list(table["ID"]) == [1, 2]
@@ -32,6 +33,7 @@ def test_table_lists_every_run_with_status_config_and_headline_metrics(open_page
     assert set(table["Status"]) == {"succeeded"}
     assert table["Output tok/s"].iloc[:2].tolist() == [485.78, 695.13]
     assert table["Req/s"].iloc[:2].tolist() == [1.25, 1.57]
+    assert list(table["Node"]) == ["", "gpu-node-2 (10.0.0.6)"]  # the local worker's run names none
     assert {"Model", "TP/DCP", "Median TTFT (ms)", "Median TPOT (ms)", "KV tokens", "Started",
             "Duration (s)"} <= set(table.columns)
     assert [d.label for d in at.download_button] == ["Download this table (CSV)"]
