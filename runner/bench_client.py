@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from runner.commands import MAIN_RUN_LINE
-from runner.server import ManagedProcess, kill_group
+from runner.server import GroupGuard, ManagedProcess, kill_group
 
 log = logging.getLogger(__name__)
 def bench_args(argv: list[str]) -> list[str]:
@@ -194,6 +194,7 @@ class _Client:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=err, start_new_session=True, text=True, bufsize=1,
             )
+        self.guard = GroupGuard(self.proc.pid)
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
         self.ready: bool | None = None  # None until the handshake line
         self.unsupported: str | None = None
@@ -243,6 +244,7 @@ class _Client:
         except subprocess.TimeoutExpired:
             pass
         kill_group(self.proc.pid, grace_s=grace_s)
+        self.guard.release()
 
 
 class ClientJob:

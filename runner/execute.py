@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runner.bench_client import BenchClients, ClientJob
 from runner.commands import bench_argv, installed_vllm, serve_argv, vllm_prefix
@@ -165,6 +166,7 @@ class RunExecutor:
         on_update: Callable[[float, str], None] = lambda progress, phase: None,
         tick_s: float = 1.0,
         interrupted: Callable[[], bool] = lambda: False,
+        ray_node_id: str | None = None,
     ):
         self.store = store
         self.run_id = run_id
@@ -174,6 +176,7 @@ class RunExecutor:
         self.on_update = on_update
         self.tick_s = tick_s
         self.interrupted = interrupted  # the worker is stopping: end the run `interrupted`, not `cancelled`
+        self.ray_node_id = ray_node_id  # the Ray node this executes on: its samples say so
         run = store.get_run(run_id)
         if run.spec_json is None:
             raise RunError(f"run {run_id} has no launch spec (an imported run); only launched runs can execute")
@@ -325,7 +328,7 @@ class RunExecutor:
             # the host, the process tree (followed across a relaunch) and the GPUs from launch on; vLLM's
             # /metrics only once the server is proven to be this run's, below
             self.sampler = Sampler(
-                self.run_id, self.store.add_samples, interval_s=self.settings.sample_interval_s,
+                self.run_id, self._add_samples, interval_s=self.settings.sample_interval_s,
                 server_pid=lambda: self.server.pid if self.server else None,
                 gpu_indices=None if self.cpu else self.alloc.gpu_ids,
             ).start()
@@ -337,6 +340,11 @@ class RunExecutor:
         )
         self.sampler.scrape_from(self.live.base_url + "/metrics")
         self._mark("ready")
+
+    def _add_samples(self, rows: list[dict[str, Any]]) -> int:
+        if self.ray_node_id is not None:
+            rows = [{**r, "ray_node_id": self.ray_node_id} for r in rows]
+        return self.store.add_samples(rows)
 
     def _gone(self, during: str = "the benchmark") -> RunError:
         """The error for a server that exited during `during`."""

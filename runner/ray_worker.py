@@ -27,7 +27,7 @@ from runner import cluster
 from runner.config import ClusterShape, RunSpec, Settings
 from runner.errors import ServelabError
 from runner.execute import Allocation, RunExecutor
-from runner.models import ACTIVE, RunStatus, utcnow
+from runner.models import ACTIVE, Run, RunStatus, utcnow
 from runner.server import free_port
 from runner.store import Store
 from runner.worker import orphan_servers, this_worker_id, worker_alive
@@ -41,6 +41,12 @@ def sqlite_refusal(store_url: str, nodes: int) -> str | None:
         return (f"the store is a SQLite file ({store_url}) and the Ray cluster has {nodes} nodes: a file on one node "
                 "is not shared with the others; set SERVELAB_DB=postgresql://… (a server every node reaches)")
     return None
+
+
+def where(run: Run) -> str:
+    """The node a run recorded, as a failure reason names it: its hostname, IP and Ray node id (the one Ray's
+    own messages and `ray list nodes` show: nodes of one host share the first two)."""
+    return f"node {run.node_name or '?'} ({run.node_ip or '?'}, Ray node {run.ray_node_id or '?'})"
 
 
 def bundle(gpus: int) -> dict[str, float]:
@@ -58,7 +64,8 @@ def execute_on_node(store_url: str, run_id: int, port_wanted: int, settings: Set
     try:
         store.update_run(run_id, node_name=socket.gethostname(), node_ip=ray.util.get_node_ip_address(),
                          ray_node_id=node_id)
-        status = executor_factory(store, run_id, Allocation(gpu_ids, free_port(port_wanted)), settings).execute()
+        status = executor_factory(store, run_id, Allocation(gpu_ids, free_port(port_wanted)), settings,
+                                  ray_node_id=node_id).execute()
         return status.value
     finally:
         store.engine.dispose()
@@ -134,8 +141,8 @@ class RayWorker:
                 continue
             self.store.update_run(
                 run.id, status=RunStatus.interrupted, finished_at=utcnow(), phase="interrupted",
-                failure_reason=f"the Ray worker stopped while the run was {run.status.value} on node "
-                f"{run.node_name or '?'} ({run.node_ip or '?'}); queue it again to rerun")
+                failure_reason=f"the Ray worker stopped while the run was {run.status.value} on {where(run)}; "
+                "queue it again to rerun")
             self.store.add_phase(run.id, "interrupted", detail=f"found by Ray worker {self.worker_id}")
             interrupted.append(run.id)
         sweep = ray.remote(sweep_orphans)
@@ -218,8 +225,7 @@ class RayWorker:
             except RayError as exc:
                 run = self.store.get_run(run_id)
                 if run.status in ACTIVE:
-                    where = f"node {run.node_name or '?'} ({run.node_ip or '?'})"
-                    self._fail(run_id, f"its Ray task on {where} died: {type(exc).__name__}: "
+                    self._fail(run_id, f"its Ray task on {where(run)} died: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}")
             self._release(run_id)
 

@@ -12,10 +12,12 @@ vLLM was loading). vLLM is ready when a process of the tree servelab started lis
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -27,11 +29,42 @@ import psutil
 from runner.errors import Cancelled, PortConflict, RunError
 from runner.parsers import find_failure_reason, meaningful_tail, port_conflict
 
+log = logging.getLogger(__name__)
+
 CPU_BACKEND_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 HEALTH_POLL_S = 0.1
 """How often `wait_ready` asks `/health`: the benchmark starts at most this long after vLLM is ready."""
 STOP_POLL_S = 0.05
 """How often a stop looks whether the process group is gone and the port free."""
+
+
+class GroupGuard:
+    """Ends process group `pgid` if this process dies without stopping it (runner/guard.py: a watcher in a
+    session of its own, not a child of this process, that sees the end of a pipe whose write end only this
+    process holds). Tied to the process, not to the thread that started it, unlike prctl's PR_SET_PDEATHSIG;
+    and the direct children that Ray kills when its worker process exits would not include vLLM's engine."""
+
+    SCRIPT = Path(__file__).with_name("guard.py")
+
+    def __init__(self, pgid: int, grace_s: float = 10.0):
+        read, self._write = os.pipe()  # neither end is inherited by other children (close_fds, non-inheritable)
+        try:
+            subprocess.run([sys.executable, "-I", str(self.SCRIPT), str(pgid), str(grace_s)], stdin=read,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, timeout=10,
+                           check=True)  # returns once the guard has forked away
+        except (OSError, subprocess.SubprocessError):  # no guard: the group is still stopped by its owner
+            log.exception("no guard for process group %s", pgid)
+        finally:
+            os.close(read)
+
+    def release(self) -> None:
+        """The owner stopped the group itself: the guard exits without touching it."""
+        if self._write < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"x")
+        os.close(self._write)
+        self._write = -1
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -114,6 +147,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.log_start = 0  # where this process's lines begin in a log that an earlier one wrote to
+        self.guard: GroupGuard | None = None
 
     def start(self) -> int:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +166,7 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise RunError(f"Could not start {self.argv[0]}: {exc.strerror}; is it installed?") from None
+        self.guard = GroupGuard(self.proc.pid)
         return self.proc.pid
 
     @property
@@ -160,6 +195,8 @@ class ManagedProcess:
         kill_group(self.proc.pid, grace_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+        if self.guard is not None:
+            self.guard.release()
         return time.monotonic() - start
 
 

@@ -29,7 +29,7 @@ class WaitForTheOther:
     then waits (60 s at most) until every other run of the store is benchmarking too: only runs that execute
     at the same time both succeed."""
 
-    def __init__(self, store, run_id, alloc, settings):
+    def __init__(self, store, run_id, alloc, settings, ray_node_id=None):
         self.store, self.run_id, self.alloc = store, run_id, alloc
 
     def execute(self) -> RunStatus:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from runner.errors import Cancelled, PortConflict, RunError
-from runner.server import ManagedProcess, VllmServer, free_port, listeners, port_is_free, tail
+from runner.server import GroupGuard, ManagedProcess, VllmServer, free_port, listeners, port_is_free, tail
 
 # A stand-in for `vllm serve`: answers /health 200 and /v1/models with the model named on its command line.
 # With --child, a child process serves and the root only waits: the port's owner is deeper in the tree.
@@ -172,6 +173,55 @@ def test_managed_process_gets_its_env_log_and_group(tmp_path: Path) -> None:
 def test_starting_a_missing_program_says_so(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="Could not start no-such-program-here: .*; is it installed?"):
         ManagedProcess(["no-such-program-here"], {}, tmp_path / "p.log").start()
+
+
+def test_a_process_tree_ends_when_its_owner_dies_without_stopping_it(tmp_path: Path) -> None:
+    """The owner (a Ray task, a worker) killed with SIGKILL runs no `finally`: the group's guard ends the tree."""
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from runner.server import ManagedProcess\n"
+        f"p = ManagedProcess(['bash', '-c', 'sleep 60 & sleep 60 & wait'], {{}}, Path({str(tmp_path)!r}) / 'p.log')\n"
+        "print(p.start(), flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    pgid = int(owner.stdout.readline())
+    tree = [psutil.Process(pgid), *wait_children(pgid, 2)]
+    owner.kill()
+    owner.wait(5)
+    deadline = time.monotonic() + 5
+    while live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_members(pgid) == [] and all(gone(p) for p in tree)
+
+
+def test_a_guard_kills_what_ignores_its_sigterm_after_the_grace(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["bash", "-c", 'trap "" TERM; sleep 60 & wait'], start_new_session=True)
+    wait_ignoring_sigterm(proc.pid)
+    guard = GroupGuard(proc.pid, grace_s=1)
+    os.close(guard._write)  # what the owner's death does: the pipe ends without the release byte
+    t0 = time.monotonic()
+    assert proc.wait(5) == -signal.SIGKILL
+    assert 1 <= time.monotonic() - t0 < 2.5
+    deadline = time.monotonic() + 2
+    while live_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_members(proc.pid) == []
+
+
+def guards(pgid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if len(cmd) >= 3 and cmd[-3].endswith("runner/guard.py") and cmd[-2] == str(pgid) and not gone(p):
+            out.append(p)
+    return out
+
+
+def test_a_stopped_process_lets_its_guard_go(tmp_path: Path) -> None:
+    proc = ManagedProcess(["sleep", "60"], {}, tmp_path / "p.log")
+    pid = proc.start()
+    [guard] = guards(pid)
+    assert guard.ppid() != os.getpid()  # not a child of the owner: a supervisor that kills those leaves it
+    proc.stop(grace_s=5)
+    guard.wait(5)  # released: it exits without signalling anything
 
 
 # -- VllmServer.wait_ready ------------------------------------------------------------------------------
