@@ -347,6 +347,7 @@ class BenchClients:
 
     def client(self, env: dict[str, str]) -> _Client:
         if self.current is None or self.current.proc.poll() is not None:
+            self.close()  # an exited client: what is left of its group ends, its guard goes
             self.current = _Client(env, self.log_path)
         return self.current
 
@@ -361,6 +362,9 @@ class BenchClients:
         self.close()
 
     def forget(self) -> None:
+        """The client's group has ended (it exited, or was stopped): its guard goes; the next job starts a new one."""
+        if self.current is not None:
+            self.current.guard.release()
         self.current = None
 
     def end_input(self) -> None:
