@@ -686,7 +686,10 @@ def test_gpu_disappears(campaign: Campaign, record) -> None:
     gpu0, gpu1 = s.samples[s.samples.gpu_index == 0], s.samples[s.samples.gpu_index == 1]
     lost = gpu1[gpu1.t > cut + 1]
     assert len(lost) >= 3 and (lost.note == "GPU 1 lost: GPU is lost").all() and lost.mem_used_mib.isna().all()
-    assert gpu1[gpu1.t < cut - 1].mem_used_mib.notna().all()  # a tick under way at the cut may see either
+    # a tick under way at the cut may see either: a sample is stamped when its tick starts, and on a loaded machine
+    # one tick (blocked on the /metrics being cut) started 1.4 s before the cut and read GPU 1 after it was lost
+    before = gpu1[gpu1.t < cut]
+    assert len(before) >= 3 and before.mem_used_mib.isna().sum() <= 1 and before.iloc[:-1].mem_used_mib.notna().all()
     assert gpu0[gpu0.t > cut + 1].mem_used_mib.notna().all() and len(gpu0[gpu0.t > cut + 1]) >= 3
     assert s.status == "succeeded" and kept(s) == 0
     record("fault", "the machine's GPU disappears (NVML 'GPU is lost', faked at the NVML seam)",
