@@ -74,12 +74,17 @@ class Machine:
         return list(range(1, len(self.gpus) + 1))
 
 
-@st.cache_data(ttl=30, show_spinner=False)
 def machine() -> Machine:
-    """NVML's view of the GPUs, refreshed every 30 s (free memory changes as runs come and go)."""
+    """NVML's view of the GPUs, refreshed every 30 s (free memory changes as runs come and go), and the shape
+    of the Ray cluster configured now (cached per address: a cluster read once must not answer for another)."""
+    return _machine(api.ray_address())
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _machine(address: str | None) -> Machine:
     found = api.inventory()
     box = Machine(cpu=found.cpu, gpus=found.gpus, note=found.note)
-    if address := api.ray_address():
+    if address:
         state = api.cluster_state(address)
         box.cluster_address, box.cluster_error = address, state.error
         box.cluster = None if state.error else state.shape(cpu_backend=found.cpu)
