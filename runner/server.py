@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Protocol
 import httpx
 import psutil
 
+from runner import guard
 from runner.errors import Cancelled, PortConflict, RunError
 from runner.parsers import find_failure_reason, meaningful_tail, port_conflict
 
@@ -44,7 +44,7 @@ class GroupGuard:
     process holds). Tied to the process, not to the thread that started it, unlike prctl's PR_SET_PDEATHSIG;
     and the direct children that Ray kills when its worker process exits would not include vLLM's engine."""
 
-    SCRIPT = Path(__file__).with_name("guard.py")
+    SCRIPT = Path(guard.__file__)
 
     def __init__(self, pgid: int, grace_s: float = 10.0):
         read, self._write = os.pipe()  # neither end is inherited by other children (close_fds, non-inheritable)
@@ -241,19 +241,9 @@ def _group_members(pgid: int) -> list[psutil.Process]:
 
 
 def kill_group(pgid: int, grace_s: float = 30.0) -> None:
-    """Terminate the process group `pgid` (and every process in it), then kill what remains."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not _group_members(pgid):
-            return
-        time.sleep(STOP_POLL_S)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    """Terminate the process group `pgid` (and every process in it), then kill what remains and wait (≤ 10 s)
+    for it to go. The guard's `end_group`, asking psutil whether the group lives."""
+    if not guard.end_group(pgid, grace_s, alive=lambda g: bool(_group_members(g)), poll_s=STOP_POLL_S):
         return
     deadline = time.monotonic() + 10
     while _group_members(pgid) and time.monotonic() < deadline:

@@ -88,3 +88,19 @@ def test_the_dashboard_imports_runner_api_and_the_value_modules_only() -> None:
                 found |= {a.name for a in node.names if a.name.split(".")[0] == "runner"}
     assert found - allowed == set()
     assert "runner.api" in found
+
+
+def test_the_guard_script_imports_the_standard_library_only() -> None:
+    """runner/guard.py runs as `python -I runner/guard.py` (no site, no PYTHONPATH, ~70 ms) and is imported by
+    runner.server for `end_group`: anything but the standard library would fail it as a script, or slow it."""
+    modules = set()
+    for node in ast.walk(ast.parse((ROOT / "runner" / "guard.py").read_text())):
+        if isinstance(node, ast.ImportFrom):
+            modules.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names}
+    assert modules and {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names} == set()
+    out = subprocess.run([sys.executable, "-I", str(ROOT / "runner" / "guard.py"), "x"], capture_output=True,
+                         text=True, timeout=30)  # as a script: it gets as far as reading its arguments
+    assert out.returncode == 1
+    assert out.stderr.rstrip().endswith("ValueError: invalid literal for int() with base 10: 'x'")
