@@ -24,6 +24,8 @@ of the sweep's runs) and the peer's `run=0.json` files. Ratios are servelab / pe
     python benchmarks/peer.py                  # decision sweep: 2 launches × 4 loads, 2 pairs (~25 min)
     python benchmarks/peer.py --matrix same    # the issue's matrix: 2 launches × rate inf, 640 prompts
     python benchmarks/peer.py --quick          # 2 launches × rate inf, 80 prompts, 1 pair (~6 min)
+    python benchmarks/peer.py --gpu --matrix gpu --arm peer --save peer.json   # one arm, on the GPUs
+    python benchmarks/peer.py --matrix gpu --combine servelab.json peer.json   # arms saved so, summarized
 
 The machine is shared: each pair runs under the heavy lock (`--lock`), both arms inside one hold, and the
 cores other work kept busy during each arm are printed. Last line: `peer ratio=<x>`, servelab's wall over
@@ -47,7 +49,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,8 @@ MATRICES = {
     # the issue's matrix: one load, the whole server's capacity
     "same": Matrix(seqs=(16, 64), rates=(math.inf,), num_prompts=640),
     "quick": Matrix(seqs=(16, 64), rates=(math.inf,), num_prompts=80),
+    # issue 17 on one H200: the tiny Llama, 2 launches × 3 loads; at 32 req/s a load lasts 20 s
+    "gpu": Matrix(seqs=(16, 128), rates=(32, 128, math.inf), num_prompts=640),
 }
 
 
@@ -324,10 +328,13 @@ def python() -> str:
     return sys.executable
 
 
+GPU = False  # --gpu: vLLM's CUDA build on the machine's GPUs, not its CPU backend
+
+
 def arm_env(work: Path) -> dict[str, str]:
     from runner.server import CPU_BACKEND_ENV
 
-    return {**os.environ, "PYTHONPATH": str(ROOT), **CPU_BACKEND_ENV, "SERVELAB_DATA": str(work),
+    return {**os.environ, "PYTHONPATH": str(ROOT), **({} if GPU else CPU_BACKEND_ENV), "SERVELAB_DATA": str(work),
             "SERVELAB_DB": str(work / "servelab.db")}
 
 
@@ -437,6 +444,36 @@ def idle_server(model: Path, port: int, work: Path, seconds: float, seqs: int) -
         server.stop()
 
 
+# -- one arm per command, combined later (a lent GPU machine runs each command for at most 10 minutes) ---------
+def save_arm(path: Path, arm: str, tree: TreeRun, cells: Results) -> None:
+    path.write_text(json.dumps({"arm": arm, "tree": asdict(tree),
+                                "cells": [[seqs, fmt_rate(rate), m] for (seqs, rate), m in cells.items()]}))
+
+
+def load_arm(path: Path) -> tuple[str, TreeRun, dict[Cell, dict[str, float]]]:
+    data = json.loads(path.read_text())
+    tree = TreeRun(**{**data["tree"], "processes": [tuple(p) for p in data["tree"]["processes"]],
+                      "foreign": [tuple(f) for f in data["tree"]["foreign"]]})
+    return data["arm"], tree, {(int(seqs), _rate(rate)): m for seqs, rate, m in data["cells"]}
+
+
+def combine(paths: list[Path], m: Matrix) -> None:
+    """Summarize arms saved by `--arm … --save …`: the n-th servelab arm pairs with the n-th peer arm."""
+    trees: dict[str, list[TreeRun]] = {"servelab": [], "peer": []}
+    cells: dict[str, list[dict]] = {"servelab": [], "peer": []}
+    for path in paths:
+        arm, tree, got = load_arm(path)
+        say(f"  {path.name}:")
+        show_arm(arm, tree)
+        trees[arm].append(tree)
+        cells[arm].append(got)
+    if len(trees["servelab"]) != len(trees["peer"]) or not trees["peer"]:
+        raise SystemExit(f"need as many servelab arms as peer arms: {len(trees['servelab'])} vs {len(trees['peer'])}")
+    for s, p in zip(cells["servelab"], cells["peer"]):
+        show_cells(agreement(s, p), skipped(s, p))
+    summarize(m, trees, cells)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 launches × rate inf, 80 prompts, 1 pair")
@@ -453,7 +490,18 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=3600, help="seconds within which disturbed pairs are re-run")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between polls of the trees' processes")
     ap.add_argument("--idle", type=float, default=0, help="instead: a ready server's CPU over this many idle seconds")
+    ap.add_argument("--gpu", action="store_true", help="vLLM's CUDA build on this machine's GPUs (default: its CPU "
+                    "backend, VLLM_CPU_KVCACHE_SPACE as servelab sets it)")
+    ap.add_argument("--arm", choices=("servelab", "peer"), help="run this one arm once (no pairs, no lock) and "
+                    "--save it")
+    ap.add_argument("--save", type=Path, help="with --arm: where its figures go (JSON)")
+    ap.add_argument("--combine", type=Path, nargs="+", help="summarize arms saved with --save instead of running")
     args = ap.parse_args()
+    global GPU
+    GPU = args.gpu
+    if args.combine:
+        combine(args.combine, MATRICES[args.matrix or "decision"])
+        return
     if args.idle:
         root = Path(tempfile.mkdtemp(prefix="servelab-peer-"))
         with held(args.lock):
@@ -467,6 +515,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="servelab-peer-"))
     model = demo_model(root)
     port = free_bench_port()
+    if args.arm:
+        if not args.save:
+            raise SystemExit("--arm needs --save FILE")
+        say(f"{args.arm} arm: max-num-seqs {list(m.seqs)} × request-rate {[fmt_rate(r) for r in m.rates]}, "
+            f"{m.num_prompts} prompts, {'GPU' if GPU else 'CPU backend'}, {time.strftime('%H:%M:%S')}")
+        work = root / args.arm
+        tree, got = run_servelab(m, model, port, work, args.output_check) if args.arm == "servelab" else run_peer(
+            m, model, port, work)
+        show_arm(args.arm, tree)
+        save_arm(args.save, args.arm, tree, got)
+        say(f"{args.arm} seconds={tree.wall_s:.4g}")
+        return
     say(f"{pairs} pair(s): max-num-seqs {list(m.seqs)} × request-rate {[fmt_rate(r) for r in m.rates]}, "
         f"random {m.input_len}/{m.output_len}, {m.num_prompts} prompts, {m.num_warmups} warm-ups, early stop "
         f"{'on' if m.stop_early else 'off'} (servelab); port {port}; work in {root}")

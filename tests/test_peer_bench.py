@@ -133,3 +133,25 @@ def test_tree_cpu_counts_a_process_its_parent_left_behind(tmp_path: Path) -> Non
     assert int(rc) == 0 and int(leftovers) == 1  # the orphan outlived its parent and was waited for here
     assert float(cpu) >= 0.4 > float(wall)  # wall ends with the command; CPU counts what it left running
     assert 0.4 <= float(orphan) <= float(cpu)  # and says how much of it `time` would have missed
+
+
+def test_arms_saved_one_per_command_combine_into_the_same_summary(tmp_path: Path, capsys) -> None:
+    """A lent GPU runs each arm in a command of its own (10 minutes at most): saved, loaded back, paired."""
+    tree = peer.TreeRun(rc=0, wall_s=200.0, cpu_s=300.0, by_role=dict.fromkeys(peer.ROLES, 1.0), unseen_s=0.5,
+                        poll_cpu_s=0.1, other_cores=0.02, leftovers=0, orphan_cpu_s=0.0,
+                        processes=[("engine core", "VLLM::EngineCor", 120.0)], foreign=[("sshd", 1.5)])
+    cells = {(16, 32.0): {"output_throughput": 1000.0, "median_tpot_ms": 2.0, "duration": 20.1},
+             (16, math.inf): {"output_throughput": 9000.0, "median_tpot_ms": 3.0, "duration": 1.1}}
+    peer.save_arm(tmp_path / "s.json", "servelab", tree, cells)
+    arm, back, got = peer.load_arm(tmp_path / "s.json")
+    assert (arm, back, got) == ("servelab", tree, cells)
+    slower = peer.TreeRun(**{**peer.asdict(tree), "wall_s": 400.0, "cpu_s": 600.0})
+    peer.save_arm(tmp_path / "p.json", "peer", slower, {c: {**m, "output_throughput": m["output_throughput"] * 0.98}
+                                                      for c, m in cells.items()})
+    peer.combine([tmp_path / "s.json", tmp_path / "p.json"], peer.MATRICES["gpu"])
+    out = capsys.readouterr().out
+    assert "over all pairs 0.500" in out  # wall 200 / 400
+    assert "cell max-num-seqs 16, rate 32: output tok/s servelab/peer 1.020" in out  # 1000 / 980, a ≥ 10 s cell
+    assert out.strip().splitlines()[-1] == "peer ratio=0.5"
+    with pytest.raises(SystemExit, match="as many servelab arms as peer arms"):
+        peer.combine([tmp_path / "s.json"], peer.MATRICES["gpu"])
