@@ -334,7 +334,8 @@ GPU = False  # --gpu: vLLM's CUDA build on the machine's GPUs, not its CPU backe
 def arm_env(work: Path) -> dict[str, str]:
     from runner.server import CPU_BACKEND_ENV
 
-    return {**os.environ, "PYTHONPATH": str(ROOT), **({} if GPU else CPU_BACKEND_ENV), "SERVELAB_DATA": str(work),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep an installed site
+    return {**os.environ, "PYTHONPATH": path, **({} if GPU else CPU_BACKEND_ENV), "SERVELAB_DATA": str(work),
             "SERVELAB_DB": str(work / "servelab.db")}
 
 
