@@ -201,6 +201,8 @@ def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
     pending = set(run_ids)
     done = lambda: all(store.get_run(r).status not in LIVE for r in pending)  # noqa: E731
     thread = threading.Thread(target=worker.run_forever, kwargs={"until": done}, daemon=True)
+    # SIGTERM ends the runs `interrupted` (their processes stopped), then this command; Ctrl-C cancels them
+    previous = signal.signal(signal.SIGTERM, lambda *_: worker.interrupt("SIGTERM"))
     thread.start()
     tty = sys.stderr.isatty()
     try:
@@ -217,6 +219,8 @@ def _drive(store, run_ids: list[int], gpu_ids: list[int] | None = None) -> None:
                 pass
         worker.stop()
         thread.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if tty:
         typer.echo("", err=True)
 
@@ -315,14 +319,13 @@ def worker(
         return
     w = Worker(_store(), poll_s=poll)
     typer.echo(f"worker {w.worker_id}: GPUs {w.allocator.gpu_ids or 'none (CPU backend)'}", err=True)
-    # SIGTERM (kill, systemd, the dashboard going away) and Ctrl-C stop the runs in flight cleanly:
-    # their vLLM processes are stopped and they end `interrupted`, never left running or marked active
-    signal.signal(signal.SIGTERM, lambda *_: w.interrupt())
-    try:
-        w.run_forever()
-    except KeyboardInterrupt:
-        w.interrupt()
-        w.join()
+    # SIGTERM (kill, systemd, the dashboard going away) and SIGINT (Ctrl-C) stop the runs in flight cleanly: their
+    # processes are stopped and they end `interrupted` naming the signal, never left running or marked active. A
+    # handler, not KeyboardInterrupt: that is raised at whatever line runs, and one between a run's claim and its
+    # thread's start would leave it claimed and never run.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: w.interrupt(signal.Signals(signum).name))
+    w.run_forever()  # returns once every run in flight has ended
 
 
 @app.command()

@@ -165,7 +165,7 @@ class RunExecutor:
         startup_timeout_s: float | None = None,
         on_update: Callable[[float, str], None] = lambda progress, phase: None,
         tick_s: float = 1.0,
-        interrupted: Callable[[], bool] = lambda: False,
+        interrupted: Callable[[], str | None] = lambda: None,
         ray_node_id: str | None = None,
     ):
         self.store = store
@@ -175,7 +175,8 @@ class RunExecutor:
         self.startup_timeout_s = startup_timeout_s or self.settings.startup_timeout_s
         self.on_update = on_update
         self.tick_s = tick_s
-        self.interrupted = interrupted  # the worker is stopping: end the run `interrupted`, not `cancelled`
+        # the worker is stopping (not None; the signal that stopped it, or ""): end `interrupted`, not `cancelled`
+        self.interrupted = interrupted
         self.ray_node_id = ray_node_id  # the Ray node this executes on: its samples say so
         run = store.get_run(run_id)
         if run.spec_json is None:
@@ -237,7 +238,7 @@ class RunExecutor:
         self.store.update_run(self.run_id, commands_json=json.dumps(self._commands))
 
     def cancelled(self) -> bool:
-        if self.interrupted():
+        if self.interrupted() is not None:
             return True
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.5:
@@ -266,10 +267,11 @@ class RunExecutor:
             status = RunStatus.succeeded
         except Cancelled as exc:
             status, reason = RunStatus.cancelled, str(exc)
-            if self.interrupted() and not self._cancelled:
+            if (by := self.interrupted()) is not None and not self._cancelled:
                 was = self.store.get_run(self.run_id).status.value
                 status = RunStatus.interrupted
-                reason = f"the worker was stopped while the run was {was}; queue it again to rerun"
+                stopped = f"the worker was stopped by {by}" if by else "the worker was stopped"
+                reason = f"{stopped} while the run was {was}; queue it again to rerun"
         except RunError as exc:
             status, reason = RunStatus.failed, str(exc) + disk_full_note(self.run_dir)
         except Exception as exc:  # a bug must still leave a true state and no process behind

@@ -127,7 +127,7 @@ class Worker:
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         self.errors: list[str] = []  # the last errors this worker caught, newest last (also in the store)
-        self.interrupting = threading.Event()
+        self.interrupted_by: str | None = None  # set by `interrupt`: what stopped the worker ("" if unnamed)
         self._wake = threading.Event()  # a run ended or stop was asked: schedule now, not at the next poll
 
     # -- reconcile ------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Worker:
     def _execute(self, run_id: int, alloc: Allocation) -> None:
         try:
             executor = self.executor_factory(self.store, run_id, alloc, self.settings,
-                                             interrupted=self.interrupting.is_set, **self.executor_kw)
+                                             interrupted=lambda: self.interrupted_by, **self.executor_kw)
             executor.execute()
         except Exception as exc:  # never lose a run silently
             self._caught(f"run {run_id} crashed its executor: {type(exc).__name__}: {exc}")
@@ -242,9 +242,13 @@ class Worker:
         self.stopping.set()
         self._wake.set()
 
-    def interrupt(self) -> None:
-        """Stop now: claim nothing more; runs in flight stop their processes and end `interrupted`."""
-        self.interrupting.set()
+    def interrupt(self, by: str = "") -> None:
+        """Stop now: claim nothing more; runs in flight stop their processes and end `interrupted`, their reason
+        naming what stopped the worker (`by`: a signal's name, say). A second call changes nothing."""
+        if self.interrupted_by is None:
+            log.info("worker %s: stopping%s; the runs in flight stop their processes", self.worker_id,
+                     f" on {by}" if by else "")
+            self.interrupted_by = by
         self.stopping.set()
         self._wake.set()
 

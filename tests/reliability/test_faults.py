@@ -718,7 +718,7 @@ def test_dashboard_restarted_during_a_run(campaign: Campaign, record) -> None:
     r = campaign.result("dashboard")
     s: Settled = r["settled"]
     assert s.status == "interrupted", s.reason
-    assert s.reason == "the worker was stopped while the run was starting; queue it again to rerun"
+    assert s.reason == "the worker was stopped by SIGTERM while the run was starting; queue it again to rerun"
     assert not alive(r["server_pid"]) and len(r["d1_children"]) == 2  # Streamlit and the worker, both gone
     assert r["after_restart"] == "interrupted" and r["page"] == 200 and r["port_free"] and kept(s) == 0
     record("fault", "the dashboard killed (SIGKILL) during a run and restarted",
