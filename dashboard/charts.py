@@ -23,6 +23,9 @@ THROUGHPUTS = {
 LATENCIES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 STATS = {"mean": "Mean", "median": "Median", "p99": "P99"}
 STAGES = {
+    "prestarted": ("prestarted beside the previous run: importing vLLM", "#C9DBFF"),
+    "prestart_imported": ("prestarted: imported, waiting for its launch", "#E5ECF6"),
+    "prestart_discarded": ("prestarted server not adopted: starting vLLM", "#636EFA"),
     "launched": ("starting vLLM", "#636EFA"),
     "ready": ("ready", "#00CC96"),
     "bench_start": ("benchmark client start-up (not measured)", "#FECB52"),
@@ -104,7 +107,8 @@ def phase_timeline(phases: pd.DataFrame, now: float | None = None) -> go.Figure:
                     hovertemplate=f"{name}: %{{x:.1f}} s<extra>{ev['detail'] or ''}</extra>")
         seen.add(name)
     fig.update_layout(barmode="overlay")
-    fig.update_xaxes(title_text="seconds since launch")
+    fig.update_xaxes(title_text="seconds since launch (or its prestart)" if events["phase"].iloc[0] == "prestarted"
+                     else "seconds since launch")
     fig.update_yaxes(showticklabels=False)
     return _layout(fig, "Phases", 180)
 

@@ -185,6 +185,7 @@ class _Client:
     """A running `python -m runner.bench_client`, its answers read by a thread into a queue."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = dict(env)  # what it was started with, on top of servelab's own (a prestarted one is matched by it)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as err:
@@ -356,6 +357,11 @@ class BenchClients:
         it (its first job finds it ready); nothing when benchmarks run as processes of their own."""
         if self.use_client and self.unsupported is None:
             self.client(env)
+
+    def adopt(self, other: BenchClients) -> None:
+        """Use `other`'s client, started before this run was given its place (runner/prestart.py), as this run's."""
+        self.close()
+        self.current, other.current = other.current, None
 
     def give_up(self, reason: str) -> None:
         self.unsupported = reason

@@ -753,6 +753,10 @@ class Settings(BaseSettings):
         "auto", description="vLLM backend: auto (the CPU build when it is the only vLLM installed), gpu or cpu.")
     bench_client: bool = Field(True, description="One benchmark client process per run, importing vLLM's "
                                "benchmark code once; false: one `vllm bench serve` process per benchmark.")
+    prestart_next: Literal["auto", "on", "off"] = Field(
+        "auto", description="Start the next queued run's vLLM server (importing vLLM, before its arguments) and "
+        "benchmark client while the run before it benchmarks, so its launch skips the import: on, off, or auto "
+        "(on unless vLLM runs on the CPU backend, where the cores it would use are the ones being measured).")
     ray_address: str | None = Field(None, description="Ray cluster address (`auto`, `host:6379`): `servelab worker` "
                                     "schedules runs on the cluster's nodes instead of this machine's GPUs.")
 

@@ -25,6 +25,7 @@ from runner.errors import Cancelled, ParseError, PortConflict, RunError
 from runner.loads import STOP_PHASE, LoadSweeps
 from runner.models import RunStatus, utcnow
 from runner.parsers import BenchParse, meaningful_tail, parse_bench_json, parse_bench_progress, parse_startup_log
+from runner.prestart import Prestarts, Waiting
 from runner.server import CPU_BACKEND_ENV, ManagedProcess, VllmServer, free_port, port_holder, supervise, tail
 from runner.store import Store
 from runner.telemetry import Sampler, gpu_memory_used_mib
@@ -83,6 +84,22 @@ def server_env(launch: LaunchSpec, gpu_ids: list[int], cpu: bool) -> dict[str, s
 def store_mark(store: Store) -> str:
     """A short stable identity of the store, carried by the run's processes."""
     return hashlib.sha256(str(store.url).encode()).hexdigest()[:16]
+
+
+def run_env(store: Store, run_id: int, spec: RunSpec, gpu_ids: list[int], cpu: bool) -> dict[str, str]:
+    """The environment run `run_id`'s server starts with on top of servelab's own: `server_env`, the marks that
+    find its processes again, and dev mode where a benchmark resets the prefix cache."""
+    return {**server_env(spec.launch, gpu_ids, cpu), RUN_ENV_MARK: str(run_id), STORE_ENV_MARK: store_mark(store),
+            **dev_mode_env(b.prefix_cache for b in spec.bench)}
+
+
+def bench_env(env: dict[str, str]) -> dict[str, str]:
+    """The benchmark client's: the server's, unbuffered (a main-run line must reach its log when printed)."""
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def run_dir_of(run_dir: str | None, run_id: int, settings: Settings) -> Path:
+    return Path(run_dir) if run_dir else settings.data_dir / "runs" / str(run_id)
 
 
 def disk_full_note(path: Path, below_bytes: int = 1 << 20) -> str:
@@ -167,6 +184,7 @@ class RunExecutor:
         tick_s: float = 1.0,
         interrupted: Callable[[], str | None] = lambda: None,
         ray_node_id: str | None = None,
+        prestarts: Prestarts | None = None,
     ):
         self.store = store
         self.run_id = run_id
@@ -178,19 +196,17 @@ class RunExecutor:
         # the worker is stopping (not None; the signal that stopped it, or ""): end `interrupted`, not `cancelled`
         self.interrupted = interrupted
         self.ray_node_id = ray_node_id  # the Ray node this executes on: its samples say so
+        self.prestarts = prestarts  # the worker's prestarted servers: one may be waiting for this run
         run = store.get_run(run_id)
         if run.spec_json is None:
             raise RunError(f"run {run_id} has no launch spec (an imported run); only launched runs can execute")
         self.spec = RunSpec.model_validate_json(run.spec_json)
         self.launch = self.spec.launch.model_copy(update={"port": alloc.port})
         self.cpu = cpu_backend(self.settings)
-        self.env = {**server_env(self.launch, alloc.gpu_ids, self.cpu), RUN_ENV_MARK: str(run_id),
-                    STORE_ENV_MARK: store_mark(store)}
+        self.env = run_env(store, run_id, self.spec, alloc.gpu_ids, self.cpu)
         self.dev_mode = dev_mode_env(b.prefix_cache for b in self.spec.bench)
-        self.env.update(self.dev_mode)
-        # unbuffered: a benchmark's main-run line must reach its log when printed, not when the process exits
-        self.bench_env = {**self.env, "PYTHONUNBUFFERED": "1"}
-        self.run_dir = Path(run.run_dir) if run.run_dir else self.settings.data_dir / "runs" / str(run_id)
+        self.bench_env = bench_env(self.env)
+        self.run_dir = run_dir_of(run.run_dir, run_id, self.settings)
         self.server: VllmServer | None = None
         # one client process for all the run's benchmarks (Settings.bench_client)
         self.bench_clients = BenchClients(self.run_dir / "bench-client.log", self.settings.bench_client)
@@ -317,7 +333,7 @@ class RunExecutor:
         self.store.update_run(self.run_id, port=self.alloc.port, serve_argv_json=json.dumps(argv))
         if self.cancelled():
             raise Cancelled("cancelled before launch")
-        pid = self.live.start()
+        pid = self._start_process(argv)
         self.store.update_run(self.run_id, server_pid=pid)
         if self.spec.bench:
             # the benchmark client imports vLLM (10–35 s) while vLLM starts, not after it is ready
@@ -342,6 +358,50 @@ class RunExecutor:
         )
         self.sampler.scrape_from(self.live.base_url + "/metrics")
         self._mark("ready")
+
+    def _start_process(self, argv: list[str]) -> int:
+        """Start this run's server: adopt the one prestarted for it (runner/prestart.py) when it would have been
+        started with the same environment, else a new process."""
+        waiting = self.prestarts.take(self.run_id) if self.prestarts is not None else None
+        if waiting is None:
+            return self.live.start()
+        if why := waiting.mismatch(self.env, self.live.log_path):
+            waiting.end(why)
+            self._mark("prestart_discarded", why)
+            return self.live.start()
+        args = argv[len(vllm_prefix()):]  # what follows the CLI's prefix: serve, the model, …, the port
+        try:
+            pid = self.live.adopt(waiting.server, go=lambda: waiting.server.go(args))
+        except BaseException:
+            waiting.end("its run could not adopt it")
+            raise
+        self._adopted(waiting)
+        return pid
+
+    def _adopted(self, waiting: Waiting) -> None:
+        """Take the prestarted benchmark client too when it matches, and record the prestart in the run's phases:
+        `prestarted` when the process started, `prestart_imported` when its imports were done (if before the go)."""
+        client = "no benchmark client"
+        if self.spec.bench:
+            if (why := waiting.client_mismatch(self.bench_env)) is None:
+                imported = waiting.clients.current is not None and waiting.clients.current.imported.is_set()
+                self.bench_clients.adopt(waiting.clients)
+                client = f"benchmark client adopted too ({'imported' if imported else 'still importing'} at the go)"
+            else:
+                waiting.clients.close()
+                client = f"benchmark client not adopted: {why}"
+        before_go = time.monotonic() - waiting.started_mono
+        imported_s = waiting.server.imported_s()
+        imports = (f"vLLM's CLI imported in {imported_s:.1f} s, before the go" if imported_s is not None
+                   else f"still importing vLLM's CLI at the go ({before_go:.1f} s in)")
+        beside = f"beside run {waiting.beside}" if waiting.beside is not None else "ahead of its launch"
+        self.store.add_phase(self.run_id, "prestarted", t=waiting.started_t,
+                             detail=f"server process (pid {waiting.server.pid}) started {beside}, {before_go:.1f} s "
+                                    f"before the go; {imports}; {client}")
+        if imported_s is not None:
+            self.store.add_phase(self.run_id, "prestart_imported", t=waiting.started_t + imported_s,
+                                 detail=f"vLLM's CLI imported in {imported_s:.1f} s; waited "
+                                        f"{before_go - imported_s:.1f} s for the go")
 
     def _add_samples(self, rows: list[dict[str, Any]]) -> int:
         if self.ray_node_id is not None:

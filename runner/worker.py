@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 import psutil
 
 from runner.config import Host, RunSpec, Settings
-from runner.execute import RUN_ENV_MARK, STORE_ENV_MARK, Allocation, RunExecutor, cpu_backend, store_mark
-from runner.models import ACTIVE, RunStatus, utcnow
+from runner.execute import (
+    RUN_ENV_MARK,
+    STORE_ENV_MARK,
+    Allocation,
+    RunExecutor,
+    bench_env,
+    cpu_backend,
+    run_dir_of,
+    run_env,
+    store_mark,
+)
+from runner.models import ACTIVE, Run, RunStatus, utcnow
+from runner.prestart import Prestarts, prestart_wanted, successors
 from runner.server import free_port, kill_group
 from runner.store import Store
 from runner.telemetry import GpuReader, load_nvml
@@ -129,6 +140,7 @@ class Worker:
         self.errors: list[str] = []  # the last errors this worker caught, newest last (also in the store)
         self.interrupted_by: str | None = None  # set by `interrupt`: what stopped the worker ("" if unnamed)
         self._wake = threading.Event()  # a run ended or stop was asked: schedule now, not at the next poll
+        self.prestarts = self._prestarts()
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconcile(self) -> list[int]:
@@ -182,18 +194,22 @@ class Worker:
             self.threads[run.id] = t
             t.start()
             started.append(run.id)
+        self._prestart_next()
         return started
 
     def _execute(self, run_id: int, alloc: Allocation) -> None:
         try:
+            prestarts = {"prestarts": self.prestarts} if self.prestarts is not None else {}
             executor = self.executor_factory(self.store, run_id, alloc, self.settings,
-                                             interrupted=lambda: self.interrupted_by, **self.executor_kw)
+                                             interrupted=lambda: self.interrupted_by, **prestarts, **self.executor_kw)
             executor.execute()
         except Exception as exc:  # never lose a run silently
             self._caught(f"run {run_id} crashed its executor: {type(exc).__name__}: {exc}")
             self.store.update_run(run_id, status=RunStatus.failed, finished_at=utcnow(), phase="failed",
                                   failure_reason=f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            if self.prestarts is not None:  # one its executor did not take (it failed before its launch)
+                self.prestarts.end(run_id, f"run {run_id} ended without adopting it")
             with self._lock:
                 self.allocator.release(run_id)
             self._wake.set()
@@ -220,12 +236,71 @@ class Worker:
             try:
                 self.step()
                 if until() and not self.busy():
-                    return
+                    break
             except Exception as exc:  # a database hiccup must not end the worker; try again next tick
                 self._caught(f"scheduling failed: {type(exc).__name__}: {exc}")
             self._wake.wait(self.poll_s)
+        self.end_prestarts("the worker is stopping")
         for t in list(self.threads.values()):
             t.join()
+
+    # -- prestart (runner/prestart.py) ------------------------------------------------------------
+    def _prestarts(self) -> Prestarts | None:
+        """The worker's prestarted servers, when `Settings.prestart_next` asks for them here."""
+        return Prestarts() if prestart_wanted(self.settings.prestart_next, cpu_backend(self.settings)) else None
+
+    def _prestart_next(self) -> None:
+        """While a run of this worker benchmarks, start the server (and benchmark client) of the queued run that
+        will take its GPUs when it ends; end the prestarts no longer predicted. Never fails the scheduling."""
+        if self.prestarts is None or self.stopping.is_set():
+            return
+        try:
+            self._match_prestarts()
+        except Exception as exc:
+            self._caught(f"prestart failed: {type(exc).__name__}: {exc}")
+
+    def _match_prestarts(self) -> None:
+        prestarts = self.prestarts
+        if prestarts is None:
+            return
+        with self._lock:
+            running = {r: list(g) for r, g in self.allocator.held.items() if r in self.threads}
+            free = self.allocator.free_gpus
+        queued: list[tuple[Run, RunSpec]] = []
+        for run in reversed(self.store.list_runs(status=RunStatus.queued)):  # oldest first, as `step` walks them
+            try:
+                spec = RunSpec.model_validate_json(run.spec_json or "")
+            except ValueError:
+                continue
+            if not self.host.problems(spec.launch):
+                queued.append((run, spec))
+        gpu_host = bool(self.allocator.gpu_ids)
+        predicted = successors(running, free, [(r.id, s.launch.gpus_needed if gpu_host else 0) for r, s in queued],
+                               gpu_host)
+        by_id = {r.id: (r, s) for r, s in queued}
+        cpu = cpu_backend(self.settings)
+        wanted = {j: (k, run_env(self.store, j, by_id[j][1], gpus, cpu)) for k, (j, gpus) in predicted.items()}
+        for j in prestarts.run_ids():
+            if j in self.threads:
+                continue  # claimed by this worker: its executor adopts or ends it
+            if j not in by_id:
+                prestarts.end(j, f"run {j} is no longer queued (cancelled, or taken by another worker)")
+            elif j not in wanted:
+                prestarts.end(j, f"run {j} is no longer the next run on the GPUs of a run of this worker")
+            elif prestarts.env_of(j) != wanted[j][1]:
+                prestarts.end(j, f"run {j} will start with another environment (its GPUs changed)")
+        benchmarking = {r.id for r in self.store.list_runs(status=RunStatus.benchmarking) if r.id in running}
+        for j, (k, env) in wanted.items():
+            if j in prestarts or k not in benchmarking:
+                continue
+            run, spec = by_id[j]
+            prestarts.start(j, env, run_dir_of(run.run_dir, j, self.settings),
+                            bench_env(env) if spec.bench and self.settings.bench_client else None, beside=k)
+
+    def end_prestarts(self, why: str) -> None:
+        """End every prestarted process of this worker (it stops, or its caller is done with it)."""
+        if self.prestarts is not None:
+            self.prestarts.end_all(why)
 
     def _caught(self, message: str) -> None:
         """Say what was caught (called from an `except` block): the console's log with the traceback, this

@@ -60,20 +60,20 @@ def test_the_readme_environment_table_is_the_settings() -> None:
 def test_settings_read_their_documented_variables(monkeypatch, tmp_path) -> None:
     values = {"SERVELAB_DB": "postgresql://h/db", "SERVELAB_DATA": str(tmp_path), "SERVELAB_SAMPLE_INTERVAL": "0.5",
               "SERVELAB_STARTUP_TIMEOUT": "90", "SERVELAB_PASSWORD": "pw", "SERVELAB_BACKEND": "cpu",
-              "SERVELAB_BENCH_CLIENT": "0", "SERVELAB_RAY_ADDRESS": "head:6379"}
+              "SERVELAB_BENCH_CLIENT": "0", "SERVELAB_PRESTART_NEXT": "on", "SERVELAB_RAY_ADDRESS": "head:6379"}
     assert sorted(values) == sorted(Settings.env_names().values())
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SERVELAB_RUN_ID", "7")  # a run's mark in its server's environment, not a setting
     assert Settings.from_env() == Settings(db="postgresql://h/db", data_dir=tmp_path, sample_interval_s=0.5,
                                            startup_timeout_s=90.0, password="pw", backend="cpu", bench_client=False,
-                                           ray_address="head:6379")
+                                           prestart_next="on", ray_address="head:6379")
     for name in values:
         monkeypatch.delenv(name)
     monkeypatch.setenv("SERVELAB_DB", "")  # empty is unset
     assert Settings.from_env() == Settings(db=None, data_dir=Path("data"), sample_interval_s=1.0,
                                            startup_timeout_s=1800.0, password=None, backend="auto", bench_client=True,
-                                           ray_address=None)
+                                           prestart_next="auto", ray_address=None)
 
 
 def test_the_dashboard_imports_runner_api_and_the_value_modules_only() -> None:

