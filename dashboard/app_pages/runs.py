@@ -71,8 +71,10 @@ def table() -> None:
     view = data.runs_view(frame)
     view["Started"] = view["Started"].dt.tz_convert(tz()).dt.tz_localize(None)
     cfg = st.column_config
+    # a missing value (no results yet) reads "—" as on the other pages, not Streamlit's grey "None"; the metric
+    # columns stay numbers, so they still sort as numbers
     event = st.dataframe(view, key=f"runs.table.{ss.get('runs.gen', 0)}", on_select="rerun",
-                         selection_mode="multi-row", hide_index=True,
+                         selection_mode="multi-row", hide_index=True, placeholder="—",
                          column_config={
                              "Output tok/s": cfg.NumberColumn(format="%.2f"), "Req/s": cfg.NumberColumn(format="%.2f"),
                              "Median TTFT (ms)": cfg.NumberColumn(format="%.1f"),

@@ -119,3 +119,14 @@ def test_worker_errors_of_the_last_hour_show_as_a_banner(open_page, seeded) -> N
     assert banner.value.startswith("**The worker caught 1 error(s) in the last hour** (its console has the "
                                    "tracebacks). Newest, at ")
     assert banner.value.endswith(": run 7 crashed its executor: KeyError: 'x'")
+
+
+def test_a_run_without_results_shows_a_dash_not_none(open_page, seeded, demo_model: Path) -> None:
+    queued = api.queue_run(seeded, RunSpec(launch=LaunchSpec(model=str(demo_model)), bench=[BenchSpec(num_prompts=2)]))
+    at = open_page("runs")
+    table = at.dataframe[0]
+    metrics = ["Output tok/s", "Req/s", "Median TTFT (ms)", "Median TPOT (ms)"]
+    assert table.value.set_index("ID").loc[queued.id, metrics].isna().all()  # missing: no results yet
+    assert table.value.set_index("ID").loc[1, metrics].tolist() == [485.78, 1.25, 227389.87, 473.04]
+    assert all(table.value[m].dtype.kind == "f" for m in metrics)  # numbers, so a header click sorts them as such
+    assert table.proto.placeholder == "—"  # what the grid draws for a missing cell (Streamlit's default: "None")
