@@ -33,7 +33,7 @@ from runner.config import EvalSpec, Host, LaunchSpec, RunSpec, Settings, SweepSp
 from runner.errors import ParseError, Problem, ServelabError, SpecError, StoreError
 from runner.evaluate import LOG_NAME, OUTPUT_DIR, TASK_DIR, local_eval_problem, local_tasks
 from runner.execute import INTERNAL_ENV, cpu_backend
-from runner.loads import STOP_PHASE, PointKey, format_load, point_key
+from runner.loads import STOP_PHASE, PointKey, format_load, load_of, point_key
 from runner.models import (
     ACTIVE,
     BENCH_COLUMNS,
@@ -999,9 +999,14 @@ def load_fields(br: BenchResult, metrics: dict[str, Any] | None = None) -> dict[
     metrics = json.loads(br.metrics_json) if metrics is None else metrics
     spec = json.loads(br.bench_spec_json) if br.bench_spec_json else {}
     rate = spec.get("request_rate", metrics.get("request_rate"))
-    return {"workload": json.dumps({k: v for k, v in spec.items() if k not in _LOAD_FIELDS}, sort_keys=True),
-            "request_rate": float(rate) if rate is not None else None,  # "Infinity" → inf
-            "max_concurrency": spec.get("max_concurrency", metrics.get("max_concurrency"))}
+    rate = float(rate) if rate is not None else None  # "Infinity" → inf
+    cap = spec.get("max_concurrency", metrics.get("max_concurrency"))
+    workload = {k: v for k, v in spec.items() if k not in _LOAD_FIELDS}
+    if cap is not None and "max_concurrency" in spec and load_of(rate, cap)[0] == "request-rate":
+        # at a finite rate the load is the rate and the cap a setting of the workload: benchmarks at one rate
+        # with caps 1, 4, 16 are three points, never three repeats of one
+        workload["max_concurrency"] = cap
+    return {"workload": json.dumps(workload, sort_keys=True), "request_rate": rate, "max_concurrency": cap}
 
 
 def load_rows(store: Store, run_ids: list[int] | None = None) -> list[dict[str, Any]]:

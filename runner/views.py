@@ -7,10 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from runner.api import label_of, load_fields, load_sweep_stops, one_line, run_commands, run_headline
+from runner.api import label_of, load_sweep_stops, one_line, result_loads, run_commands, run_headline
 from runner.config import parallel_label
 from runner.errors import ServelabError
-from runner.loads import format_load, point_key
 from runner.store import Store
 
 _RUNS_TEXT = [("ID", 4, ">"), ("STATUS", 11, "<"), ("LABEL", 16, "<"), ("CONFIG", 8, "<"), ("LOAD", 11, "<"),
@@ -136,11 +135,9 @@ def run_text(store: Store, run_id: int) -> str:
     if results:
         head = run_headline(store, run_id)
         lines += ["", "benchmark" + (f" ({len(results)} executions)" if len(results) > 1 else "") + ":"]
-        for i, br in enumerate(results):
+        for i, (br, load) in enumerate(zip(results, result_loads(store, run_id), strict=True)):
             m = json.loads(br.metrics_json)
             cells = [f"{fmt.format(m[k])} {name}" for k, name, fmt in _SHOW_METRICS if m.get(k) is not None]
-            _, kind, value = point_key(load_fields(br, m))
-            load = format_load(kind, value)
             lines.append(("  " if len(results) == 1 else f"  #{i + 1} ") + f"at {load}: " + ", ".join(cells))
         if head is not None and head.points > 1:
             lines.append(f"  {head.text} ({head.metrics.get('output_throughput') or 0:,.1f} out tok/s); "

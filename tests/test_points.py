@@ -201,3 +201,29 @@ def test_the_headline_of_a_sweep_is_its_peak_load_never_a_mean(env, tmp_path) ->
     assert [(r["load_kind"], float(r["load"]), float(r["output_throughput"])) for r in results] == [
         ("request-rate", 4.0, 900.0), ("request-rate", 16.0, 2400.0), ("request-rate", 64.0, 2450.0),
         ("request-rate", 16.0, 2600.0)]
+
+
+def test_caps_at_one_rate_are_points_never_repeats(env) -> None:
+    """The Launch page's sweep over max-concurrency keeps the form's request rate: 40 req/s with caps 1, 4 and 16
+    are three points (the walk saw their mean shown as "At 40 req/s, mean of 3 repeats")."""
+    with api.open_store(env["SERVELAB_DB"]) as store:
+        run = store.create_run(label="caps", status=RunStatus.succeeded, tensor_parallel_size=1).id
+        for cap, tok_s in ((1, 208.7), (4, 578.1), (16, 1167.9)):
+            spec = BenchSpec(num_prompts=100, request_rate=40.0, max_concurrency=cap).model_dump_json()
+            store.add_bench_result(run, {**_metrics(tok_s, 60.0), "request_rate": 40.0, "max_concurrency": cap},
+                                   bench_spec_json=spec)
+        head = api.run_headline(store, run)
+        assert head is not None and (head.points, head.repeats, head.metrics["output_throughput"], head.text) == (
+            3, 1, 1167.9, "3 benchmarks, peak output at 40 req/s (max-concurrency 16)")
+        assert [(p["load"], p["repeats"]) for p in api.run_points(store, run)] == [
+            ("40 req/s (max-concurrency 1)", 1), ("40 req/s (max-concurrency 4)", 1),
+            ("40 req/s (max-concurrency 16)", 1)]
+        # against a run at the same rate without a cap: nothing pooled, what differs said
+        plain = _run(store, "plain", {40.0: [(840.0, 1700.0)]})
+        report = api.compare_report(store, plain, run)
+        assert report.bench == [] and report.notes == [
+            "only the baseline has 40 req/s (max-concurrency unset): not compared",
+            "only the candidate has 40 req/s (max-concurrency 1), 40 req/s (max-concurrency 4), "
+            "40 req/s (max-concurrency 16): not compared"]
+    shown = sl(env, "show", str(run))
+    assert "  #2 at 40 req/s (max-concurrency 4): 100 requests" in shown
