@@ -54,7 +54,9 @@ from runner.parsers import (
     BenchParse,
     EvalScore,
     KvCapacity,
+    bench_blocks,
     detect_kind,
+    has_lm_eval_table,
     parse_bench_json,
     parse_bench_text,
     parse_lm_eval_json,
@@ -105,10 +107,12 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
             item.bench = parse_bench_json(text)
         elif kind == "bench_text":
             item.bench = parse_bench_text(text)
+            _one_result_only(text)
         elif kind == "lm_eval_json":
             item.scores = parse_lm_eval_json(text)
         elif kind == "lm_eval_table":
             item.scores = parse_lm_eval_table(text)
+            _one_result_only(text, item.scores)
         else:
             item.kv = parse_startup_log(text)
             if item.kv.kv_cache_tokens is None and item.kv.kv_cache_gib is None:
@@ -116,6 +120,29 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
     except ParseError as exc:
         raise ParseError(f"{name}: {exc}") from None
     return item
+
+
+def _one_result_only(text: str, scores: list[EvalScore] | None = None) -> None:
+    """Refuse a text that holds several runs' results (a page quoting two bench blocks and their lm-eval tables):
+    a file is imported as one run, and the parsers would keep the last block only, or two values of one score."""
+    blocks = bench_blocks(text)
+    found = []
+    if len(blocks) > 1:
+        found.append(f"{len(blocks)} 'Serving Benchmark Result' blocks (" + "; ".join(
+            f"{b.get('completed') or 0:.0f} requests, {b.get('output_throughput') or 0:,.2f} output tok/s"
+            for b in (parse_bench_text(block).metrics for block in blocks)) + ")")
+    if blocks and has_lm_eval_table(text):
+        found += [*([] if found else ["a 'Serving Benchmark Result' block"]), "an lm-eval table"]
+    keys = [(s.task, s.filter, s.metric) for s in scores or []]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        task, filt, metric = twice[0]
+        values = ", ".join(f"{s.value:g}" for s in scores or [] if (s.task, s.filter, s.metric) == twice[0])
+        found.append(f"{keys.count(twice[0])} values of {task} {filt} {metric} ({values}): several runs' tables")
+    if found:
+        raise ParseError(f"holds {' and '.join(found)}; a file is imported as one run's result. Import each "
+                         "benchmark block and each lm-eval table on its own (a file each, or paste one at a "
+                         "time), adding a table to its block's run with 'Add to an existing run' (`--into`).")
 
 
 def import_files(store: Store, files: Sequence[tuple[str, bytes | str]], label: str | None = None,

@@ -185,18 +185,24 @@ def _text_key(label: str) -> str | None:
     return None
 
 
+def bench_blocks(text: str) -> list[str]:
+    """Every printed result block of `text` in order, each from its header through its closing `=====` line."""
+    lines = _ANSI.sub("", text or "").replace("\r", "\n").split("\n")
+    blocks = []
+    for start in (i for i, line in enumerate(lines) if _BLOCK_HEADER in line):
+        block: list[str] = []
+        for line in lines[start:]:
+            block.append(line)
+            if len(block) > 1 and re.fullmatch(r"\s*={10,}\s*", line):
+                break
+        blocks.append("\n".join(block))
+    return blocks
+
+
 def _bench_block(text: str) -> str:
-    """The last result block, header through the closing `=====` line (or the whole text)."""
-    lines = text.replace("\r", "\n").split("\n")
-    starts = [i for i, line in enumerate(lines) if _BLOCK_HEADER in line]
-    if not starts:
-        return text
-    block = []
-    for line in lines[starts[-1] :]:
-        block.append(line)
-        if len(block) > 1 and re.fullmatch(r"\s*={10,}\s*", line):
-            break
-    return "\n".join(block)
+    """The last result block (or the whole text)."""
+    blocks = bench_blocks(text)
+    return blocks[-1] if blocks else text
 
 
 def parse_bench_text(text: str) -> BenchParse:
@@ -483,6 +489,11 @@ _TABLE_HEADER = re.compile(r"^\|\s*(Tasks|Groups)\s*\|\s*Version\s*\|", re.IGNOR
 
 def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def has_lm_eval_table(text: str) -> bool:
+    """Whether `text` holds the header of a table lm-eval prints."""
+    return any(_TABLE_HEADER.match(line.strip()) for line in _ANSI.sub("", text or "").splitlines())
 
 
 def parse_lm_eval_table(text: str) -> list[EvalScore]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner import api
+from runner.errors import ParseError
 from runner.parsers import parse_lm_eval_table
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
@@ -73,3 +74,26 @@ def test_import_into_a_missing_run_creates_nothing(tmp_path, cli_env):
                          text=True, env=cli_env, cwd=Path(__file__).parent.parent)
     assert out.returncode == 2 and "no run 7" in out.stderr
     assert api.Store(cli_env["SERVELAB_DB"]).list_runs() == []
+
+
+def test_a_page_of_several_results_is_refused_not_cut_to_its_last(tmp_path):
+    """The seed page itself (both GSM8K tables, then both bench blocks) was imported as one run holding only the
+    TP8+DCP8 block: TP8's 485.78 tok/s and both tables dropped without a word."""
+    read = lambda name: (SEED / name).read_text()  # noqa: E731
+    page = "\n".join([read("gsm8k_tp8.txt"), read("gsm8k_tp8_dcp8.txt"), "TP8 Benchmark Output", read("tp8.txt"),
+                      "TP8+DCP8 Benchmark Output", read("tp8_dcp8.txt")])
+    store = api.Store(str(tmp_path / "s.db"))
+    for name, text, said in [
+        ("seed.txt", page, "holds 2 'Serving Benchmark Result' blocks (998 requests, 485.78 output tok/s; 994 "
+                           "requests, 695.13 output tok/s) and an lm-eval table; a file is imported as one run's"),
+        ("block+table.txt", read("tp8.txt") + read("gsm8k_tp8.txt"),
+         "holds a 'Serving Benchmark Result' block and an lm-eval table;"),
+        ("tables.txt", read("gsm8k_tp8.txt") + read("gsm8k_tp8_dcp8.txt"),
+         "holds 2 values of gsm8k flexible-extract exact_match (0.9416, 0.9386): several runs' tables;"),
+    ]:
+        with pytest.raises(ParseError) as refused:
+            api.import_files(store, [(name, text)])
+        assert str(refused.value).startswith(f"{name}: {said}")
+    assert store.list_runs() == []
+    # each part on its own still imports, as the seed's fixtures always did
+    assert api.parse_import("tp8.txt", read("tp8.txt")).bench.metrics["output_throughput"] == 485.78
