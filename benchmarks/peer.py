@@ -24,6 +24,7 @@ of the sweep's runs) and the peer's `run=0.json` files. Ratios are servelab / pe
     python benchmarks/peer.py                  # decision sweep: 2 launches × 4 loads, 2 pairs (~25 min)
     python benchmarks/peer.py --matrix same    # the issue's matrix: 2 launches × rate inf, 640 prompts
     python benchmarks/peer.py --quick          # 2 launches × rate inf, 80 prompts, 1 pair (~6 min)
+    python benchmarks/peer.py --pairs 1 --budget 0 --prestart on   # servelab's prestart forced on (CPU: auto is off)
     python benchmarks/peer.py --gpu --matrix gpu --arm peer --save peer.json   # one arm, on the GPUs
     python benchmarks/peer.py --matrix gpu --combine servelab.json peer.json   # arms saved so, summarized
 
@@ -154,6 +155,23 @@ def servelab_results(db: Path) -> dict[Cell, dict[str, float]]:
                 out[(seqs, rate)] = {"output_throughput": r.output_throughput or math.nan,
                                      "median_tpot_ms": r.median_tpot_ms or math.nan,
                                      "duration": r.duration or math.nan}
+    return out
+
+
+def servelab_startups(db: Path) -> list[str]:
+    """Each servelab run's launched → ready seconds, and its prestart (runner/prestart.py) when it had one."""
+    from runner.store import Store
+
+    out = []
+    with Store(db) as store:
+        for run in sorted(store.list_runs(), key=lambda r: r.id):
+            at = {e.phase: e for e in reversed(store.phases(run.id))}  # each phase's first event
+            if "launched" not in at or "ready" not in at:
+                continue
+            seqs = json.loads(run.spec_json or "{}")["launch"]["max_num_seqs"]
+            pre = f"; prestarted: {at['prestarted'].detail}" if "prestarted" in at else ""
+            out.append(f"run {run.id} (max-num-seqs {seqs}): launched → ready {at['ready'].t - at['launched'].t:.1f} s"
+                       + pre)
     return out
 
 
@@ -329,6 +347,7 @@ def python() -> str:
 
 
 GPU = False  # --gpu: vLLM's CUDA build on the machine's GPUs, not its CPU backend
+PRESTART: str | None = None  # --prestart: SERVELAB_PRESTART_NEXT for the servelab arm (None: servelab's default)
 
 
 def arm_env(work: Path) -> dict[str, str]:
@@ -343,9 +362,12 @@ def run_servelab(m: Matrix, model: Path, port: int, work: Path, output_check: bo
     work.mkdir(parents=True)
     sweep = work / "sweep.json"
     sweep.write_text(json.dumps(servelab_sweep(m, model, port, output_check), indent=1))
-    tree = run_tree([python(), "-m", "runner.cli", "sweep", str(sweep)], arm_env(work), work / "cli.log")
+    env = {**arm_env(work), **({"SERVELAB_PRESTART_NEXT": PRESTART} if PRESTART else {})}
+    tree = run_tree([python(), "-m", "runner.cli", "sweep", str(sweep)], env, work / "cli.log")
     if tree.rc != 0:
         raise SystemExit(f"servelab sweep failed (exit {tree.rc}); see {work / 'cli.log'}")
+    for line in servelab_startups(work / "servelab.db"):
+        say(f"      {line}")
     return tree, servelab_results(work / "servelab.db")
 
 
@@ -497,9 +519,11 @@ def main() -> None:
                     "--save it")
     ap.add_argument("--save", type=Path, help="with --arm: where its figures go (JSON)")
     ap.add_argument("--combine", type=Path, nargs="+", help="summarize arms saved with --save instead of running")
+    ap.add_argument("--prestart", choices=("auto", "on", "off"), help="SERVELAB_PRESTART_NEXT for the servelab arm "
+                    "(default: servelab's own, auto: off on the CPU backend)")
     args = ap.parse_args()
-    global GPU
-    GPU = args.gpu
+    global GPU, PRESTART
+    GPU, PRESTART = args.gpu, args.prestart
     if args.combine:
         combine(args.combine, MATRICES[args.matrix or "decision"])
         return

@@ -56,6 +56,19 @@ def test_servelab_results_from_its_store(tmp_path: Path) -> None:
     }
 
 
+def test_servelab_startups_say_launched_to_ready_and_the_prestart(tmp_path: Path) -> None:
+    db = tmp_path / "servelab.db"
+    with Store(db) as store:
+        for seqs, phases in ((16, [("launched", 100.0), ("ready", 137.5)]),
+                             (64, [("prestarted", 150.0), ("launched", 180.0), ("ready", 204.0)])):
+            spec = RunSpec.parse({"launch": {"model": "/m", "max-num-seqs": seqs}})
+            run = store.create_run(spec_json=spec.model_dump_json())
+            for phase, t in phases:
+                store.add_phase(run.id, phase, t=t, detail="beside run 1" if phase == "prestarted" else None)
+    assert peer.servelab_startups(db) == ["run 1 (max-num-seqs 16): launched → ready 37.5 s",
+                                          "run 2 (max-num-seqs 64): launched → ready 24.0 s; prestarted: beside run 1"]
+
+
 def test_agreement_ratios_long_cells_skipped_cells_and_best_launch() -> None:
     servelab = {(16, 16.0): {"output_throughput": 510.0, "median_tpot_ms": 9.0, "duration": 12.4},
                 (16, math.inf): {"output_throughput": 1700.0, "median_tpot_ms": 25.0, "duration": 3.4},
