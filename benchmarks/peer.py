@@ -225,7 +225,7 @@ def role(cmdline: list[str], name: str) -> str:
         return "sweep CLI"
     if "runner.bench_client" in text or "bench serve" in text:
         return "benchmark client"
-    if " serve " in f"{text} ":
+    if " serve " in f"{text} " or "--servelab-gate" in text:  # a prestarted server keeps its gated command line
         return "vLLM API server"
     return "other"
 

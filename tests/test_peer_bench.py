@@ -115,6 +115,7 @@ def test_the_peer_gets_servelabs_own_argv_and_the_same_warmups() -> None:
     (["python", "-m", "runner.vllm_entry", "bench", "sweep", "serve", "--serve-cmd", "x"], "python", "sweep CLI"),
     (["python", "-m", "runner.vllm_entry", "serve", "/m", "--port", "1"], "python", "vLLM API server"),
     (["/w/bin/vllm", "serve", "/m"], "python", "vLLM API server"),
+    (["python", "-m", "runner.vllm_entry", "--servelab-gate"], "python", "vLLM API server"),  # prestarted
     (["python", "-c", "from multiprocessing.spawn import spawn_main"], "VLLM::EngineCore", "engine core"),
     (["python", "-c", "x"], "VLLM::Worker", "vLLM worker"),
     ([], "VLLM::EngineCor", "engine core"),  # a zombie: no command line, the kernel's 15-character name
