@@ -10,6 +10,11 @@ one before it. Per run:
   the run in the store, and starting the executor (a thread here; a Ray task on the node);
 - *wall*: the worker's whole loop divided by N.
 
+On Ray the gap is split in three (each from the worker's own marks): *notice* (the previous run's executor
+ending → the worker giving back its placement group), *place* (→ the next run handed to Ray: its group ready,
+the run claimed, submitted), *start* (→ the executor starting on the node: Ray's dispatch, and a process start
+with imports when a task gets a fresh worker process).
+
     python benchmarks/ray_overhead.py            # 20 runs per arm
     python benchmarks/ray_overhead.py --quick    # 6 runs per arm
 
@@ -19,6 +24,7 @@ Last line: `ray_overhead ratio=<x>`, the median gap on Ray over the median gap o
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -50,6 +56,42 @@ def _epoch(t: datetime) -> float:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
+def marking(worker_cls):
+    """`worker_cls` that notes when each run was handed to Ray (`submitted`) and its group given back (`released`)."""
+
+    class Marking(worker_cls):
+        marks: dict[str, dict[int, float]] = {"submitted": {}, "released": {}, "reconciled": {}}
+
+        def reconcile(self):
+            t0 = time.time()
+            out = super().reconcile()
+            self.marks["reconciled"][0] = time.time() - t0
+            return out
+
+        def step(self):
+            started = super().step()
+            for run_id in started:
+                self.marks["submitted"][run_id] = time.time()
+            return started
+
+        def _release(self, run_id):
+            self.marks["released"][run_id] = time.time()
+            super()._release(run_id)
+
+    return Marking
+
+
+def breakdown(store: Store, ids: list[int], marks: dict[str, dict[int, float]]) -> dict[str, list[float]]:
+    """Per run after the first: notice, place, start (seconds), from the worker's marks and the run's times."""
+    runs = sorted((store.get_run(i) for i in ids), key=lambda r: _epoch(r.started_at))
+    out: dict[str, list[float]] = {"notice": [], "place": [], "start": []}
+    for prev, run in zip(runs, runs[1:]):
+        out["notice"].append(marks["released"][prev.id] - _epoch(prev.finished_at))
+        out["place"].append(marks["submitted"][run.id] - marks["released"][prev.id])
+        out["start"].append(_epoch(run.started_at) - marks["submitted"][run.id])
+    return out
+
+
 def arm(name: str, n: int, folder: Path, make_worker) -> dict[str, list[float]]:
     store = Store(folder / f"{name}.db")
     spec = RunSpec.parse({"launch": {"model": str(folder)}, "bench": {"num-prompts": 1}})
@@ -62,9 +104,14 @@ def arm(name: str, n: int, folder: Path, make_worker) -> dict[str, list[float]]:
     assert all(r.status == RunStatus.succeeded for r in runs), [(r.id, r.status, r.failure_reason) for r in runs]
     spans = sorted((_epoch(r.started_at), _epoch(r.finished_at)) for r in runs)
     gaps = [spans[0][0] - t0] + [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    store.engine.dispose()
     say(f"{name}: wall {wall:.2f} s for {n} runs ({wall / n * 1000:.0f} ms a run); gap (ms) "
         f"{spread([g * 1000 for g in gaps])}; first {gaps[0] * 1000:.0f} ms")
+    if marks := getattr(worker, "marks", None):
+        say(f"  first run: the worker's start (reconcile: every node's orphans swept) "
+            f"{marks['reconciled'][0] * 1000:.0f} ms of its {gaps[0] * 1000:.0f} ms")
+        for part, values in breakdown(store, ids, marks).items():
+            say(f"  {part} (ms): {spread([v * 1000 for v in values])}")
+    store.engine.dispose()
     return {"gaps": gaps, "wall": [wall / n]}
 
 
@@ -81,6 +128,7 @@ def main() -> None:
     from runner.ray_worker import RayWorker
     from runner.worker import Worker
 
+    say(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         local = arm("local", n, folder, lambda store, settings: Worker(
@@ -89,7 +137,7 @@ def main() -> None:
             "num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
         try:
             ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
-            on_ray = arm("ray", n, folder, lambda store, settings: RayWorker(
+            on_ray = arm("ray", n, folder, lambda store, settings: marking(RayWorker)(
                 store, settings, address=c.address, poll_s=1.0, executor_factory=Trivial))
         finally:
             ray.shutdown()
@@ -97,6 +145,8 @@ def main() -> None:
     gap_local, gap_ray = statistics.median(local["gaps"]), statistics.median(on_ray["gaps"])
     say(f"median gap: local {gap_local * 1000:.1f} ms, Ray {gap_ray * 1000:.1f} ms; "
         f"wall a run: local {local['wall'][0] * 1000:.0f} ms, Ray {on_ray['wall'][0] * 1000:.0f} ms")
+    say(f"max gap: local {max(local['gaps']) * 1000:.1f} ms, Ray {max(on_ray['gaps']) * 1000:.1f} ms; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     figure("ray_overhead", ratio=gap_ray / gap_local)
 
 

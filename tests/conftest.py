@@ -1,5 +1,5 @@
 """Fixtures and helpers shared by every test folder: a fresh SQLite store per test, the seed's benchmark metrics,
-a real local HTTP server.
+a real PostgreSQL server, a real local HTTP server, a real Ray cluster of the shape a module asks.
 
 A folder whose tests need the database inside a data folder of their own (ui/, e2e/) overrides `db_path`;
 `store` itself is defined here only.
@@ -211,3 +211,75 @@ class LocalHTTPServer:
         """Stop serving and close the port: connections are refused from now on."""
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# -- a real Ray cluster on this machine ------------------------------------------------------------------------
+class RayTestCluster:
+    """A real Ray cluster on this machine (`ray.cluster_utils.Cluster`), this process its driver: a head without
+    resources (runs go to the GPU nodes, as docs/scale-out.md starts a cluster) and `nodes` worker nodes of one
+    CPU and `gpus_per_node` declared GPUs each."""
+
+    def __init__(self, nodes: int, gpus_per_node: int) -> None:
+        import ray
+        from ray import cluster_utils
+
+        self.want, self.gpus_per_node = nodes, gpus_per_node
+        self.cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
+        self.address: str = self.cluster.address
+        self.refill()
+        ray.init(address=self.address, logging_level="WARNING", log_to_driver=False)
+
+    def refill(self) -> list[Any]:
+        """The live worker nodes (sorted by node id), after adding nodes until there are `nodes` again (a test
+        may have killed one)."""
+        while len(self.cluster.worker_nodes) < self.want:
+            self.cluster.add_node(num_cpus=1, num_gpus=self.gpus_per_node)
+        self.cluster.wait_for_nodes()
+        return sorted(self.cluster.worker_nodes, key=lambda n: n.node_id)
+
+    @staticmethod
+    def raylet_pid(node: Any) -> int:
+        from ray._private import ray_constants
+
+        return int(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+
+    @staticmethod
+    def gpus_free(expected: float, timeout_s: float = 30.0) -> float | None:
+        """The cluster's free GPUs once they are `expected` (Ray frees a removed group's resources
+        asynchronously), or what they are after `timeout_s`."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while ray.available_resources().get("GPU") != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return ray.available_resources().get("GPU")
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[RayTestCluster]:
+    """The module's Ray cluster, of the shape its `ray_cluster` mark asks (default: 2 nodes × 1 GPU), e.g.
+    `pytestmark = pytest.mark.ray_cluster(nodes=2, gpus_per_node=8)`."""
+    pytest.importorskip("ray")
+    mark = request.node.get_closest_marker("ray_cluster")
+    c = RayTestCluster(**{"nodes": 2, "gpus_per_node": 1, **(mark.kwargs if mark else {})})
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture
+def pg_store(postgres: PostgresCluster) -> Iterator[Store]:
+    """A store on a fresh database of the session's PostgreSQL server (what a Ray cluster's nodes share)."""
+    name = postgres.create_database()
+    s = Store(postgres.url(name))
+    yield s
+    s.engine.dispose()
+    postgres.drop_database(name)

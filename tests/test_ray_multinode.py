@@ -15,7 +15,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray import cloudpickle, cluster_utils  # noqa: E402
+from ray import cloudpickle  # noqa: E402
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group  # noqa: E402
 
 from runner import api, cluster  # noqa: E402
@@ -25,36 +25,15 @@ from runner.ray_worker import RayWorker  # noqa: E402
 from runner.store import Store  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers need not import this test module
+pytestmark = pytest.mark.ray_cluster(nodes=2, gpus_per_node=8)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
-                                                                    "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=1, num_gpus=8) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
-
-
 @pytest.fixture
-def pg_store(postgres):
-    name = postgres.create_database()
-    store = Store(postgres.url(name))
-    yield store
-    store.engine.dispose()
-    postgres.drop_database(name)
-
-
-def gpus_back(total: float = 16.0) -> float | None:
-    deadline = time.monotonic() + 20  # Ray frees a removed group's resources asynchronously
-    while ray.available_resources().get("GPU") != total and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return ray.available_resources().get("GPU")
+def two_nodes(ray_cluster):
+    """The module's cluster and its two 8-GPU nodes."""
+    return ray_cluster.cluster, ray_cluster.refill()
 
 
 @pytest.mark.parametrize("sizes, flags", [
@@ -62,7 +41,7 @@ def gpus_back(total: float = 16.0) -> float | None:
     ({"tensor-parallel-size": 8, "pipeline-parallel-size": 2},
      ["--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"]),
 ])
-def test_plan_reserves_a_group_vllm_accepts_across_both_nodes(two_nodes, tmp_path, sizes, flags):
+def test_plan_reserves_a_group_vllm_accepts_across_both_nodes(ray_cluster, two_nodes, tmp_path, sizes, flags):
     c, nodes = two_nodes
     gcs = ray.get_runtime_context().gcs_address
     launch = RunSpec.parse({"launch": {"model": str(tmp_path), "port": 8700, **sizes}}).launch
@@ -101,7 +80,7 @@ def test_plan_reserves_a_group_vllm_accepts_across_both_nodes(two_nodes, tmp_pat
         assert out.stdout.split() == ["None", "0"], out.stderr[-2000:]
     finally:
         remove_placement_group(pg)
-    assert gpus_back() == 16.0
+    assert ray_cluster.gpus_free(16.0) == 16.0
 
 
 class RecordThePlan:
@@ -122,7 +101,7 @@ class RecordThePlan:
         return RunStatus.succeeded
 
 
-def test_worker_runs_a_tp16_launch_over_two_nodes_and_refuses_tp32(two_nodes, pg_store, tmp_path):
+def test_worker_runs_a_tp16_launch_over_two_nodes_and_refuses_tp32(ray_cluster, two_nodes, pg_store, tmp_path):
     c, nodes = two_nodes
     store = pg_store
     shape = api.cluster_state(c.address, max_age_s=0).shape()
@@ -155,7 +134,7 @@ def test_worker_runs_a_tp16_launch_over_two_nodes_and_refuses_tp32(two_nodes, pg
     assert refused.status == RunStatus.failed
     assert refused.failure_reason == ("cannot run on this Ray cluster: The Ray cluster has 2 nodes × 8 GPUs; TP 32 "
                                       "needs 4 such nodes: add nodes or lower the sizes to fit 16 GPUs.")
-    assert not worker.placed and gpus_back() == 16.0
+    assert not worker.placed and ray_cluster.gpus_free(16.0) == 16.0
 
 
 def test_cluster_state_as_the_dashboard_reads_it(two_nodes, pg_store, tmp_path):

@@ -17,8 +17,6 @@ import psutil
 import pytest
 
 ray = pytest.importorskip("ray")  # the `ray` extra; ./dev.sh test installs it
-from ray import cluster_utils  # noqa: E402
-from ray._private import ray_constants  # noqa: E402
 
 from runner import api  # noqa: E402
 from runner.config import RunSpec, Settings  # noqa: E402
@@ -29,34 +27,13 @@ from runner.worker import orphan_servers  # noqa: E402
 from tests.e2e.conftest import wait_status  # noqa: E402
 
 NODES = 2
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
-                                                                    "include_dashboard": False})
-    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+pytestmark = pytest.mark.ray_cluster(nodes=NODES, gpus_per_node=1)
 
 
 @pytest.fixture
-def nodes(cluster):
+def nodes(ray_cluster):
     """Two live worker nodes of one (declared) GPU each: a test that killed one gets a new one."""
-    while len(cluster.worker_nodes) < NODES:
-        cluster.add_node(num_cpus=1, num_gpus=1)
-    cluster.wait_for_nodes()
-    return sorted(cluster.worker_nodes, key=lambda n: n.node_id)
-
-
-@pytest.fixture
-def pg_store(postgres):
-    name = postgres.create_database()
-    store = Store(postgres.url(name))
-    yield store
-    store.engine.dispose()
-    postgres.drop_database(name)
+    return ray_cluster.refill()
 
 
 def spec(model, port: int, prompts: int = 8) -> RunSpec:
@@ -65,10 +42,6 @@ def spec(model, port: int, prompts: int = 8) -> RunSpec:
         "bench": {"random-input-len": 32, "random-output-len": 16, "num-prompts": prompts, "request-rate": 4,
                   "ignore-eos": True},
     })
-
-
-def raylet_pid(node) -> int:
-    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 def live(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -129,20 +102,13 @@ def phase_times(store: Store, run_id: int) -> dict[str, float]:
     return {p.phase: p.t for p in store.phases(run_id)}
 
 
-def wait_gpus_free(expected: float, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s  # Ray frees a removed group's resources asynchronously
-    while ray.available_resources().get("GPU") != expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("GPU") == expected
-
-
 @pytest.fixture
-def start_worker(cluster, pg_store):
+def start_worker(ray_cluster, pg_store):
     """Starts a Ray worker on the test's store in a thread (stopped at the end, also when the test failed)."""
     started: list[tuple[RayWorker, threading.Thread]] = []
 
     def start() -> tuple[RayWorker, threading.Thread]:
-        worker = RayWorker(pg_store, Settings.from_env(), address=cluster.address, poll_s=0.5)
+        worker = RayWorker(pg_store, Settings.from_env(), address=ray_cluster.address, poll_s=0.5)
         t = threading.Thread(target=worker.run_forever, kwargs={"until": lambda: True}, daemon=True)
         t.start()
         started.append((worker, t))
@@ -154,13 +120,13 @@ def start_worker(cluster, pg_store):
         t.join(60)
 
 
-def test_two_runs_on_two_ray_nodes_at_once(env, cluster, nodes, pg_store, start_worker, demo_model):
+def test_two_runs_on_two_ray_nodes_at_once(env, ray_cluster, nodes, pg_store, start_worker, demo_model):
     """Must-show 1: two demo runs placed on different nodes, running at the same time, both succeeded, each with
     its node recorded, its vLLM server under that node's raylet and its samples from its own server."""
     store, t0 = pg_store, time.monotonic()
     runs = [api.queue_run(store, spec(demo_model, port)) for port in (8610, 8650)]
     worker, t = start_worker()
-    raylets = {raylet_pid(n): n.node_id for n in nodes}
+    raylets = {ray_cluster.raylet_pid(n): n.node_id for n in nodes}
     server_node = {r.id: server_tree(store, r.id, raylets)[0] for r in runs}
 
     finals = [wait_status(store, r.id, {"succeeded", "failed"}, 300) for r in runs]
@@ -191,10 +157,10 @@ def test_two_runs_on_two_ray_nodes_at_once(env, cluster, nodes, pg_store, start_
     assert both_up > 10
     assert_none_left(store)
     assert not worker.placed
-    wait_gpus_free(float(NODES))  # every placement group given back
+    assert ray_cluster.gpus_free(NODES) == NODES  # every placement group given back
 
 
-def test_node_killed_during_a_run(env, cluster, nodes, pg_store, start_worker, demo_model):
+def test_node_killed_during_a_run(env, ray_cluster, nodes, pg_store, start_worker, demo_model):
     """Must-show 2a: a Ray node killed (its raylet and everything Ray runs there, SIGKILL) while its run's vLLM is
     up: that run fails with a reason naming the node, no process of it is left (vLLM and its engine processes:
     they die with their executor), and the run on the other node completes."""
@@ -202,7 +168,7 @@ def test_node_killed_during_a_run(env, cluster, nodes, pg_store, start_worker, d
     runs = [api.queue_run(store, spec(demo_model, port, prompts=24)) for port in (8610, 8650)]
     worker, t = start_worker()
     by_id = {n.node_id: n for n in nodes}
-    raylets = {raylet_pid(n): n.node_id for n in nodes}
+    raylets = {ray_cluster.raylet_pid(n): n.node_id for n in nodes}
     # the first run whose vLLM is ready is the victim; the other is still in flight
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -217,13 +183,14 @@ def test_node_killed_during_a_run(env, cluster, nodes, pg_store, start_worker, d
     node_id, tree = server_tree(store, victim.id, raylets)
     assert node_id == victim.ray_node_id and len(tree) >= 2  # vLLM's API server and its engine process at least
     killed_at = time.time()
-    cluster.remove_node(by_id[node_id], allow_graceful=False)
+    ray_cluster.cluster.remove_node(by_id[node_id], allow_graceful=False)
 
     failed = wait_status(store, victim.id, {"failed"}, 90)
     print(f"node killed {time.monotonic() - t0:.0f} s in; run failed "
           f"{failed.finished_at.timestamp() - killed_at:.1f} s after; reason: {failed.failure_reason}")
     assert failed.failure_reason.startswith(f"its Ray task on node {socket.gethostname()} (")
-    assert f"Ray node {node_id}) died: " in failed.failure_reason
+    assert f"Ray node {node_id}) died: its node is dead" in failed.failure_reason
+    assert failed.finished_at.timestamp() - killed_at < 30  # told by Ray's node death, not by a timeout
     t_gone = time.monotonic()
     while live(tree) and time.monotonic() - t_gone < 30:
         time.sleep(0.2)
@@ -241,10 +208,10 @@ def test_node_killed_during_a_run(env, cluster, nodes, pg_store, start_worker, d
     print(f"node-kill test: {time.monotonic() - t0:.0f} s")
     assert_none_left(store)
     assert not worker.placed
-    wait_gpus_free(float(NODES - 1))  # the survivor's group given back; the dead node's GPU is gone with it
+    assert ray_cluster.gpus_free(NODES - 1) == NODES - 1  # the survivor's group back; the dead node's GPU gone with it
 
 
-def test_ray_worker_killed_and_restarted_mid_run(env, cluster, nodes, pg_store, demo_model):
+def test_ray_worker_killed_and_restarted_mid_run(env, ray_cluster, nodes, pg_store, demo_model):
     """Must-show 2b: `servelab worker --ray` killed (SIGKILL) while its run's vLLM starts, then started again: the
     run is reconciled (interrupted, with a reason naming its node), none of its processes is left, and the
     restarted worker takes the next queued run (cancelled once its vLLM started: cancel reaches the node). Only the
@@ -253,11 +220,11 @@ run's starting phase is needed, so its vLLM is never waited for."""
     cli_env = {**os.environ, "SERVELAB_DB": str(store.url)}
 
     def worker_process() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", "--ray", "--address", cluster.address,
-                                 "--poll", "0.5"], env=cli_env, stdout=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, "-m", "runner.cli", "worker", "--ray", "--address",
+                                 ray_cluster.address, "--poll", "0.5"], env=cli_env, stdout=subprocess.DEVNULL,
                                 stderr=open(env / "worker.log", "ab"))
 
-    raylets = {raylet_pid(n): n.node_id for n in nodes}
+    raylets = {ray_cluster.raylet_pid(n): n.node_id for n in nodes}
     first = api.queue_run(store, spec(demo_model, 8610))
     driver = worker_process()
     node_id, tree = server_tree(store, first.id, raylets, timeout_s=180, procs=2)  # vLLM and its engine process
@@ -296,4 +263,4 @@ run's starting phase is needed, so its vLLM is never waited for."""
         driver.send_signal(signal.SIGTERM)
         driver.wait(30)
     print(f"worker-restart test: {time.monotonic() - t0:.0f} s")
-    wait_gpus_free(float(NODES))
+    assert ray_cluster.gpus_free(NODES) == NODES
