@@ -50,6 +50,7 @@ from runner.models import (
     utcnow,
 )
 from runner.outputs import FLAG_BELOW_PCT, OutputAgreement, compare_answers
+from runner.page import split_page
 from runner.parsers import (
     BenchParse,
     EvalScore,
@@ -80,19 +81,25 @@ def open_store(db: str | None = None) -> Store:
                          "pass a SQLite file path or a SQLAlchemy URL whose driver is installed") from None
 
 
-# -- import ---------------------------------------------------------------------------------------
+# -- import ----------------------------------------------------------------------------------------
 @dataclass
 class ImportItem:
+    """One result to import: a file, or one run's share of a page quoting several runs (`part` names it)."""
+
     name: str
     kind: str
     text: str
     bench: BenchParse | None = None
     scores: list[EvalScore] | None = None
     kv: KvCapacity | None = None
+    part: str | None = None  # the run's name on a page of several runs ("TP8")
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the page split left out, and why
 
 
-def parse_import(name: str, data: bytes | str) -> ImportItem:
-    """Understand one file to import (type detected from content) without touching the store."""
+def parse_import(name: str, data: bytes | str) -> list[ImportItem]:
+    """Understand one file to import (type detected from content) without touching the store: one item, or one
+    per run of a page quoting several runs' results (each bench block with the lm-eval table and startup lines
+    that carry its name; `runner.page`)."""
     if isinstance(data, bytes):
         if len(data) > MAX_IMPORT_BYTES:
             raise ParseError(f"{name}: {len(data) / 2**20:.0f} MiB is over the "
@@ -103,6 +110,8 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
     try:
         kind = detect_kind(text)
         item = ImportItem(name, kind, text)
+        if kind == "bench_text" and len(bench_blocks(text)) > 1:
+            return _page_items(name, text)
         if kind == "bench_json":
             item.bench = parse_bench_json(text)
         elif kind == "bench_text":
@@ -119,12 +128,36 @@ def parse_import(name: str, data: bytes | str) -> ImportItem:
                 raise ParseError("no KV-cache lines found in this server log")
     except ParseError as exc:
         raise ParseError(f"{name}: {exc}") from None
-    return item
+    return [item]
+
+
+def parse_imports(files: Sequence[tuple[str, bytes | str]]) -> list[ImportItem]:
+    """`parse_import` of every (name, content) pair, in order."""
+    return [item for name, data in files for item in parse_import(name, data)]
+
+
+def _page_items(name: str, text: str) -> list[ImportItem]:
+    try:
+        split = split_page(text)
+    except ParseError as exc:
+        raise ParseError(_several_results(text, why=str(exc)) or str(exc)) from None
+    parts = split.parts if split is not None else []
+    return [ImportItem(name, "bench_text", part.text, bench=parse_bench_text(part.block),
+                       scores=parse_lm_eval_table(part.table) if part.table else None,
+                       kv=parse_startup_log(part.log) if part.log else None, part=part.label,
+                       notes=split.notes if split is not None else [])
+            for part in parts]
 
 
 def _one_result_only(text: str, scores: list[EvalScore] | None = None) -> None:
-    """Refuse a text that holds several runs' results (a page quoting two bench blocks and their lm-eval tables):
-    a file is imported as one run, and the parsers would keep the last block only, or two values of one score."""
+    """Refuse a text that holds several runs' results the page split does not take (a bench block with an lm-eval
+    table, tables alone): a file is imported as one run, and the parsers would keep one block, or two values of
+    one score."""
+    if message := _several_results(text, scores):
+        raise ParseError(message)
+
+
+def _several_results(text: str, scores: list[EvalScore] | None = None, why: str | None = None) -> str | None:
     blocks = bench_blocks(text)
     found = []
     if len(blocks) > 1:
@@ -139,19 +172,60 @@ def _one_result_only(text: str, scores: list[EvalScore] | None = None) -> None:
         task, filt, metric = twice[0]
         values = ", ".join(f"{s.value:g}" for s in scores or [] if (s.task, s.filter, s.metric) == twice[0])
         found.append(f"{keys.count(twice[0])} values of {task} {filt} {metric} ({values}): several runs' tables")
-    if found:
-        raise ParseError(f"holds {' and '.join(found)}; a file is imported as one run's result. Import each "
-                         "benchmark block and each lm-eval table on its own (a file each, or paste one at a "
-                         "time), adding a table to its block's run with 'Add to an existing run' (`--into`).")
+    if not found:
+        return None
+    said = (f"{why}, so it is not split into runs by the names it gives them" if why
+            else "a file is imported as one run's result")
+    return (f"holds {' and '.join(found)}; {said}. Import each benchmark block and each lm-eval table on its own "
+            "(a file each, or paste one at a time), adding a table to its block's run with 'Add to an existing "
+            "run' (`--into`).")
+
+
+def describe_item(item: ImportItem) -> str:
+    """What an import item holds, in a few words: `994 requests, 695.13 output tok/s`; a page's run adds its first
+    score and KV capacity (`…, gsm8k flexible-extract 0.9386, KV cache 5,721,088 tokens`)."""
+    said = []
+    if item.bench is not None:
+        m = item.bench.metrics
+        said.append(f"{m.get('completed') or 0:.0f} requests, {m.get('output_throughput') or 0:,.2f} output tok/s")
+    elif item.scores:
+        return "; ".join(f"{s.task} {s.filter} {s.metric} = {s.value:.4f}" for s in item.scores[:3])
+    elif item.kv is not None:
+        return f"KV cache {item.kv.kv_cache_tokens or 0:,} tokens"
+    said += [f"{s.task} {s.filter} {s.value:.4f}" for s in (item.scores or [])[:1]]
+    if item.kv is not None and item.kv.kv_cache_tokens is not None:
+        said.append(f"KV cache {item.kv.kv_cache_tokens:,} tokens")
+    return ", ".join(said)
+
+
+def import_summary(items: Sequence[ImportItem], ids: Sequence[int] | None = None) -> list[str]:
+    """One sentence per page that became several runs (none for files of one result): `2 runs from one page
+    (seed.txt): #1 TP8 (998 requests, …), #2 TP8+DCP8 (…). TP8: no startup-log lines on the page.` `ids`: the
+    runs `import_files` made of `items`, in order."""
+    pages: dict[str, list[tuple[ImportItem, int | None]]] = {}
+    for index, item in enumerate(items):
+        if item.part is not None:
+            run_id = ids[index] if ids is not None and index < len(ids) else None
+            pages.setdefault(item.name, []).append((item, run_id))
+    out = []
+    for name, parts in pages.items():
+        runs = ", ".join(f"{'' if i is None else f'#{i} '}{p.part} ({describe_item(p)})" for p, i in parts)
+        notes = "".join(f" {n[0].upper()}{n[1:]}." for n in parts[0][0].notes)
+        out.append(f"{len(parts)} runs from one page ({name}): {runs}.{notes}")
+    return out
 
 
 def import_files(store: Store, files: Sequence[tuple[str, bytes | str]], label: str | None = None,
                  settings: Settings | None = None, into: int | None = None) -> list[int]:
-    """Import (name, content) pairs: one new run each, or all into the existing run `into` (say, a
-    bench block and the GSM8K table of the same configuration). Every file is parsed before anything
-    is written, so a bad file creates nothing. Returns the ids of the runs written."""
-    items = [parse_import(name, data) for name, data in files]
+    """Import (name, content) pairs: one new run each (a page of several runs' results: one per run, named as
+    the page names it, after `label` if given), or all into the existing run `into` (say, a bench block and the
+    GSM8K table of the same configuration). Every file is parsed before anything is written, so a bad file
+    creates nothing. Returns the ids of the runs written."""
+    items = parse_imports(files)
     settings = settings or Settings.from_env()
+    if into is not None and (parts := [i for i in items if i.part is not None]):
+        raise ParseError(f"{parts[0].name}: holds {len(parts)} runs' results ({', '.join(str(p.part) for p in parts)}"
+                         f"); a page of several runs is imported as new runs, not into run {into}.")
     target = store.get_run(into) if into is not None else None
     if target is not None and target.status in ACTIVE:
         raise StoreError(f"run {into} is {target.status.value}; import into it once it has ended")
@@ -166,9 +240,12 @@ def import_files(store: Store, files: Sequence[tuple[str, bytes | str]], label: 
                           vllm_version=item.kv.vllm_version)
         fields = {k: v for k, v in fields.items() if v is not None}
         if target is None:
-            run = store.create_run(label=label or Path(item.name).stem, source=RunSource.imported,
+            name = label or Path(item.name).stem
+            if item.part is not None:
+                name = f"{label} {item.part}" if label else item.part
+            run = store.create_run(label=name, source=RunSource.imported,
                                    status=RunStatus.succeeded, finished_at=utcnow(), progress=1.0,
-                                   phase=f"imported {item.kind}", **fields)
+                                   phase=f"imported {'page part' if item.part else item.kind}", **fields)
         else:
             current = store.get_run(target.id)  # fill only what the run does not know yet
             run = store.update_run(target.id, **{k: v for k, v in fields.items() if getattr(current, k) is None})

@@ -45,7 +45,9 @@ def import_(
     label: str | None = typer.Option(None, help="Label of the imported runs (default: file name)."),
     into: int | None = typer.Option(None, "--into", help="Add the results to this existing run instead."),
 ):
-    """Import existing results; prints one run id per line (each created run, or the --into run)."""
+    """Import existing results; prints one run id per line (each created run, or the --into run). A page quoting
+    several runs' results (bench blocks under their names, lm-eval tables labelled with them) becomes one run per
+    block; what it became is said on stderr."""
     try:
         contents = []
         for f in files:
@@ -58,6 +60,8 @@ def import_(
         _fail(exc)
     for run_id in ids:
         typer.echo(run_id)
+    for line in api.import_summary(api.parse_imports(contents), ids):  # a page of several runs: what became of it
+        typer.echo(line, err=True)
 
 
 @app.command()

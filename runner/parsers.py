@@ -185,18 +185,25 @@ def _text_key(label: str) -> str | None:
     return None
 
 
+def text_lines(text: str) -> list[str]:
+    """`text` as the lines the printed-result readers see: ANSI codes dropped, carriage returns as line ends."""
+    return _ANSI.sub("", text or "").replace("\r", "\n").split("\n")
+
+
+def bench_block_spans(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line index of every printed result block: its header through its closing `=====` line."""
+    spans = []
+    for start in (i for i, line in enumerate(lines) if _BLOCK_HEADER in line):
+        end = next((j for j in range(start + 1, len(lines)) if re.fullmatch(r"\s*={10,}\s*", lines[j])),
+                   len(lines) - 1)
+        spans.append((start, end))
+    return spans
+
+
 def bench_blocks(text: str) -> list[str]:
     """Every printed result block of `text` in order, each from its header through its closing `=====` line."""
-    lines = _ANSI.sub("", text or "").replace("\r", "\n").split("\n")
-    blocks = []
-    for start in (i for i, line in enumerate(lines) if _BLOCK_HEADER in line):
-        block: list[str] = []
-        for line in lines[start:]:
-            block.append(line)
-            if len(block) > 1 and re.fullmatch(r"\s*={10,}\s*", line):
-                break
-        blocks.append("\n".join(block))
-    return blocks
+    lines = text_lines(text)
+    return ["\n".join(lines[a : b + 1]) for a, b in bench_block_spans(lines)]
 
 
 def _bench_block(text: str) -> str:
@@ -489,6 +496,18 @@ _TABLE_HEADER = re.compile(r"^\|\s*(Tasks|Groups)\s*\|\s*Version\s*\|", re.IGNOR
 
 def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def lm_eval_table_spans(lines: list[str]) -> list[tuple[int, int]]:
+    """(header, last row) line index of every table lm-eval prints: its header through its last `|` line."""
+    spans = []
+    for start in (i for i, line in enumerate(lines) if _TABLE_HEADER.match(line.strip())):
+        end = start
+        while end + 1 < len(lines) and lines[end + 1].strip().startswith("|") \
+                and not _TABLE_HEADER.match(lines[end + 1].strip()):
+            end += 1
+        spans.append((start, end))
+    return spans
 
 
 def has_lm_eval_table(text: str) -> bool:

@@ -26,17 +26,6 @@ def _files() -> list[tuple[str, bytes | str]]:
     return files
 
 
-def _what(item: api.ImportItem) -> str:
-    if item.bench is not None:
-        m = item.bench.metrics
-        return f"{m.get('completed', 0):.0f} requests, {m.get('output_throughput') or 0:,.2f} output tok/s"
-    if item.scores:
-        return "; ".join(f"{s.task} {s.filter} {s.metric} = {s.value:.4f}" for s in item.scores[:3])
-    if item.kv is not None:
-        return f"KV cache {item.kv.kv_cache_tokens or 0:,} tokens"
-    return ""
-
-
 def _import() -> None:
     """Runs before the page draws, so it may clear the inputs once the files are in."""
     into, files = ss.get("import.into") or None, _files()
@@ -52,7 +41,7 @@ def _import() -> None:
     except ServelabError as exc:
         ss["import.result"] = ("warning", f"Imported runs {ids}, but their configuration was not recorded: {exc}")
         return
-    ss["import.result"] = ("ok", ids, into, len(files))
+    ss["import.result"] = ("ok", ids, into, len(files), api.import_summary(api.parse_imports(files), ids))
     ss["import.gen"] = ss.get("import.gen", 0) + 1  # a fresh, empty uploader
     ss["import.text"] = ""
     ss["import.name"] = ""
@@ -61,9 +50,10 @@ def _import() -> None:
 st.title("Import results")
 st.caption("Bring in results made elsewhere: `vllm bench serve --save-result` JSON, the printed “Serving Benchmark "
            "Result” block, lm-eval results (JSON or the printed table), or a vLLM server log (for the KV-cache "
-           "capacity). Each file becomes a run of its own, or all of them join an existing run — say, the GSM8K "
-           "table of the configuration whose bench block you imported. Every file is checked before anything is "
-           "stored: a bad file changes nothing.")
+           "capacity). Each file becomes a run of its own (a page quoting several runs — bench blocks under "
+           "their names, lm-eval tables labelled with them — one run per block), or all of them join an existing run "
+           "— say, the GSM8K table of the configuration whose bench block you imported. Every file is checked "
+           "before anything is stored: a bad file changes nothing.")
 st.file_uploader("Files", accept_multiple_files=True, key=f"import.files.{ss.get('import.gen', 0)}")
 st.text_area("…or paste text", key="import.text", height=180,
              placeholder="============ Serving Benchmark Result ============\nSuccessful requests: 998\n…")
@@ -97,29 +87,39 @@ with st.expander("Configuration of these results (optional: printed results rare
                  on_change=lambda: ss.update({"import.dcp_picked": ss["import.dcp"]}))
 
 files = _files()
-problems = []
+problems, items = [], []
 if files:
     preview = []
     for name, content in files:
         try:
-            item = api.parse_import(name, content)
-            preview.append({"file": name, "detected": KINDS.get(item.kind, item.kind), "content": _what(item)})
+            parts = api.parse_import(name, content)
         except ParseError as exc:
             problems.append(str(exc))
             preview.append({"file": name, "detected": "not understood", "content": ""})
+            continue
+        items += parts
+        preview += [{"file": name, "detected": KINDS.get(item.kind, item.kind) if item.part is None else
+                     f"run “{item.part}” of a page of {len(parts)}", "content": api.describe_item(item)}
+                    for item in parts]
     st.dataframe(pd.DataFrame(preview), hide_index=True)
     for problem in problems:
         st.error(problem)
-st.button(f"Import {len(files)} file(s)" + (f" into run #{into}" if into is not None else ""), type="primary",
+    for line in api.import_summary(items) if not problems else []:
+        st.info(line)
+runs = len(items) if not problems and len(items) != len(files) else None
+st.button(f"Import {len(files)} file(s)" + (f" as {runs} runs" if runs and into is None else "")
+          + (f" into run #{into}" if into is not None else ""), type="primary",
           disabled=not files or bool(problems), on_click=_import)
 
 result = ss.pop("import.result", None)
 if result and result[0] == "ok":
-    _, ids, target, count = result
+    _, ids, target, count, summary = result
     if target is None:
         st.success(f"Imported {len(ids)} run(s): {', '.join(f'#{i}' for i in ids)}.")
     else:
         st.success(f"Added {count} file(s) to run #{target}.")
+    for line in summary:
+        st.info(line)
     for run_id in ids:
         st.page_link(PAGES["run"], label=f"Open run #{run_id} →", query_params={"run": run_id})
     if len(ids) >= 2:

@@ -118,3 +118,30 @@ def test_a_launched_run_keeps_its_configuration(open_page, store) -> None:
     import_button(at).click().run()
     assert at.success[0].value == "Added 1 file(s) to run #1."
     assert store.get_run(1).tensor_parallel_size == 2 and [e.value for e in store.eval_results(1)] == [0.9386, 0.9371]
+
+
+def test_pasted_seed_page_becomes_its_two_runs(open_page, store) -> None:
+    """The seed page pasted whole: one run per bench block, named as the page names it, its GSM8K table and KV
+    lines with it; the page says what it made and links the two to Compare."""
+    at = open_page("import_results")
+    page = (SEED.parent / "seed_page.txt").read_text()
+    at.text_area(key="import.text").set_value(page).run()
+    assert not at.error
+    preview = at.dataframe[0].value
+    assert list(preview["detected"]) == ["run “TP8” of a page of 2", "run “TP8+DCP8” of a page of 2"]
+    assert list(preview["content"]) == [
+        "998 requests, 485.78 output tok/s, gsm8k flexible-extract 0.9416",
+        "994 requests, 695.13 output tok/s, gsm8k flexible-extract 0.9386, KV cache 5,721,088 tokens"]
+    assert import_button(at).label == "Import 1 file(s) as 2 runs"
+    import_button(at).click().run()
+    assert not at.exception
+    assert at.success[0].value == "Imported 2 run(s): #1, #2."
+    assert at.info[0].value == (
+        "2 runs from one page (pasted.txt): #1 TP8 (998 requests, 485.78 output tok/s, gsm8k flexible-extract "
+        "0.9416), #2 TP8+DCP8 (994 requests, 695.13 output tok/s, gsm8k flexible-extract 0.9386, KV cache 5,721,088 "
+        "tokens). TP8: no startup-log lines on the page.")
+    runs = sorted(store.list_runs(), key=lambda r: r.id)
+    assert [(r.label, r.kv_cache_tokens) for r in runs] == [("TP8", None), ("TP8+DCP8", 5_721_088)]
+    assert [store.run_metrics(r.id)[0]["output_throughput"] for r in runs] == [485.78, 695.13]
+    assert [[e.value for e in store.eval_results(r.id)] for r in runs] == [[0.9416, 0.9409], [0.9386, 0.9371]]
+    assert any(link.label == "Compare them →" for link in at.get("page_link"))
