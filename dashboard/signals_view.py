@@ -62,13 +62,12 @@ def window_table(frame: pd.DataFrame) -> pd.DataFrame:
     """`api.window_frame` as shown (text cells): the load as text, columns with units, each estimate with its
     bucket's bounds (`estimate_cell`), all-blank columns dropped, blanks "—"."""
     bounds = {c for k in api.ESTIMATE_KEYS for c in (f"{k}_lo_ms", f"{k}_hi_ms")}
-    keep = [c for c in frame.columns if c not in ("run_id", "load_kind", *bounds)
+    keep = [c for c in frame.columns if c not in ("run_id", "load_kind", "load_text", *bounds)
             and (c in ("label", "load", "repeat", "prefix_cache_state") or frame[c].notna().any())]
     cells: dict[str, list[str]] = {}
     for c in keep:
-        if c == "load":
-            cells[c] = ["—" if _blank(v) else api.load_text(str(k), float(v))
-                        for k, v in zip(frame["load_kind"], frame["load"], strict=True)]
+        if c == "load":  # with what tells a run's workloads apart (the cap of each of three loads at 40 req/s)
+            cells[c] = ["—" if _blank(v) else str(t) for v, t in zip(frame["load"], frame["load_text"], strict=True)]
         elif c.startswith("est_p"):
             base = c.removesuffix("_ms")
             cells[c] = [estimate_cell(v, lo, hi) for v, lo, hi in

@@ -804,17 +804,20 @@ def _logged_command(log: Path) -> str | None:
 
 
 def results_frame(store: Store, run_ids: list[int] | None = None) -> pd.DataFrame:
-    """One row per bench execution with every scalar metric and its load (`load_kind`, `load`), and one per
-    eval score."""
+    """One row per bench execution with every scalar metric and its load (`load_kind`, `load`; `load_text` adds
+    what tells the run's workloads apart, e.g. `40 req/s (max-concurrency 4)`), and one per eval score."""
     runs = [store.get_run(r) for r in run_ids] if run_ids else store.list_runs()
     rows = []
     for run in runs:
         windows = store.bench_windows(run.id)
-        for br in store.bench_results(run.id):
+        results = store.bench_results(run.id)
+        keys = [point_key(load_fields(br)) for br in results]
+        workloads = {k[0] for k in keys}
+        for br, (_, kind, load) in zip(results, keys, strict=True):
             metrics = json.loads(br.metrics_json)
-            _, kind, load = point_key(load_fields(br, metrics))
             rows.append({"run_id": run.id, "label": label_of(run), "kind": "bench", "load_kind": kind, "load": load,
-                         "repeat": br.repeat, **metrics, **window_columns(windows.get(br.id))})
+                         "load_text": points.point_text((_, kind, load), workloads), "repeat": br.repeat,
+                         **metrics, **window_columns(windows.get(br.id))})
         for er in store.eval_results(run.id):
             rows.append({"run_id": run.id, "label": label_of(run), "kind": "eval", "task": er.task,
                          "filter": er.filter, "metric": er.metric, "value": er.value, "stderr": er.stderr,
@@ -845,8 +848,8 @@ def window_columns(window: BenchWindow | None) -> dict[str, Any]:
 
 
 ESTIMATE_KEYS = [f"est_p{q}_{phase}" for phase in ("queue", "prefill", "decode") for q in (50, 99)]
-WINDOW_COLUMNS = ["label", "load_kind", "load", "repeat", "prefix_cache_state", "prefix_cache_hit_pct", "preemptions",
-                  "finished_stop", "finished_length", "finished_abort", "finished_error",
+WINDOW_COLUMNS = ["label", "load_kind", "load", "load_text", "repeat", "prefix_cache_state", "prefix_cache_hit_pct",
+                  "preemptions", "finished_stop", "finished_length", "finished_abort", "finished_error",
                   *(f"{k}{end}" for k in ESTIMATE_KEYS for end in ("_ms", "_lo_ms", "_hi_ms")),
                   "spec_decode_acceptance_pct", "j_per_output_token", "mean_power_w_per_gpu", "output_tok_per_s_per_w",
                   "energy_source"]

@@ -15,6 +15,7 @@ from statistics import fmean
 
 import pytest
 
+from dashboard.signals_view import window_table
 from runner import api
 from runner import compare as cmp
 from runner.config import BenchSpec
@@ -218,6 +219,10 @@ def test_caps_at_one_rate_are_points_never_repeats(env) -> None:
         assert [(p["load"], p["repeats"]) for p in api.run_points(store, run)] == [
             ("40 req/s (max-concurrency 1)", 1), ("40 req/s (max-concurrency 4)", 1),
             ("40 req/s (max-concurrency 16)", 1)]
+        # the counters table (and the results CSV) tell the three apart too
+        caps = ["40 req/s (max-concurrency 1)", "40 req/s (max-concurrency 4)", "40 req/s (max-concurrency 16)"]
+        assert list(api.window_frame(store, [run])["load_text"]) == caps
+        assert list(window_table(api.window_frame(store, [run]))["Load"]) == caps
         # against a run at the same rate without a cap: nothing pooled, what differs said
         plain = _run(store, "plain", {40.0: [(840.0, 1700.0)]})
         report = api.compare_report(store, plain, run)
