@@ -258,7 +258,8 @@ def accuracy_chart(evals: pd.DataFrame) -> go.Figure:
 def accuracy_throughput_frame(summary: pd.DataFrame, evals: pd.DataFrame, filter_: str = "strict-match",
                               task: str | None = None) -> pd.DataFrame:
     """One row per run that has both a benchmark and a score of `task` (default: the first) under `filter_`:
-    its output tok/s (mean over its bench executions), the score and its stderr."""
+    its headline output tok/s (`api.run_headline`: the mean of its repeats; of a load sweep, its peak load's),
+    the score and its stderr."""
     columns = ["run_id", "label", "output_throughput", "task", "filter", "metric", "value", "stderr"]
     if evals.empty or not _has(summary, "output_throughput"):
         return pd.DataFrame(columns=columns)
@@ -289,7 +290,7 @@ def accuracy_throughput_chart(points: pd.DataFrame) -> go.Figure:
     x_pad = max(x_hi - x_lo, x_hi * 0.1, 1.0) * 0.2
     label_room = max(x_hi - x_lo, x_hi * 0.1, 1.0) * 0.25  # the labels sit right of their points
     first = points.iloc[0]
-    fig.update_xaxes(title_text="output tok/s (mean over benchmark executions) — higher is better",
+    fig.update_xaxes(title_text="output tok/s (a load sweep at its peak load) — higher is better",
                      range=[max(0.0, x_lo - x_pad), x_hi + x_pad + label_room])
     fig.update_yaxes(title_text=f"{first['task']} {first['filter']} {first['metric']} (± stderr)",
                      range=[lo - pad, hi + pad])
